@@ -1,0 +1,1 @@
+//! End-to-end suite: real nix, real images, real systemd hosts.
