@@ -1,3 +1,4 @@
+mod image;
 mod spec;
 
 fn main() {}
