@@ -1,0 +1,240 @@
+//! The command line, defined once: help, completions and the man page are all
+//! generated from these types.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  bad input: a wrong installable, a unit portabled would refuse, an unknown host
+  2  environment: nix missing, I/O error, a host that cannot be reached
+  3  deploy failed on at least one host (rolled back where possible)";
+
+/// Turn Nix into running systemd portable services.
+///
+/// attache builds a Nix flake output (or file, or expression) into a
+/// reproducible squashfs portable image, and deploys it to systemd hosts over
+/// SSH with portablectl, health checks and rollback.
+#[derive(Debug, Parser)]
+#[command(name = "attache", version, after_long_help = EXIT_CODES)]
+#[command(after_help = "Start with: attache build ./examples/demo#demo")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Print a machine-readable JSON result on stdout; logs stay on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// More detail (repeat for even more).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true, conflicts_with = "quiet")]
+    pub verbose: u8,
+    /// Only errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// When to use colours.
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto, global = true, value_name = "WHEN")]
+    pub color: ColorChoice,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    Build(BuildArgs),
+    Inspect(InspectArgs),
+    Completions(CompletionsArgs),
+    Man(ManArgs),
+}
+
+/// Build a portable image (NAME_VERSION.raw) from a Nix installable.
+///
+/// The installable is the result of attache's `portableService` (same
+/// arguments as nixpkgs' `pkgs.portableService`), or any derivation that
+/// ships unit files in lib/systemd/system or etc/systemd/system.
+///
+/// Examples:
+///
+///   attache build ./examples/demo#demo
+///
+///   attache build -f default.nix demo --out-dir images/
+///
+///   attache build --impure --expr '(import ./. {}).demo'
+///
+///   attache build .#demo -- --override-input nixpkgs path:./stub
+///
+/// The image is checked against portabled's rules before packing; the same
+/// closure always gives the same bytes, and an unchanged closure returns the
+/// existing image at once.
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub source: SourceArgs,
+    #[command(flatten)]
+    pub pack: PackArgs,
+    /// Directory for the image.
+    #[arg(long, short = 'o', default_value = ".", value_name = "DIR")]
+    pub out_dir: PathBuf,
+    /// Show what would be packed, write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Where the image comes from: the Nix side of `build` (and later `deploy`).
+#[derive(Debug, Args)]
+pub struct SourceArgs {
+    /// A flake output (`.#demo`, `path:/dir#demo`, `github:owner/repo#x`), or with
+    /// -f an attribute path in FILE.
+    #[arg(value_name = "INSTALLABLE")]
+    pub installable: Option<String>,
+    /// Evaluate a Nix file instead of a flake (like `nix build -f`).
+    #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "expr")]
+    pub file: Option<PathBuf>,
+    /// Evaluate an expression (needs --impure, like Nix).
+    #[arg(long, value_name = "EXPR")]
+    pub expr: Option<String>,
+    /// Allow impure evaluation (passed to nix).
+    #[arg(long)]
+    pub impure: bool,
+    /// Image name instead of the derivation's `pname`.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Image version instead of the derivation's `version`.
+    #[arg(long = "version", value_name = "VERSION")]
+    pub image_version: Option<String>,
+    /// The nix binary to use.
+    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
+    pub nix: PathBuf,
+    /// Extra arguments for every nix call, after `--`
+    /// (e.g. `-- --override-input nixpkgs path:./stub`).
+    #[arg(last = true, value_name = "NIX_ARGS")]
+    pub nix_args: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// Compressor [default: from the spec's squash-compression, else zstd].
+    #[arg(long, value_enum, value_name = "ALGO")]
+    pub compression: Option<CompressionArg>,
+    /// Compression level [default: zstd 19... see --help] (zstd 1-22, xz 0-9, gzip 1-9).
+    #[arg(long, value_name = "N")]
+    pub level: Option<u32>,
+    /// Data block size, e.g. 128K or 1M [default: from the spec, else 1M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub block_size: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    Zstd,
+    Xz,
+    Gzip,
+}
+
+/// Show what is inside a portable image, offline, and whether portabled would
+/// accept it.
+///
+/// Example: attache inspect demo_1.0.raw --json
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct InspectArgs {
+    /// The image file.
+    pub image: PathBuf,
+}
+
+/// Print shell completions to stdout.
+///
+/// Example: attache completions bash > /etc/bash_completion.d/attache
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}
+
+/// Print the man page (roff) to stdout.
+///
+/// Example: attache man | man -l -
+#[derive(Debug, Args)]
+pub struct ManArgs {}
+
+/// Parses `4096`, `128K`, `1M`: a power of two between 4 KiB and 1 MiB, the
+/// range squashfs allows.
+pub fn parse_size(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 1024u64),
+        Some('M') => (&t[..t.len() - 1], 1024 * 1024),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size: use e.g. 128K or 1M"))?;
+    let bytes = n * mult;
+    if !(4096..=1024 * 1024).contains(&bytes) || !bytes.is_power_of_two() {
+        return Err(format!(
+            "block size '{s}' must be a power of two from 4K to 1M"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn build_args_parse() {
+        let c = Cli::try_parse_from([
+            "attache",
+            "build",
+            ".#demo",
+            "--json",
+            "--version",
+            "2.0",
+            "--block-size",
+            "128K",
+            "--",
+            "--override-input",
+            "nixpkgs",
+            "path:./stub",
+        ])
+        .unwrap();
+        assert!(c.global.json);
+        let Command::Build(b) = c.command else {
+            panic!("not build")
+        };
+        assert_eq!(b.source.installable.as_deref(), Some(".#demo"));
+        assert_eq!(b.source.image_version.as_deref(), Some("2.0"));
+        assert_eq!(b.pack.block_size, Some(128 * 1024));
+        assert_eq!(
+            b.source.nix_args,
+            ["--override-input", "nixpkgs", "path:./stub"]
+        );
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("3K").is_err());
+        assert!(parse_size("2M").is_err());
+        assert!(parse_size("x").is_err());
+    }
+}

@@ -1,0 +1,53 @@
+//! The error a command ends with, and the exit code it maps to.
+
+use crate::image::ImageError;
+use crate::nix::NixError;
+use crate::spec::SpecError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// Bad input that is not about Nix or the spec: arguments, files.
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Documented in `attache --help`; scripts rely on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    Ok = 0,
+    BadInput = 1,
+    Environment = 2,
+    #[allow(dead_code)]
+    DeployFailed = 3,
+}
+
+impl Error {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    pub fn exit_code(&self) -> ExitCode {
+        match self {
+            Error::Nix(e) if e.is_user_error() => ExitCode::BadInput,
+            Error::Nix(_) => ExitCode::Environment,
+            Error::Spec(_) | Error::Usage(_) => ExitCode::BadInput,
+            Error::Image(e) if e.is_user_error() => ExitCode::BadInput,
+            Error::Image(_) | Error::Io { .. } => ExitCode::Environment,
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The one owner of stdout and stderr.
+//!
+//! Results go to stdout (JSON with `--json`, a short human line otherwise);
+//! everything else (stage lines, warnings, errors, progress) goes to stderr.
+//! Progress bars are drawn only on a terminal; elsewhere each stage change is
+//! one plain line, so CI logs stay readable.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{ColorChoice, Global};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verbosity {
+    Quiet,
+    Normal,
+    Verbose,
+}
+
+#[derive(Debug, Clone)]
+pub struct Ui {
+    pub json: bool,
+    pub verbosity: Verbosity,
+    color: bool,
+    stderr_tty: bool,
+}
+
+impl Ui {
+    pub fn new(g: &Global) -> Self {
+        let stderr_tty = std::io::stderr().is_terminal();
+        let color = match g.color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => stderr_tty && std::env::var_os("NO_COLOR").is_none(),
+        };
+        let verbosity = if g.quiet {
+            Verbosity::Quiet
+        } else if g.verbose > 0 {
+            Verbosity::Verbose
+        } else {
+            Verbosity::Normal
+        };
+        Ui {
+            json: g.json,
+            verbosity,
+            color,
+            stderr_tty,
+        }
+    }
+
+    fn paint(&self, code: &str, s: &str) -> String {
+        if self.color {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_owned()
+        }
+    }
+
+    /// A cargo-style stage line: `   Building .#demo`.
+    pub fn status(&self, verb: &str, msg: impl std::fmt::Display) {
+        if self.verbosity >= Verbosity::Normal {
+            eprintln!("{} {msg}", self.paint("1;32", &format!("{verb:>12}")));
+        }
+    }
+
+    pub fn verbose(&self, msg: impl std::fmt::Display) {
+        if self.verbosity >= Verbosity::Verbose {
+            eprintln!("{} {msg}", self.paint("2", &format!("{:>12}", "debug")));
+        }
+    }
+
+    pub fn warn(&self, msg: impl std::fmt::Display) {
+        if self.verbosity >= Verbosity::Normal {
+            eprintln!("{} {msg}", self.paint("1;33", "warning:"));
+        }
+    }
+
+    /// The one sentence a failed command ends with.
+    pub fn error(&self, msg: impl std::fmt::Display) {
+        eprintln!("{} {msg}", self.paint("1;31", "error:"));
+    }
+
+    /// The command's result: JSON on stdout with `--json`, else the human
+    /// lines. A closed pipe is not an error worth reporting.
+    pub fn result(&self, json: &serde_json::Value, human: &str) {
+        let mut out = std::io::stdout().lock();
+        let text = if self.json {
+            serde_json::to_string_pretty(json).unwrap_or_default()
+        } else {
+            human.trim_end().to_owned()
+        };
+        if !text.is_empty() {
+            let _ = writeln!(out, "{text}");
+        }
+    }
+
+    /// Raw bytes to stdout (completions, man page).
+    pub fn raw(&self, bytes: &[u8]) {
+        let _ = std::io::stdout().lock().write_all(bytes);
+    }
+
+    pub fn progress_enabled(&self) -> bool {
+        self.stderr_tty && self.verbosity == Verbosity::Normal && std::env::var_os("CI").is_none()
+    }
+
+    /// A byte progress bar on a terminal, or nothing (the caller prints
+    /// stage lines instead).
+    pub fn bytes_bar(&self, total: u64, prefix: &str) -> Option<ProgressBar> {
+        if !self.progress_enabled() {
+            return None;
+        }
+        let bar = ProgressBar::new(total);
+        let style = ProgressStyle::with_template(
+            "{prefix:>12.cyan.bold} [{bar:30}] {bytes}/{total_bytes} {msg} {bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+        bar.set_style(style);
+        bar.set_prefix(prefix.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Some(bar)
+    }
+}
