@@ -88,7 +88,9 @@ pub fn installable(src: &SourceArgs) -> Result<Installable, Error> {
         (None, None) => Ok(Installable::Flake(
             src.installable.clone().unwrap_or_else(|| ".".into()),
         )),
-        (Some(_), Some(_)) => Err(Error::Usage("use either -f FILE or --expr, not both".into())),
+        (Some(_), Some(_)) => Err(Error::Usage(
+            "use either -f FILE or --expr, not both".into(),
+        )),
     }
 }
 
@@ -139,18 +141,15 @@ fn from_spec_file(
     closure: Vec<PathBuf>,
     src: &SourceArgs,
 ) -> Result<(ImageSpec, PackHints), Error> {
-    let text = std::fs::read(out).map_err(|e| Error::io(format!("reading {}", out.display()), e))?;
+    let text =
+        std::fs::read(out).map_err(|e| Error::io(format!("reading {}", out.display()), e))?;
     let ns: NixSpec = serde_json::from_slice(&text).map_err(|e| {
         Error::Usage(format!(
             "{} is a file but not an attache spec ({e}): build the result of attache's portableService, or a package with unit files",
             out.display()
         ))
     })?;
-    let name = src
-        .name
-        .clone()
-        .or(ns.pname.clone())
-        .unwrap_or_default();
+    let name = src.name.clone().or(ns.pname.clone()).unwrap_or_default();
     let version = src
         .image_version
         .clone()
@@ -189,7 +188,10 @@ fn from_spec_file(
         store_paths,
         os_release,
     };
-    let hints = parse_hints(ns.squash_compression.as_deref(), ns.squash_block_size.as_ref())?;
+    let hints = parse_hints(
+        ns.squash_compression.as_deref(),
+        ns.squash_block_size.as_ref(),
+    )?;
     Ok((spec, hints))
 }
 
@@ -203,11 +205,7 @@ fn from_package(
     src: &SourceArgs,
 ) -> Result<(ImageSpec, Vec<String>), Error> {
     let (guess_name, guess_version) = split_name(d.name.as_deref().unwrap_or(""));
-    let name = src
-        .name
-        .clone()
-        .or(d.pname.clone())
-        .unwrap_or(guess_name);
+    let name = src.name.clone().or(d.pname.clone()).unwrap_or(guess_name);
     let version = src
         .image_version
         .clone()
@@ -304,9 +302,10 @@ pub fn parse_hints(
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        hints.block_size = Some(crate::cli::parse_size(&s).map_err(|e| {
-            Error::Usage(format!("squash-block-size: {e}"))
-        })?);
+        hints.block_size = Some(
+            crate::cli::parse_size(&s)
+                .map_err(|e| Error::Usage(format!("squash-block-size: {e}")))?,
+        );
     }
     Ok(hints)
 }
@@ -328,6 +327,7 @@ pub fn pack_options(args: &PackArgs, hints: &PackHints) -> PackOptions {
         compression,
         level,
         block_size: args.block_size.or(hints.block_size).unwrap_or(1 << 20),
+        threads: 0,
     }
 }
 
@@ -361,7 +361,10 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<Built, Error> {
     let key = cache_key(&spec, &out, &opts);
     let cache = Cache::open();
     if let Some(hit) = cache.lookup(&key, &args.out_dir.join(&file_name)) {
-        ui.status("Fresh", format!("{} (unchanged closure)", hit.path.display()));
+        ui.status(
+            "Fresh",
+            format!("{} (unchanged closure)", hit.path.display()),
+        );
         return Ok(Built {
             cached: true,
             store_path: out,
@@ -445,7 +448,11 @@ struct CacheEntry {
 
 fn mtime_ns(p: &Path) -> Option<(u64, u128)> {
     let m = std::fs::metadata(p).ok()?;
-    let t = m.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+    let t = m
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
     Some((m.len(), t.as_nanos()))
 }
 
@@ -553,7 +560,10 @@ mod tests {
 
     #[test]
     fn nix_name_split() {
-        assert_eq!(split_name("hello-2.12.1"), ("hello".into(), "2.12.1".into()));
+        assert_eq!(
+            split_name("hello-2.12.1"),
+            ("hello".into(), "2.12.1".into())
+        );
         assert_eq!(split_name("my-app-1.0"), ("my-app".into(), "1.0".into()));
         assert_eq!(split_name("plain"), ("plain".into(), String::new()));
     }

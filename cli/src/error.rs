@@ -15,6 +15,9 @@ pub enum Error {
     /// Bad input that is not about Nix or the spec: arguments, files.
     #[error("{0}")]
     Usage(String),
+    /// `inspect` found reasons portabled would refuse the image.
+    #[error("portabled would refuse this image:\n  - {}", .0.join("\n  - "))]
+    Refused(Vec<String>),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -45,9 +48,19 @@ impl Error {
         match self {
             Error::Nix(e) if e.is_user_error() => ExitCode::BadInput,
             Error::Nix(_) => ExitCode::Environment,
-            Error::Spec(_) | Error::Usage(_) => ExitCode::BadInput,
-            Error::Image(e) if e.is_user_error() => ExitCode::BadInput,
+            Error::Spec(_) | Error::Usage(_) | Error::Refused(_) => ExitCode::BadInput,
+            Error::Image(e) if image_error_is_user_error(e) => ExitCode::BadInput,
             Error::Image(_) | Error::Io { .. } => ExitCode::Environment,
         }
+    }
+}
+
+/// The packer's errors split the same way: the input's fault, or the
+/// machine's (I/O, a writer bug).
+fn image_error_is_user_error(e: &ImageError) -> bool {
+    match e {
+        ImageError::Read { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        ImageError::Write { .. } | ImageError::Changed { .. } | ImageError::Writer(_) => false,
+        _ => true,
     }
 }

@@ -1,9 +1,62 @@
-// Temporary while the image module lands; see /tmp/main.rs.full.
-#![allow(dead_code)]
+//! attache: Nix -> systemd portable services.
+//!
+//! The pipeline, one module a stage: `nix` (evaluate and build with the
+//! user's nix) -> `spec` (what goes into the image, checked against
+//! portabled's rules) -> `image` (squashfs, reproducible). `ui` owns the
+//! terminal; `error` maps failures to exit codes.
+
+mod build;
 mod cli;
+mod error;
 mod image;
+mod inspect;
 mod nix;
 mod spec;
 mod ui;
 
-fn main() {}
+use clap::{CommandFactory, Parser};
+
+use cli::{Cli, Command};
+use error::{Error, ExitCode};
+use ui::Ui;
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let ui = Ui::new(&cli.global);
+    match run(cli.command, &ui) {
+        Ok(()) => std::process::ExitCode::from(ExitCode::Ok as u8),
+        Err(e) => {
+            ui.error(&e);
+            std::process::ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+fn run(command: Command, ui: &Ui) -> Result<(), Error> {
+    match command {
+        Command::Build(args) => {
+            let built = build::run(&args, ui)?;
+            let json = serde_json::to_value(&built).unwrap_or_default();
+            let human = if args.dry_run {
+                String::new()
+            } else {
+                format!("{}\nsha256 {}", built.path.display(), built.sha256)
+            };
+            ui.result(&json, &human);
+        }
+        Command::Inspect(args) => inspect::run(&args, ui)?,
+        Command::Completions(args) => {
+            let mut buf = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "attache", &mut buf);
+            ui.raw(&buf);
+        }
+        Command::Man(_) => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut buf)
+                .map_err(|e| Error::io("rendering the man page", e))?;
+            ui.raw(&buf);
+        }
+    }
+    Ok(())
+}
