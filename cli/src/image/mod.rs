@@ -1,2 +1,46 @@
 //! Packing an [`ImageSpec`](crate::spec::ImageSpec) into a squashfs portable
 //! image, and reading one back (`attache inspect`).
+//!
+//! # API
+//!
+//! - [`pack`]`(spec, &`[`PackOptions`]`, out_dir, &mut on_event) -> Result<`[`Image`]`, `[`ImageError`]`>`
+//!   writes `out_dir/NAME_VERSION.raw` (a temporary file in `out_dir`,
+//!   renamed when complete; removed on any error) and returns its path,
+//!   sha256 and size. `on_event` receives [`PackEvent`]s for a progress bar.
+//! - [`check_layout`]`(spec)` does all the checks of `pack` without writing:
+//!   symlink targets of 256 bytes or more, sockets/FIFOs/devices in the store,
+//!   unreadable files, colliding paths, bad image symlinks, bad unit names,
+//!   os-release values that cannot be written.
+//! - [`inspect`]`(path) -> Result<`[`Inspection`]`, `[`ImageError`]`>` reads an
+//!   image: os-release, units with their `ExecStart=`, store paths, size,
+//!   compression, sha256 and the `problems` portabled would refuse.
+//! - [`Compression`] parses and prints `zstd`, `xz`, `gzip`.
+//!
+//! # Layout
+//!
+//! Root `0755`; dirs `proc sys dev run tmp var var/{tmp,lib,cache,log} etc
+//! etc/systemd/system usr/lib nix/store` (`tmp`, `var/tmp` mode `1777`); empty
+//! `etc/resolv.conf`, `etc/machine-id`; identical `etc/os-release` and
+//! `usr/lib/os-release`; units as regular files in `etc/systemd/system`;
+//! store paths under `nix/store` (files `0444`/`0555`, dirs `0555`, symlinks
+//! verbatim); the spec's extra symlinks. Everything is owned by root, has
+//! mtime 0, and entries are sorted, so the same spec gives the same bytes on
+//! any machine and day.
+
+// Until main.rs calls into the module, most of it is unused outside tests.
+#![allow(dead_code, unused_imports)]
+
+mod compress;
+mod error;
+mod inspect;
+mod layout;
+mod pack;
+
+#[cfg(test)]
+mod tests;
+
+pub use compress::Compression;
+pub use error::ImageError;
+pub use inspect::{inspect, Inspection, UnitInfo};
+pub use layout::check_layout;
+pub use pack::{image_file_name, pack, Image, PackEvent, PackOptions};
