@@ -129,7 +129,10 @@ pub fn unsquashfs_cat(image: &Path, path: &str) -> String {
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    let out = Command::new("sha256sum").arg(p).output().expect("sha256sum");
+    let out = Command::new("sha256sum")
+        .arg(p)
+        .output()
+        .expect("sha256sum");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
