@@ -5,7 +5,7 @@
 #              checks.demo = [ { type = "http"; url = "http://127.0.0.1:8080/"; } ]; };
 #   };
 #
-# Every field is filled in; `services` becomes an attrset name -> derivation
+# Every field is filled in (user and port with null: ssh's config decides); `services` becomes an attrset name -> derivation
 # (a list is keyed by each element's pname, else its name); each check gets
 # `timeout` and `retries` (null when not given: the CLI's defaults apply).
 let
@@ -25,15 +25,16 @@ let
   normChecks = builtins.mapAttrs (_: cs: map normCheck (if builtins.isList cs then cs else [ cs ]));
 
   normHost = name: h:
-    let user = h.user or "root"; in
+    # user and port stay null unless set, so the user's ssh config decides.
+    let user = h.user or null; in
     h // {
       host = h.host or name;
       inherit user;
-      port = h.port or 22;
+      port = h.port or null;
       tags = h.tags or [ ];
       services = normServices (h.services or { });
       profile = h.profile or "default";
-      sudo = h.sudo or (user != "root");
+      sudo = h.sudo or (user != null && user != "root");
       checks = normChecks (h.checks or { });
     };
 in
