@@ -1,5 +1,6 @@
 //! Compressor choice, and the compression hook handed to backhand.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
@@ -7,6 +8,9 @@ use backhand::compression::{
     CompressionAction, CompressionOptions, Compressor, DefaultCompressor, Gzip, Xz, Zstd,
 };
 use backhand::{BackhandError, CompressionExtra, ExtraXz, FilesystemCompressor, SuperBlock};
+
+use flate2::{Compress, FlushCompress};
+use liblzma::stream::{Action, Check, Filters, LzmaOptions, Stream};
 
 use super::error::ImageError;
 
@@ -122,18 +126,104 @@ pub(crate) fn fs_compressor(
     Ok(fc)
 }
 
-/// The compression hook given to backhand (it needs a `'static` one).
+/// The compression hook given to backhand (it needs a `'static` one). Blocks
+/// that the pipeline of [`super::parallel`] compressed ahead come from there;
+/// anything else is compressed here, on the writer's thread.
 pub(crate) struct PackCompressor;
 
 pub(crate) static PACK_COMPRESSOR: PackCompressor = PackCompressor;
 
-/// Compresses one block exactly as the single-threaded writer would.
-pub(crate) fn compress_block(
-    bytes: &[u8],
-    fc: FilesystemCompressor,
-    block_size: u32,
-) -> Result<Vec<u8>, BackhandError> {
-    DefaultCompressor.compress(bytes, fc, block_size)
+thread_local! {
+    static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static ZLIB: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+}
+
+fn io_err(e: impl fmt::Display) -> BackhandError {
+    BackhandError::StdIo(std::io::Error::other(e.to_string()))
+}
+
+/// What to compress blocks with (backhand's `FilesystemCompressor` keeps
+/// its fields private, so the hook gets this through [`with_codec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Codec {
+    pub(crate) compression: Compression,
+    pub(crate) level: u32,
+    pub(crate) block_size: u32,
+}
+
+thread_local! {
+    static CODEC: RefCell<Option<Codec>> = const { RefCell::new(None) };
+}
+
+/// Runs `body` with `codec` as the compressor of [`PACK_COMPRESSOR`] on this thread.
+pub(crate) fn with_codec<R>(codec: Codec, body: impl FnOnce() -> R) -> R {
+    struct Reset(Option<Codec>);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            CODEC.with(|c| *c.borrow_mut() = self.0.take());
+        }
+    }
+    let _reset = Reset(CODEC.with(|c| c.borrow_mut().replace(codec)));
+    body()
+}
+
+/// Compresses one block. A pure function of its arguments: the pipeline and
+/// the writer's thread give the same bytes. Compression contexts are reused
+/// per thread (backhand's default builds a new one, and for xz two threads,
+/// per block).
+pub(crate) fn compress_block(bytes: &[u8], codec: &Codec) -> Result<Vec<u8>, BackhandError> {
+    match codec.compression {
+        Compression::Zstd => {
+            let level = codec.level as i32;
+            ZSTD.with(|cell| {
+                let mut slot = cell.borrow_mut();
+                if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+                    *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(io_err)?));
+                }
+                let (_, c) = slot.as_mut().expect("set above");
+                c.compress(bytes).map_err(io_err)
+            })
+        }
+        Compression::Gzip => ZLIB.with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.as_ref().is_none_or(|(l, _)| *l != codec.level) {
+                let c =
+                    Compress::new_with_window_bits(flate2::Compression::new(codec.level), true, 15);
+                *slot = Some((codec.level, c));
+            }
+            let (_, c) = slot.as_mut().expect("set above");
+            c.reset();
+            let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 1000 + 64);
+            loop {
+                let consumed = c.total_in() as usize;
+                let status = c
+                    .compress_vec(&bytes[consumed..], &mut out, FlushCompress::Finish)
+                    .map_err(io_err)?;
+                if status == flate2::Status::StreamEnd {
+                    return Ok(out);
+                }
+                out.reserve(out.capacity().max(4096));
+            }
+        }),
+        Compression::Xz => {
+            let mut opts = LzmaOptions::new_preset(codec.level).map_err(io_err)?;
+            opts.dict_size(codec.block_size);
+            let mut filters = Filters::new();
+            filters.lzma2(&opts);
+            let mut stream = Stream::new_stream_encoder(&filters, Check::Crc32).map_err(io_err)?;
+            let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 2 + 1024);
+            loop {
+                let consumed = stream.total_in() as usize;
+                let status = stream
+                    .process_vec(&bytes[consumed..], &mut out, Action::Finish)
+                    .map_err(io_err)?;
+                if status == liblzma::stream::Status::StreamEnd {
+                    return Ok(out);
+                }
+                out.reserve(out.capacity().max(4096));
+            }
+        }
+    }
 }
 
 impl CompressionAction for PackCompressor {
@@ -157,7 +247,13 @@ impl CompressionAction for PackCompressor {
         fc: Self::FilesystemCompressor,
         block_size: u32,
     ) -> Result<Vec<u8>, Self::Error> {
-        compress_block(bytes, fc, block_size)
+        if let Some(result) = super::parallel::take_ahead(bytes) {
+            return result;
+        }
+        match CODEC.with(|c| *c.borrow()) {
+            Some(codec) => compress_block(bytes, &codec),
+            None => DefaultCompressor.compress(bytes, fc, block_size),
+        }
     }
 
     fn compression_options(

@@ -34,6 +34,12 @@ pub enum ImageError {
     },
 
     #[error(
+        "{path} changed while it was being packed; store paths must not change during a build, \
+         run the command again"
+    )]
+    Unstable { path: PathBuf },
+
+    #[error(
         "the symlink {path} has a target of {len} bytes; squashfs images written by attache \
          support targets of at most 255 bytes (shorten the link target)"
     )]

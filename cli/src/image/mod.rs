@@ -35,6 +35,7 @@ mod error;
 mod inspect;
 mod layout;
 mod pack;
+mod parallel;
 
 #[cfg(test)]
 mod tests;

@@ -12,9 +12,10 @@ use std::time::{Duration, Instant};
 use backhand::{BackhandError, FilesystemWriter, NodeHeader};
 use sha2::{Digest, Sha256};
 
-use super::compress::{fs_compressor, Compression, PACK_COMPRESSOR};
+use super::compress::{fs_compressor, with_codec, Codec, Compression, PACK_COMPRESSOR};
 use super::error::ImageError;
 use super::layout::{plan, Content, EntryKind, Layout};
+use super::parallel::{verify_dups, with_pipeline, Stats};
 use crate::spec::ImageSpec;
 
 /// How to pack.
@@ -86,6 +87,16 @@ pub fn pack(
     out_dir: &Path,
     on_event: &mut dyn FnMut(PackEvent),
 ) -> Result<Image, ImageError> {
+    pack_with_stats(spec, opts, out_dir, on_event).map(|(image, _)| image)
+}
+
+/// [`pack`], also telling what the compression pipeline did.
+pub(crate) fn pack_with_stats(
+    spec: &ImageSpec,
+    opts: &PackOptions,
+    out_dir: &Path,
+    on_event: &mut dyn FnMut(PackEvent),
+) -> Result<(Image, Stats), ImageError> {
     check_block_size(opts.block_size)?;
     let fc = fs_compressor(opts.compression, opts.level, opts.block_size)?;
     let layout = plan(spec)?;
@@ -120,10 +131,32 @@ pub fn pack(
 
     let file = tmp.as_file().try_clone().map_err(write_err)?;
     let mut writer = ImageWriter::new(file);
-    let len = write_layout(&layout, opts, fc, &tracker, &mut writer, &tmp_path)?;
+    let codec = Codec {
+        compression: opts.compression,
+        level: opts.level.unwrap_or(opts.compression.default_level()),
+        block_size: opts.block_size,
+    };
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let (len, dups, stats) = if threads > 1 {
+        let (result, dups, stats) = with_pipeline(&layout, codec, threads, || {
+            with_codec(codec, || {
+                write_layout(&layout, opts, fc, &tracker, &mut writer, &tmp_path)
+            })
+        });
+        (result?, dups, stats)
+    } else {
+        let len = with_codec(codec, || {
+            write_layout(&layout, opts, fc, &tracker, &mut writer, &tmp_path)
+        })?;
+        (len, Vec::new(), Stats::default())
+    };
     let file = writer.into_file().map_err(write_err)?;
     // backhand may leave bytes after the end (a duplicate file written last).
     file.set_len(len).map_err(write_err)?;
+    verify_dups(&tmp_path, &dups)?;
     let sha256 = hash_file(&file, len).map_err(write_err)?;
     file.set_permissions(fs::Permissions::from_mode(0o644))
         .map_err(write_err)?;
@@ -137,13 +170,14 @@ pub fn pack(
         path: dest.clone(),
         source: e.error,
     })?;
-    Ok(Image {
+    let image = Image {
         path: dest,
         name: spec.name.clone(),
         version: spec.version.clone(),
         sha256,
         size: len,
-    })
+    };
+    Ok((image, stats))
 }
 
 pub(crate) fn check_block_size(block_size: u32) -> Result<(), ImageError> {

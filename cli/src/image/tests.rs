@@ -640,3 +640,55 @@ fn inspect_never_panics_on_junk() {
         let _ = inspect(&bad);
     }
 }
+
+#[test]
+fn threads_give_the_same_bytes() {
+    let t = tempfile::tempdir().unwrap();
+    let spec = tree(t.path());
+    // More data files, duplicates among them, and enough blocks to fill the queue.
+    let sp = t.path().join("store/aaaa-demo-1.0/lib");
+    for i in 0..40u64 {
+        let len = (i as usize % 7) * BS as usize + (i as usize * 37) % 5000;
+        fs::write(sp.join(format!("gen-{i:02}")), data(i % 9, len)).unwrap();
+    }
+    for c in [Compression::Zstd, Compression::Xz, Compression::Gzip] {
+        let mut shas = Vec::new();
+        for threads in [1, 2, 3, 8] {
+            let out = t.path().join(format!("out-{c}-{threads}"));
+            fs::create_dir(&out).unwrap();
+            let o = PackOptions {
+                threads,
+                ..opts(c)
+            };
+            let (img, stats) = super::pack::pack_with_stats(&spec, &o, &out, &mut |_| {}).unwrap();
+            assert_eq!(img.sha256, sha256_of(&img.path));
+            if threads > 1 {
+                assert!(!stats.diverged, "{c} {threads}: {stats:?}");
+                assert!(stats.taken > 20, "{c} {threads}: {stats:?}");
+                // big-copy.bin (same content), big-link.bin (hard link), repeated gen-*.
+                assert!(stats.dup_files >= 2, "{c} {threads}: {stats:?}");
+            }
+            shas.push(img.sha256);
+        }
+        assert!(shas.windows(2).all(|w| w[0] == w[1]), "{c}: {shas:?}");
+    }
+}
+
+#[test]
+fn larger_block_sizes_work() {
+    let t = tempfile::tempdir().unwrap();
+    let spec = tree(t.path());
+    for bs in [1 << 17, 1 << 20] {
+        let o = PackOptions {
+            block_size: bs,
+            threads: 2,
+            ..opts(Compression::Zstd)
+        };
+        let out = t.path().join(format!("out-{bs}"));
+        fs::create_dir(&out).unwrap();
+        let img = pack_quiet(&spec, &o, &out).unwrap();
+        let i = inspect(&img.path).unwrap();
+        assert_eq!(i.block_size, bs);
+        assert!(i.problems.is_empty(), "{:?}", i.problems);
+    }
+}
