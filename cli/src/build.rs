@@ -26,6 +26,40 @@ pub struct Built {
     /// True when an unchanged closure returned the existing image.
     pub cached: bool,
     pub store_path: PathBuf,
+    /// The units in the image, and whether attach enables them.
+    #[serde(default)]
+    pub units: Vec<BuiltUnit>,
+}
+
+/// A unit of a built image: what the deploy health check needs to know.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BuiltUnit {
+    pub name: String,
+    /// Has an `[Install]` section, so `attach --enable` links and starts it.
+    pub install: bool,
+}
+
+fn built_units(spec: &ImageSpec) -> Vec<BuiltUnit> {
+    spec.units
+        .iter()
+        .map(|u| BuiltUnit {
+            name: u.name.clone(),
+            install: std::fs::read_to_string(&u.source).is_ok_and(|t| {
+                let mut in_install = false;
+                t.lines().any(|l| {
+                    let l = l.trim();
+                    if l.starts_with('[') {
+                        in_install = l == "[Install]";
+                        return false;
+                    }
+                    in_install
+                        && ["WantedBy=", "RequiredBy=", "UpheldBy="]
+                            .iter()
+                            .any(|k| l.starts_with(k))
+                })
+            }),
+        })
+        .collect()
 }
 
 /// The JSON file written by `portableService` in `nix/lib.nix`.
@@ -332,11 +366,22 @@ pub fn pack_options(args: &PackArgs, hints: &PackHints) -> PackOptions {
 }
 
 pub fn run(args: &BuildArgs, ui: &Ui) -> Result<Built, Error> {
-    let (spec, hints, out, _gcroot) = resolve(&args.source, ui)?;
+    build_image(&args.source, &args.pack, &args.out_dir, args.dry_run, ui)
+}
+
+/// The whole build stage, shared by `build` and `deploy`.
+pub fn build_image(
+    source: &SourceArgs,
+    pack: &PackArgs,
+    out_dir: &Path,
+    dry_run: bool,
+    ui: &Ui,
+) -> Result<Built, Error> {
+    let (spec, hints, out, _gcroot) = resolve(source, ui)?;
     spec::validate(&spec)?;
-    let opts = pack_options(&args.pack, &hints);
+    let opts = pack_options(pack, &hints);
     let file_name = format!("{}_{}.raw", spec.name, spec.version);
-    if args.dry_run {
+    if dry_run {
         ui.status(
             "Would pack",
             format!(
@@ -346,21 +391,23 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<Built, Error> {
                 opts.compression
             ),
         );
+        let units = built_units(&spec);
         return Ok(Built {
-            path: args.out_dir.join(&file_name),
+            path: out_dir.join(&file_name),
             name: spec.name,
             version: spec.version,
             sha256: String::new(),
             size: 0,
             cached: false,
             store_path: out,
+            units,
         });
     }
-    std::fs::create_dir_all(&args.out_dir)
-        .map_err(|e| Error::io(format!("creating {}", args.out_dir.display()), e))?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| Error::io(format!("creating {}", out_dir.display()), e))?;
     let key = cache_key(&spec, &out, &opts);
     let cache = Cache::open();
-    if let Some(hit) = cache.lookup(&key, &args.out_dir.join(&file_name)) {
+    if let Some(hit) = cache.lookup(&key, &out_dir.join(&file_name)) {
         ui.status(
             "Fresh",
             format!("{} (unchanged closure)", hit.path.display()),
@@ -368,11 +415,12 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<Built, Error> {
         return Ok(Built {
             cached: true,
             store_path: out,
+            units: built_units(&spec),
             ..hit
         });
     }
     ui.status("Packing", format!("{file_name} ({})", opts.compression));
-    let image = pack_with_progress(&spec, &opts, &args.out_dir, ui)?;
+    let image = pack_with_progress(&spec, &opts, out_dir, ui)?;
     let built = Built {
         path: image.path,
         name: image.name,
@@ -381,6 +429,7 @@ pub fn run(args: &BuildArgs, ui: &Ui) -> Result<Built, Error> {
         size: image.size,
         cached: false,
         store_path: out,
+        units: built_units(&spec),
     };
     cache.store(&key, &built);
     Ok(built)

@@ -53,6 +53,10 @@ pub enum ColorChoice {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     Build(BuildArgs),
+    Deploy(DeployArgs),
+    Status(StatusArgs),
+    Rollback(HostServiceArgs),
+    Detach(HostServiceArgs),
     Inspect(InspectArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
@@ -141,6 +145,137 @@ pub enum CompressionArg {
     Zstd,
     Xz,
     Gzip,
+}
+
+/// Build, push, attach and health-check portable services on hosts.
+///
+/// Hosts come from the flake's `attache.hosts` (made with attache.lib.hosts):
+/// select them by name, by @tag, or with --on GLOB; none selects all. Or
+/// deploy one installable ad hoc with --to.
+///
+/// Per host: connect (your ssh config, agent, keys, ProxyJump; strict host
+/// keys), take the host's deploy lock, check systemd and free space, upload
+/// the image unless the host has it (sha256), verify it and move it into
+/// /var/lib/portables, `portablectl attach` (first time) or `reattach`,
+/// check the units stay up and run the inventory's checks, and roll back to
+/// the previous image if anything fails. Old images are pruned to --keep.
+///
+/// Examples:
+///
+///   attache deploy                      every host of ./flake.nix
+///
+///   attache deploy @web --canary 1      one web host first, then the rest
+///
+///   attache deploy --to root@10.0.0.5 ./examples/demo#demo
+///
+///   attache deploy h1 --dry-run --json  the plan, nothing changed
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct DeployArgs {
+    /// Hosts (names or @tags); with --to, installables to deploy.
+    #[arg(value_name = "HOST|@TAG|INSTALLABLE")]
+    pub targets: Vec<String>,
+    /// Deploy ad hoc to this SSH destination (HOST, USER@HOST[:PORT]), without an inventory.
+    #[arg(long, value_name = "DEST")]
+    pub to: Option<String>,
+    /// Only hosts whose name matches this glob.
+    #[arg(long, value_name = "GLOB")]
+    pub on: Option<String>,
+    /// The flake with `attache.hosts`.
+    #[arg(long, default_value = ".", value_name = "FLAKE")]
+    pub flake: String,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+    /// portabled profile (default, nonetwork, strict, trusted) [default: the inventory's, else default].
+    #[arg(long, value_name = "PROFILE")]
+    pub profile: Option<String>,
+    /// Hosts deployed at once.
+    #[arg(long, short = 'j', default_value_t = 8, value_name = "N")]
+    pub jobs: usize,
+    /// Go on with the other hosts when one fails (default: stop starting new ones).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Deploy to N hosts first, and to the rest only if they all end healthy.
+    #[arg(long, value_name = "N")]
+    pub canary: Option<usize>,
+    /// Leave a failed new version in place instead of going back.
+    #[arg(long)]
+    pub no_rollback: bool,
+    /// Show the plan per host (upload or skip, attach or reattach); change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Images kept per service on each host (the attached one always is).
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub keep: usize,
+    /// Seconds a unit must stay up after activation to count as healthy.
+    #[arg(long, default_value_t = 3, value_name = "SECS")]
+    pub settle: u64,
+    #[command(flatten)]
+    pub pack: PackArgs,
+    /// The nix binary to use.
+    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
+    pub nix: PathBuf,
+    /// Extra arguments for every nix call, after `--`.
+    #[arg(last = true, value_name = "NIX_ARGS")]
+    pub nix_args: Vec<String>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct SshArgs {
+    /// ssh config file to use instead of ~/.ssh/config (ssh -F).
+    #[arg(long, value_name = "FILE", global = false)]
+    pub ssh_config: Option<PathBuf>,
+    /// Trust hosts whose key is not yet known (never a changed key).
+    #[arg(long)]
+    pub accept_new_host_keys: bool,
+    /// Use `sudo -n` on hosts where the login user is not root.
+    #[arg(long)]
+    pub sudo: bool,
+}
+
+/// Show what is attached on hosts: image, version, sha256, unit states.
+///
+/// Read from the units' portable drop-ins, not `portablectl list`.
+///
+/// Example: attache status h1 --ssh-config lab/ssh_config --json
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct StatusArgs {
+    /// Hosts (names, @tags, or SSH destinations); none means all inventory hosts.
+    #[arg(value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// The flake with `attache.hosts`.
+    #[arg(long, default_value = ".", value_name = "FLAKE")]
+    pub flake: String,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+    /// The nix binary to use.
+    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
+    pub nix: PathBuf,
+}
+
+/// For `rollback` (reattach the image that was attached before the last
+/// deploy) and `detach` (stop and detach the service).
+///
+/// Examples: attache rollback h1 demo; attache detach root@10.0.0.5 demo
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct HostServiceArgs {
+    /// Inventory host name, or an SSH destination.
+    pub host: String,
+    /// Service (image) name, e.g. demo.
+    pub service: String,
+    /// The flake with `attache.hosts`.
+    #[arg(long, default_value = ".", value_name = "FLAKE")]
+    pub flake: String,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+    /// portabled profile for the reattach.
+    #[arg(long, default_value = "default", value_name = "PROFILE")]
+    pub profile: String,
+    /// The nix binary to use.
+    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
+    pub nix: PathBuf,
 }
 
 /// Show what is inside a portable image, offline, and whether portabled would

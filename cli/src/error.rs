@@ -15,6 +15,13 @@ pub enum Error {
     /// Bad input that is not about Nix or the spec: arguments, files.
     #[error("{0}")]
     Usage(String),
+    /// Some hosts did not end healthy on the new version.
+    #[error("{summary}")]
+    Deploy { summary: String },
+    /// A host could not be reached or a remote step failed (status,
+    /// rollback, detach).
+    #[error("{0}")]
+    Remote(String),
     /// `inspect` found reasons portabled would refuse the image.
     #[error("portabled would refuse this image:\n  - {}", .0.join("\n  - "))]
     Refused(Vec<String>),
@@ -32,7 +39,6 @@ pub enum ExitCode {
     Ok = 0,
     BadInput = 1,
     Environment = 2,
-    #[allow(dead_code)]
     DeployFailed = 3,
 }
 
@@ -50,7 +56,8 @@ impl Error {
             Error::Nix(_) => ExitCode::Environment,
             Error::Spec(_) | Error::Usage(_) | Error::Refused(_) => ExitCode::BadInput,
             Error::Image(e) if image_error_is_user_error(e) => ExitCode::BadInput,
-            Error::Image(_) | Error::Io { .. } => ExitCode::Environment,
+            Error::Image(_) | Error::Io { .. } | Error::Remote(_) => ExitCode::Environment,
+            Error::Deploy { .. } => ExitCode::DeployFailed,
         }
     }
 }

@@ -2,15 +2,21 @@
 //!
 //! The pipeline, one module a stage: `nix` (evaluate and build with the
 //! user's nix) -> `spec` (what goes into the image, checked against
-//! portabled's rules) -> `image` (squashfs, reproducible). `ui` owns the
-//! terminal; `error` maps failures to exit codes.
+//! portabled's rules) -> `image` (squashfs, reproducible) -> `remote` (one
+//! SSH connection per host) -> `deploy` (push, attach, health, rollback);
+//! `inventory` says which hosts, `fleet` runs many. `ui` owns the terminal;
+//! `error` maps failures to exit codes.
 
 mod build;
 mod cli;
+mod deploy;
 mod error;
+mod fleet;
 mod image;
 mod inspect;
+mod inventory;
 mod nix;
+mod remote;
 mod spec;
 mod ui;
 
@@ -44,6 +50,10 @@ fn run(command: Command, ui: &Ui) -> Result<(), Error> {
             };
             ui.result(&json, &human);
         }
+        Command::Deploy(args) => fleet::deploy(&args, ui)?,
+        Command::Status(args) => fleet::status(&args, ui)?,
+        Command::Rollback(args) => fleet::rollback(&args, ui)?,
+        Command::Detach(args) => fleet::detach(&args, ui)?,
         Command::Inspect(args) => inspect::run(&args, ui)?,
         Command::Completions(args) => {
             let mut buf = Vec::new();

@@ -183,6 +183,27 @@ impl Nix {
         Ok(d)
     }
 
+    /// `nix eval --json INSTALLABLE --apply F`, parsed.
+    pub fn eval_json(
+        &self,
+        inst: &Installable,
+        apply: &str,
+    ) -> Result<serde_json::Value, NixError> {
+        let mut c = self.command("eval");
+        c.arg("--json")
+            .args(inst.args())
+            .args(["--apply", apply])
+            .args(&self.extra_args);
+        let out = self.run(c)?;
+        if !out.status.success() {
+            return Err(eval_error(inst, &out.stderr));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| NixError::Unexpected {
+            what: "nix eval --json",
+            detail: e.to_string(),
+        })
+    }
+
     /// Builds the installable and returns its `out` path, kept alive by the
     /// GC root `out_link` for as long as the caller needs it.
     pub fn build(&self, inst: &Installable, out_link: &Path) -> Result<PathBuf, NixError> {

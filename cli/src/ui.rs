@@ -124,3 +124,107 @@ impl Ui {
         Some(bar)
     }
 }
+
+/// Per-host progress of a deploy: one bar per host on a terminal, one plain
+/// line per stage change elsewhere. Cheap to clone; safe to use from tasks.
+#[derive(Clone)]
+pub struct DeployView {
+    inner: std::sync::Arc<ViewInner>,
+}
+
+struct ViewInner {
+    ui: Ui,
+    multi: Option<indicatif::MultiProgress>,
+    bars: std::sync::Mutex<std::collections::BTreeMap<String, ProgressBar>>,
+}
+
+impl DeployView {
+    pub fn new(ui: &Ui, hosts: &[String]) -> Self {
+        let multi = ui.progress_enabled().then(indicatif::MultiProgress::new);
+        let mut bars = std::collections::BTreeMap::new();
+        if let Some(m) = &multi {
+            let width = hosts.iter().map(String::len).max().unwrap_or(4);
+            for h in hosts {
+                let bar = m.add(ProgressBar::new(0));
+                let style = ProgressStyle::with_template(&format!(
+                    "{{prefix:>{width}.bold}} {{spinner}} {{msg}} {{bytes}}/{{total_bytes}}"
+                ))
+                .unwrap_or_else(|_| ProgressStyle::default_bar());
+                bar.set_style(style);
+                bar.set_prefix(h.clone());
+                bar.set_message("waiting");
+                bar.enable_steady_tick(Duration::from_millis(200));
+                bars.insert(h.clone(), bar);
+            }
+        }
+        DeployView {
+            inner: std::sync::Arc::new(ViewInner {
+                ui: ui.clone(),
+                multi,
+                bars: std::sync::Mutex::new(bars),
+            }),
+        }
+    }
+
+    pub fn clone_handle(&self) -> DeployView {
+        self.clone()
+    }
+
+    fn with_bar(&self, host: &str, f: impl FnOnce(&ProgressBar)) -> bool {
+        if self.inner.multi.is_none() {
+            return false;
+        }
+        if let Ok(bars) = self.inner.bars.lock() {
+            if let Some(b) = bars.get(host) {
+                f(b);
+            }
+        }
+        true
+    }
+
+    pub fn stage(&self, host: &str, stage: impl std::fmt::Display) {
+        let msg = stage.to_string();
+        if !self.with_bar(host, |b| b.set_message(msg.clone())) {
+            self.inner.ui.status(host, &msg);
+        }
+    }
+
+    pub fn note(&self, host: &str, msg: &str) {
+        if let Some(m) = &self.inner.multi {
+            let _ = m.println(format!("{host}: {msg}"));
+        } else {
+            self.inner.ui.warn(format!("{host}: {msg}"));
+        }
+    }
+
+    pub fn push_started(&self, host: &str, bytes: u64) {
+        if !self.with_bar(host, |b| {
+            b.set_length(bytes);
+            b.set_position(0);
+        }) {
+            self.inner
+                .ui
+                .status(host, format!("uploading {bytes} bytes"));
+        }
+    }
+
+    pub fn push_progress(&self, host: &str, sent: u64) {
+        self.with_bar(host, |b| b.set_position(sent));
+    }
+
+    pub fn done(&self, host: &str, outcome: impl std::fmt::Debug, error: Option<&str>) {
+        let msg = format!("{outcome:?}").to_lowercase();
+        if !self.with_bar(host, |b| b.finish_with_message(msg.clone())) {
+            self.inner.ui.status(host, &msg);
+        }
+        if let Some(e) = error {
+            self.inner.ui.verbose(format!("{host}: {e}"));
+        }
+    }
+
+    pub fn clear(&self) {
+        if let Some(m) = &self.inner.multi {
+            let _ = m.clear();
+        }
+    }
+}

@@ -656,10 +656,7 @@ fn threads_give_the_same_bytes() {
         for threads in [1, 2, 3, 8] {
             let out = t.path().join(format!("out-{c}-{threads}"));
             fs::create_dir(&out).unwrap();
-            let o = PackOptions {
-                threads,
-                ..opts(c)
-            };
+            let o = PackOptions { threads, ..opts(c) };
             let (img, stats) = super::pack::pack_with_stats(&spec, &o, &out, &mut |_| {}).unwrap();
             assert_eq!(img.sha256, sha256_of(&img.path));
             if threads > 1 {

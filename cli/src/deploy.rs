@@ -1,0 +1,1134 @@
+//! `attache deploy`: per host, preflight -> push -> activate -> health ->
+//! (rollback) -> prune, for many hosts at once.
+//!
+//! The truth about what is attached comes from the units' drop-ins
+//! (`system.attached/UNIT.d/20-portable.conf`), never from `portablectl
+//! list`, which on systemd 252 reports every image of a prefix as attached.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::build::BuiltUnit;
+use crate::inventory::Check;
+use crate::remote::{q, Destination, Elevation, Remote, RemoteError, SshOptions};
+use crate::spec::unit_matches_prefix;
+use crate::ui::DeployView;
+
+pub const PORTABLES: &str = "/var/lib/portables";
+
+/// One image to run on a host.
+#[derive(Debug, Clone)]
+pub struct ServicePlan {
+    /// Unit prefix: the image name.
+    pub name: String,
+    pub version: String,
+    pub local: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub units: Vec<BuiltUnit>,
+    pub checks: Vec<Check>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HostPlan {
+    pub name: String,
+    pub destination: Destination,
+    pub elevation: Elevation,
+    pub profile: String,
+    pub services: Vec<ServicePlan>,
+}
+
+/// Knobs shared by every host of a run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub ssh: SshOptions,
+    pub rollback: bool,
+    pub dry_run: bool,
+    pub keep: usize,
+    /// How long a unit must stay up after activation to count as healthy.
+    pub settle: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stage {
+    Connect,
+    Lock,
+    Preflight,
+    Push,
+    Activate,
+    Health,
+    Rollback,
+    Prune,
+}
+
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stage::Connect => "connecting",
+            Stage::Lock => "locking",
+            Stage::Preflight => "preflight",
+            Stage::Push => "pushing",
+            Stage::Activate => "activating",
+            Stage::Health => "health check",
+            Stage::Rollback => "rolling back",
+            Stage::Prune => "pruning",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Every service runs the new version and passed its checks.
+    Healthy,
+    /// The new version failed; the previous one is back (or none was there
+    /// and the new one was detached).
+    RolledBack,
+    /// Failed, and the host may not be in its previous state.
+    Failed,
+    /// Not attempted (a canary failed, or a failure stopped the run).
+    Skipped,
+    /// `--dry-run`: the plan only.
+    Planned,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageTime {
+    pub stage: Stage,
+    pub ms: u128,
+    pub ok: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Attach,
+    Reattach,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceReport {
+    pub name: String,
+    pub image: String,
+    pub sha256: String,
+    pub upload: bool,
+    pub action: Option<Action>,
+    pub previous: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HostReport {
+    pub host: String,
+    pub outcome: Outcome,
+    pub stages: Vec<StageTime>,
+    pub bytes_sent: u64,
+    pub services: Vec<ServiceReport>,
+    pub error: Option<String>,
+    pub rollback_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("{host}: another attache is deploying to this host ({holder}); wait for it to finish")]
+    Locked { host: String, holder: String },
+    #[error("{host}: portablectl is missing; install systemd-container on the host (apt install systemd-container)")]
+    NoPortablectl { host: String },
+    #[error("{host}: systemd {version} is too old; attache needs systemd 248 or newer (portablectl reattach)")]
+    OldSystemd { host: String, version: u32 },
+    #[error("{host}: not enough space in {PORTABLES}: {free_mb} MB free, {need_mb} MB needed; free some space (old images: attache prunes to --keep)")]
+    NoSpace {
+        host: String,
+        free_mb: u64,
+        need_mb: u64,
+    },
+    #[error("{host}: the uploaded {image} has sha256 {got}, expected {want}; the upload was corrupted, nothing was changed. Run the command again")]
+    Corrupt {
+        host: String,
+        image: String,
+        got: String,
+        want: String,
+    },
+    #[error("{host}: portablectl {verb} {image} failed:\n{output}")]
+    Activate {
+        host: String,
+        verb: &'static str,
+        image: String,
+        output: String,
+    },
+    #[error("{host}: {image} is not healthy: {reason}")]
+    Unhealthy {
+        host: String,
+        image: String,
+        reason: String,
+    },
+    #[error("{host}: a remote step failed ({doing}): {output}")]
+    Step {
+        host: String,
+        doing: String,
+        output: String,
+    },
+}
+
+/// What the host has now for one prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// Full path of the attached image, if any.
+    pub image: Option<String>,
+    /// The units attached from it.
+    pub units: Vec<String>,
+}
+
+/// Parses `UNIT<TAB>FIRST LINE OF 20-portable.conf` lines into what is
+/// attached for `prefix`.
+pub fn parse_attached(listing: &str, prefix: &str) -> Attached {
+    let mut a = Attached::default();
+    for line in listing.lines() {
+        let Some((unit, first)) = line.split_once('\t') else {
+            continue;
+        };
+        if !unit_matches_prefix(unit, prefix) {
+            continue;
+        }
+        // "# Drop-in created for image '/var/lib/portables/x_1.raw', do not edit."
+        if let Some(rest) = first.split_once("image '").map(|(_, r)| r) {
+            if let Some((img, _)) = rest.split_once('\'') {
+                a.image.get_or_insert_with(|| img.to_owned());
+            }
+        }
+        a.units.push(unit.to_owned());
+    }
+    a.units.sort();
+    a.units.dedup();
+    a
+}
+
+/// Lists `UNIT<TAB>first line` for every portable drop-in, persistent and
+/// runtime.
+pub const LIST_ATTACHED: &str = r#"for f in /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; do
+  [ -f "$f" ] || continue
+  d=${f%/20-portable.conf}; u=${d##*/}; u=${u%.d}
+  printf '%s\t%s\n' "$u" "$(head -n1 "$f")"
+done"#;
+
+/// Facts the preflight prints as KEY=VALUE lines.
+pub fn preflight_script() -> String {
+    format!(
+        r#"set -u
+mkdir -p {PORTABLES} /var/lib/attache
+echo systemd=$(systemctl --version | head -n1 | awk '{{print $2}}')
+p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
+echo portablectl=$p
+echo free_kb=$(df -Pk {PORTABLES} | awk 'NR==2 {{print $4}}')
+"#
+    )
+}
+
+/// Takes the per-host lock and holds it while our stdin stays open: the lock
+/// ends with the connection, so a killed attache never leaves it behind.
+pub fn lock_script(holder: &str) -> String {
+    format!(
+        r#"mkdir -p /run/attache
+exec 9>>/run/attache/lock
+if ! flock -n 9; then echo BUSY; cat /run/attache/lock.holder 2>/dev/null; exit 75; fi
+echo {holder} > /run/attache/lock.holder
+echo LOCKED
+exec cat >/dev/null"#,
+        holder = q(holder)
+    )
+}
+
+/// Runs portablectl in a transient unit, so a dropped SSH connection cannot
+/// cut an attach or reattach in half; waits for it and prints its output and
+/// exit code.
+pub fn activation_script(id: &str, portablectl_args: &[String]) -> String {
+    let cmd = portablectl_args
+        .iter()
+        .map(|a| q(a))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let log = format!("/run/attache/{id}.log");
+    let rc = format!("/run/attache/{id}.rc");
+    let inner = format!(
+        "{cmd} >{log} 2>&1; echo $? >{rc}",
+        log = q(&log),
+        rc = q(&rc)
+    );
+    format!(
+        r#"mkdir -p /run/attache
+rm -f {log} {rc}
+systemd-run --quiet --collect --wait --unit={unit} /bin/sh -c {inner} >/dev/null 2>&1
+cat {log} 2>/dev/null
+exit $(cat {rc} 2>/dev/null || echo 1)"#,
+        log = q(&log),
+        rc = q(&rc),
+        unit = q(&format!("attache-{id}")),
+        inner = q(&inner)
+    )
+}
+
+/// `systemctl show` of the properties health needs, one block per unit.
+pub fn show_script(units: &[String]) -> String {
+    let list = units.iter().map(|u| q(u)).collect::<Vec<_>>().join(" ");
+    format!(
+        "for u in {list}; do echo \"@unit=$u\"; systemctl show -p ActiveState -p SubState -p NRestarts -p Result -p Type -p RootImage -p ActiveEnterTimestampMonotonic \"$u\"; done"
+    )
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitState {
+    pub active: String,
+    pub sub: String,
+    pub restarts: String,
+    pub result: String,
+    pub kind: String,
+    pub root_image: String,
+    pub since: String,
+}
+
+pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
+    let mut m = BTreeMap::new();
+    let mut cur: Option<(String, UnitState)> = None;
+    for line in out.lines() {
+        if let Some(u) = line.strip_prefix("@unit=") {
+            if let Some((n, s)) = cur.take() {
+                m.insert(n, s);
+            }
+            cur = Some((u.to_owned(), UnitState::default()));
+            continue;
+        }
+        let Some((_, s)) = cur.as_mut() else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = v.to_owned();
+        match k {
+            "ActiveState" => s.active = v,
+            "SubState" => s.sub = v,
+            "NRestarts" => s.restarts = v,
+            "Result" => s.result = v,
+            "Type" => s.kind = v,
+            "RootImage" => s.root_image = v,
+            "ActiveEnterTimestampMonotonic" => s.since = v,
+            _ => {}
+        }
+    }
+    if let Some((n, s)) = cur {
+        m.insert(n, s);
+    }
+    m
+}
+
+/// The units whose state proves the service runs: those attach enables
+/// (they have an `[Install]` section), never templates, which cannot run
+/// by themselves.
+pub fn units_to_check(units: &[BuiltUnit]) -> Vec<String> {
+    units
+        .iter()
+        .filter(|u| u.install && !u.name.contains("@."))
+        .map(|u| u.name.clone())
+        .collect()
+}
+
+/// Judges two samples taken a settle time apart.
+pub fn judge(
+    units: &[String],
+    before: &BTreeMap<String, UnitState>,
+    after: &BTreeMap<String, UnitState>,
+    image: &str,
+) -> Result<(), String> {
+    for u in units {
+        let (Some(b), Some(a)) = (before.get(u), after.get(u)) else {
+            return Err(format!("{u} is not known to systemd"));
+        };
+        let oneshot_done = a.kind == "oneshot" && a.result == "success";
+        if a.active != "active" && !oneshot_done {
+            return Err(format!(
+                "{u} is {} ({}, result {})",
+                a.active, a.sub, a.result
+            ));
+        }
+        if u.ends_with(".service") && a.kind != "oneshot" {
+            if b.restarts != a.restarts || b.since != a.since {
+                return Err(format!(
+                    "{u} restarted during the settle time (restarts {} -> {})",
+                    b.restarts, a.restarts
+                ));
+            }
+            if !a.root_image.is_empty() && a.root_image != image {
+                return Err(format!("{u} runs {} instead of {image}", a.root_image));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A check from the inventory as a shell snippet that exits 0 when healthy.
+/// HTTP goes through bash's /dev/tcp, so hosts need no curl.
+pub fn check_script(c: &Check) -> (String, u64, u32) {
+    match c {
+        Check::Command {
+            command,
+            timeout,
+            retries,
+        } => (
+            format!("timeout {} sh -c {}", timeout.unwrap_or(10), q(command)),
+            timeout.unwrap_or(10),
+            retries.unwrap_or(5),
+        ),
+        Check::Http {
+            url,
+            timeout,
+            retries,
+        } => {
+            let t = timeout.unwrap_or(10);
+            let (host, port, path) = split_url(url);
+            let script = format!(
+                r#"if command -v curl >/dev/null; then curl -fsS -o /dev/null --max-time {t} {url}; else timeout {t} bash -c {inner}; fi"#,
+                url = q(url),
+                inner = q(&format!(
+                    r#"exec 3<>/dev/tcp/{host}/{port} && printf 'GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n' >&3 && head -n1 <&3 | grep -q ' [23][0-9][0-9] '"#
+                ))
+            );
+            (script, t, retries.unwrap_or(5))
+        }
+    }
+}
+
+fn split_url(url: &str) -> (String, u16, String) {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_owned()),
+        None => (rest, "/".to_owned()),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(80)),
+        None => (hostport.to_owned(), 80),
+    };
+    (host, port, path)
+}
+
+/// Which images of `name` to delete: all but the `keep` newest and the
+/// attached one. `listing` is `MTIME PATH` lines.
+pub fn prune_candidates(
+    listing: &str,
+    keep: usize,
+    attached: Option<&str>,
+    name: &str,
+) -> Vec<String> {
+    let mut files: Vec<(u64, String)> = listing
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter_map(|(t, p)| Some((t.parse().ok()?, p.to_owned())))
+        .filter(|(_, p)| {
+            p.rsplit('/')
+                .next()
+                .and_then(|f| f.strip_prefix(name))
+                .is_some_and(|r| r.starts_with('_') && r.ends_with(".raw"))
+        })
+        .collect();
+    files.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| b.1.cmp(&a.1)));
+    files
+        .into_iter()
+        .enumerate()
+        .filter(|(i, (_, p))| *i >= keep && Some(p.as_str()) != attached)
+        .map(|(_, (_, p))| p)
+        .collect()
+}
+
+/// Runs the whole pipeline on one host. Never panics; always returns a
+/// report saying where the host ended.
+pub async fn deploy_host(
+    plan: HostPlan,
+    settings: Arc<Settings>,
+    view: Arc<DeployView>,
+) -> HostReport {
+    let mut r = HostReport {
+        host: plan.name.clone(),
+        outcome: Outcome::Failed,
+        stages: Vec::new(),
+        bytes_sent: 0,
+        services: Vec::new(),
+        error: None,
+        rollback_error: None,
+    };
+    match run_host(&plan, &settings, &view, &mut r).await {
+        Ok(outcome) => r.outcome = outcome,
+        Err(e) => {
+            r.error = Some(e.to_string());
+        }
+    }
+    view.done(&plan.name, r.outcome, r.error.as_deref());
+    r
+}
+
+struct Timer<'a> {
+    stage: Stage,
+    start: Instant,
+    report: &'a mut HostReport,
+}
+
+impl Timer<'_> {
+    fn end(self, ok: bool) {
+        self.report.stages.push(StageTime {
+            stage: self.stage,
+            ms: self.start.elapsed().as_millis(),
+            ok,
+        });
+    }
+}
+
+fn timer<'a>(r: &'a mut HostReport, view: &DeployView, host: &str, stage: Stage) -> Timer<'a> {
+    view.stage(host, stage);
+    Timer {
+        stage,
+        start: Instant::now(),
+        report: r,
+    }
+}
+
+async fn run_host(
+    plan: &HostPlan,
+    settings: &Settings,
+    view: &DeployView,
+    r: &mut HostReport,
+) -> Result<Outcome, DeployError> {
+    let host = plan.name.as_str();
+    let t = timer(r, view, host, Stage::Connect);
+    let remote = Remote::connect(host, &plan.destination, &settings.ssh, plan.elevation).await;
+    t.end(remote.is_ok());
+    let remote = remote?;
+
+    let t = timer(r, view, host, Stage::Lock);
+    let holder = format!(
+        "{}@{} pid {} since {}",
+        std::env::var("USER").unwrap_or_else(|_| "?".into()),
+        hostname(),
+        std::process::id(),
+        unix_now()
+    );
+    let mut lock = remote.spawn_held(&lock_script(&holder)).await?;
+    let first = read_first_line(&mut lock).await;
+    t.end(first.starts_with("LOCKED"));
+    if !first.starts_with("LOCKED") {
+        let rest = lock
+            .wait_with_output()
+            .await
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        return Err(DeployError::Locked {
+            host: host.to_owned(),
+            holder: if rest.is_empty() {
+                "holder unknown".into()
+            } else {
+                rest
+            },
+        });
+    }
+
+    let result = run_locked(&remote, plan, settings, view, r).await;
+    // Closing stdin ends `cat` and with it the lock.
+    drop(lock.stdin().take());
+    let _ = lock.wait().await;
+    remote.close().await;
+    result
+}
+
+async fn read_first_line(child: &mut openssh::Child<Arc<openssh::Session>>) -> String {
+    use tokio::io::AsyncReadExt;
+    let Some(out) = child.stdout().as_mut() else {
+        return String::new();
+    };
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 4096 {
+        match out.read(&mut byte).await {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => line.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+async fn step(
+    remote: &Remote,
+    script: &str,
+    doing: &str,
+) -> Result<crate::remote::RemoteOutput, DeployError> {
+    let out = remote.run(script, doing).await?;
+    if !out.success() {
+        return Err(DeployError::Step {
+            host: remote.name.clone(),
+            doing: doing.to_owned(),
+            output: out.tail(),
+        });
+    }
+    Ok(out)
+}
+
+async fn run_locked(
+    remote: &Remote,
+    plan: &HostPlan,
+    settings: &Settings,
+    view: &DeployView,
+    r: &mut HostReport,
+) -> Result<Outcome, DeployError> {
+    let host = plan.name.as_str();
+    let t = timer(r, view, host, Stage::Preflight);
+    let pre = step(remote, &preflight_script(), "preflight").await;
+    t.end(pre.is_ok());
+    let pre = pre?;
+    let facts: BTreeMap<&str, &str> = pre
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .collect();
+    if facts.get("portablectl").is_none_or(|p| p.is_empty()) {
+        return Err(DeployError::NoPortablectl {
+            host: host.to_owned(),
+        });
+    }
+    let version: u32 = facts
+        .get("systemd")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if version < 248 {
+        return Err(DeployError::OldSystemd {
+            host: host.to_owned(),
+            version,
+        });
+    }
+    let free_kb: u64 = facts
+        .get("free_kb")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u64::MAX);
+    let listing = step(remote, LIST_ATTACHED, "reading attached images").await?;
+
+    // Plan each service: which file, upload or not, attach or reattach.
+    struct Todo<'a> {
+        svc: &'a ServicePlan,
+        target: String,
+        upload: bool,
+        action: Action,
+        previous: Option<String>,
+    }
+    let mut todos = Vec::new();
+    let mut need_kb = 0u64;
+    for svc in &plan.services {
+        let attached = parse_attached(&listing.stdout, &svc.name);
+        let base = format!("{}_{}", svc.name, svc.version);
+        let mut target = format!("{PORTABLES}/{base}.raw");
+        let mut remote_sha = remote_sha256(remote, &target).await?;
+        // Same name, other content, and attached: portabled cannot
+        // reattach the same name, and overwriting an attached image is
+        // picked up silently at the next restart. Give the new content
+        // its own name instead.
+        if remote_sha.as_deref().is_some_and(|s| s != svc.sha256)
+            && attached.image.as_deref() == Some(target.as_str())
+        {
+            target = format!("{PORTABLES}/{base}-{}.raw", &svc.sha256[..8]);
+            remote_sha = remote_sha256(remote, &target).await?;
+            view.note(
+                host,
+                &format!(
+                    "{base}.raw is attached with other content; deploying it as {} (bump the version next time)",
+                    target.rsplit('/').next().unwrap_or_default()
+                ),
+            );
+        }
+        let upload = remote_sha.as_deref() != Some(svc.sha256.as_str());
+        if upload {
+            need_kb += svc.size / 1024 + 1;
+        }
+        let action = match attached.image.as_deref() {
+            None => Action::Attach,
+            Some(img) if img == target && !upload => Action::Unchanged,
+            Some(_) => Action::Reattach,
+        };
+        r.services.push(ServiceReport {
+            name: svc.name.clone(),
+            image: target.clone(),
+            sha256: svc.sha256.clone(),
+            upload,
+            action: Some(action),
+            previous: attached.image.clone(),
+        });
+        todos.push(Todo {
+            svc,
+            target,
+            upload,
+            action,
+            previous: attached.image,
+        });
+    }
+    // Keep 5% and 16 MiB in reserve: a full /var breaks more than us.
+    let margin_kb = need_kb / 20 + 16 * 1024;
+    if need_kb > 0 && free_kb < need_kb + margin_kb {
+        return Err(DeployError::NoSpace {
+            host: host.to_owned(),
+            free_mb: free_kb / 1024,
+            need_mb: (need_kb + margin_kb) / 1024,
+        });
+    }
+    if settings.dry_run {
+        return Ok(Outcome::Planned);
+    }
+
+    let t = timer(r, view, host, Stage::Push);
+    let mut push_result = Ok(());
+    let mut sent_total = 0;
+    for todo in todos.iter().filter(|t| t.upload) {
+        match push(remote, todo.svc, &todo.target, view).await {
+            Ok(sent) => sent_total += sent,
+            Err(e) => {
+                push_result = Err(e);
+                break;
+            }
+        }
+    }
+    t.report.bytes_sent = sent_total;
+    t.end(push_result.is_ok());
+    push_result?;
+
+    for todo in &todos {
+        if todo.action == Action::Unchanged {
+            continue;
+        }
+        let t = timer(r, view, host, Stage::Activate);
+        let verb = match todo.action {
+            Action::Attach => "attach",
+            _ => "reattach",
+        };
+        let activated = activate(remote, verb, &todo.target, &plan.profile, &todo.svc.name).await;
+        t.end(activated.is_ok());
+        let failure = match activated {
+            Ok(()) => {
+                let t = timer(r, view, host, Stage::Health);
+                let h = health(remote, todo.svc, &todo.target, settings).await;
+                t.end(h.is_ok());
+                h.err()
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failure {
+            if !settings.rollback {
+                r.error = Some(e.to_string());
+                return Err(e);
+            }
+            let t = timer(r, view, host, Stage::Rollback);
+            let rb = rollback(
+                remote,
+                todo.previous.as_deref(),
+                &todo.target,
+                &plan.profile,
+                todo.svc,
+                settings,
+            )
+            .await;
+            t.end(rb.is_ok());
+            r.error = Some(e.to_string());
+            return match rb {
+                Ok(()) => Ok(Outcome::RolledBack),
+                Err(rb_err) => {
+                    r.rollback_error = Some(rb_err.to_string());
+                    Ok(Outcome::Failed)
+                }
+            };
+        }
+        record_previous(remote, &todo.svc.name, todo.previous.as_deref()).await;
+    }
+
+    let t = timer(r, view, host, Stage::Prune);
+    let mut pruned = Ok(());
+    for todo in &todos {
+        if let Err(e) = prune(remote, &todo.svc.name, &todo.target, settings.keep).await {
+            pruned = Err(e);
+        }
+    }
+    t.end(pruned.is_ok());
+    if let Err(e) = pruned {
+        view.note(host, &format!("pruning old images failed: {e}"));
+    }
+    Ok(Outcome::Healthy)
+}
+
+async fn remote_sha256(remote: &Remote, path: &str) -> Result<Option<String>, DeployError> {
+    let out = remote
+        .run(
+            &format!("[ -f {p} ] && sha256sum {p} || true", p = q(path)),
+            "hashing the image on the host",
+        )
+        .await?;
+    Ok(out
+        .stdout
+        .split_whitespace()
+        .next()
+        .filter(|s| s.len() == 64)
+        .map(str::to_owned))
+}
+
+/// Uploads under a temporary name that portabled never looks at (not
+/// `.raw`), checks its sha256 on the host, then renames it into place.
+async fn push(
+    remote: &Remote,
+    svc: &ServicePlan,
+    target: &str,
+    view: &DeployView,
+) -> Result<u64, DeployError> {
+    let file = target.rsplit('/').next().unwrap_or_default();
+    let tmp = format!("{PORTABLES}/.{file}.attache-partial");
+    // Leftovers of an interrupted upload (we hold the host's lock).
+    step(
+        remote,
+        &format!("rm -f {PORTABLES}/.*.attache-partial"),
+        "removing partial uploads",
+    )
+    .await?;
+    view.push_started(&remote.name, svc.size);
+    let host = remote.name.clone();
+    let progress = {
+        let view = view.clone_handle();
+        move |n: u64| view.push_progress(&host, n)
+    };
+    let sent = remote.upload(&svc.local, &tmp, &progress).await?;
+    let got = remote_sha256(remote, &tmp).await?.unwrap_or_default();
+    if got != svc.sha256 {
+        let _ = remote
+            .run(&format!("rm -f {}", q(&tmp)), "cleaning up")
+            .await;
+        return Err(DeployError::Corrupt {
+            host: remote.name.clone(),
+            image: file.to_owned(),
+            got,
+            want: svc.sha256.clone(),
+        });
+    }
+    step(
+        remote,
+        &format!(
+            "chmod 0644 {t} && mv -f {t} {f} && sync -f {f} 2>/dev/null; true",
+            t = q(&tmp),
+            f = q(target)
+        ),
+        "moving the image into place",
+    )
+    .await?;
+    Ok(sent)
+}
+
+pub async fn activate(
+    remote: &Remote,
+    verb: &'static str,
+    image: &str,
+    profile: &str,
+    name: &str,
+) -> Result<(), DeployError> {
+    let id = format!("{name}-{}", unix_now());
+    let args: Vec<String> = [
+        "portablectl",
+        verb,
+        "--enable",
+        "--now",
+        "--profile",
+        profile,
+        image,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let out = remote
+        .run(&activation_script(&id, &args), "activating")
+        .await?;
+    if !out.success() {
+        return Err(DeployError::Activate {
+            host: remote.name.clone(),
+            verb,
+            image: image.to_owned(),
+            output: strip_harmless(&out.tail()),
+        });
+    }
+    Ok(())
+}
+
+/// portablectl reports that it cannot start template units directly; that
+/// is expected and not worth showing as a failure.
+fn strip_harmless(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.contains("is missing the instance name"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+async fn health(
+    remote: &Remote,
+    svc: &ServicePlan,
+    image: &str,
+    settings: &Settings,
+) -> Result<(), DeployError> {
+    let units = units_to_check(&svc.units);
+    let unhealthy = |reason: String| DeployError::Unhealthy {
+        host: remote.name.clone(),
+        image: image.rsplit('/').next().unwrap_or(image).to_owned(),
+        reason,
+    };
+    if !units.is_empty() {
+        let script = show_script(&units);
+        let before = parse_show(&step(remote, &script, "reading unit states").await?.stdout);
+        tokio::time::sleep(settings.settle).await;
+        let after = parse_show(&step(remote, &script, "reading unit states").await?.stdout);
+        judge(&units, &before, &after, image).map_err(unhealthy)?;
+    }
+    for check in &svc.checks {
+        let (script, _timeout, retries) = check_script(check);
+        let mut last = String::new();
+        let mut ok = false;
+        for attempt in 0..retries.max(1) {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let out = remote.run(&script, "running a health check").await?;
+            if out.success() {
+                ok = true;
+                break;
+            }
+            last = out.tail();
+        }
+        if !ok {
+            let what = match check {
+                Check::Http { url, .. } => format!("HTTP check {url} failed"),
+                Check::Command { command, .. } => format!("check `{command}` failed"),
+            };
+            return Err(unhealthy(if last.is_empty() {
+                what
+            } else {
+                format!("{what}: {last}")
+            }));
+        }
+    }
+    Ok(())
+}
+
+/// Puts the previous image back, or detaches the new one when there was
+/// none, and checks the result.
+async fn rollback(
+    remote: &Remote,
+    previous: Option<&str>,
+    failed: &str,
+    profile: &str,
+    svc: &ServicePlan,
+    settings: &Settings,
+) -> Result<(), DeployError> {
+    match previous {
+        Some(prev) if prev != failed => {
+            activate(remote, "reattach", prev, profile, &svc.name).await?;
+            let units: Vec<String> = units_to_check(&svc.units);
+            if units.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(settings.settle.min(Duration::from_secs(3))).await;
+            let shown = parse_show(
+                &step(remote, &show_script(&units), "reading unit states")
+                    .await?
+                    .stdout,
+            );
+            // Units the old image does not have show up as inactive with no
+            // root image; only judge those it runs.
+            let theirs: Vec<String> = units
+                .into_iter()
+                .filter(|u| {
+                    shown
+                        .get(u)
+                        .is_some_and(|s| s.root_image == prev || !u.ends_with(".service"))
+                })
+                .collect();
+            judge(&theirs, &shown, &shown, prev).map_err(|reason| DeployError::Unhealthy {
+                host: remote.name.clone(),
+                image: prev.rsplit('/').next().unwrap_or(prev).to_owned(),
+                reason,
+            })
+        }
+        _ => {
+            let id = format!("{}-detach-{}", svc.name, unix_now());
+            let args: Vec<String> = ["portablectl", "detach", "--enable", "--now", failed]
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+            let out = remote
+                .run(&activation_script(&id, &args), "detaching")
+                .await?;
+            if out.success() {
+                Ok(())
+            } else {
+                Err(DeployError::Activate {
+                    host: remote.name.clone(),
+                    verb: "detach",
+                    image: failed.to_owned(),
+                    output: out.tail(),
+                })
+            }
+        }
+    }
+}
+
+/// Remembers the image that was attached before, for `attache rollback`.
+async fn record_previous(remote: &Remote, name: &str, previous: Option<&str>) {
+    let file = format!("/var/lib/attache/{name}.previous");
+    let script = match previous {
+        Some(p) => format!("mkdir -p /var/lib/attache && echo {} > {}", q(p), q(&file)),
+        None => format!("rm -f {}", q(&file)),
+    };
+    let _ = remote.run(&script, "recording the previous image").await;
+}
+
+async fn prune(
+    remote: &Remote,
+    name: &str,
+    attached: &str,
+    keep: usize,
+) -> Result<(), DeployError> {
+    let previous = remote
+        .run(
+            &format!(
+                "cat {} 2>/dev/null || true",
+                q(&format!("/var/lib/attache/{name}.previous"))
+            ),
+            "pruning",
+        )
+        .await?
+        .stdout
+        .trim()
+        .to_owned();
+    let listing = step(
+        remote,
+        &format!(
+            "for f in {PORTABLES}/{}_*.raw; do [ -f \"$f\" ] && stat -c '%Y %n' \"$f\"; done; true",
+            q(name)
+        ),
+        "listing images",
+    )
+    .await?;
+    let doomed: Vec<String> = prune_candidates(&listing.stdout, keep.max(1), Some(attached), name)
+        .into_iter()
+        .filter(|p| *p != previous || keep < 2)
+        .collect();
+    if doomed.is_empty() {
+        return Ok(());
+    }
+    let list = doomed.iter().map(|p| q(p)).collect::<Vec<_>>().join(" ");
+    step(remote, &format!("rm -f {list}"), "removing old images").await?;
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attached_from_dropins() {
+        let listing = "demo.service\t# Drop-in created for image '/var/lib/portables/demo_1.0.raw', do not edit.\n\
+                       demo-tick.timer\t# Drop-in created for image '/var/lib/portables/demo_1.0.raw', do not edit.\n\
+                       echo.socket\t# Drop-in created for image '/var/lib/portables/echo_1.0.raw', do not edit.\n\
+                       demox.service\t# Drop-in created for image '/var/lib/portables/demox_1.raw', do not edit.\n";
+        let a = parse_attached(listing, "demo");
+        assert_eq!(a.image.as_deref(), Some("/var/lib/portables/demo_1.0.raw"));
+        assert_eq!(a.units, ["demo-tick.timer", "demo.service"]);
+        assert_eq!(parse_attached(listing, "nope"), Attached::default());
+    }
+
+    #[test]
+    fn show_parsing_and_judging() {
+        let out = "@unit=demo.service\nActiveState=active\nSubState=running\nNRestarts=0\nResult=success\nType=simple\nRootImage=/var/lib/portables/demo_1.0.raw\nActiveEnterTimestampMonotonic=5\n\
+                   @unit=echo.socket\nActiveState=active\nSubState=listening\nResult=success\nType=\nRootImage=\n";
+        let s = parse_show(out);
+        assert_eq!(s["echo.socket"].sub, "listening");
+        let units = vec!["demo.service".to_owned(), "echo.socket".to_owned()];
+        judge(&units, &s, &s, "/var/lib/portables/demo_1.0.raw").unwrap();
+        assert!(judge(&units, &s, &s, "/var/lib/portables/demo_2.0.raw")
+            .unwrap_err()
+            .contains("runs /var/lib/portables/demo_1.0.raw"));
+        let mut after = s.clone();
+        after.get_mut("demo.service").unwrap().restarts = "1".into();
+        assert!(judge(&units, &s, &after, "/var/lib/portables/demo_1.0.raw")
+            .unwrap_err()
+            .contains("restarted"));
+        after.get_mut("demo.service").unwrap().active = "failed".into();
+        assert!(judge(&units, &s, &after, "x")
+            .unwrap_err()
+            .starts_with("demo.service is failed"));
+    }
+
+    #[test]
+    fn templates_and_uninstalled_units_are_not_checked() {
+        let u = |n: &str, i: bool| BuiltUnit {
+            name: n.into(),
+            install: i,
+        };
+        let units = [
+            u("echo.socket", true),
+            u("echo@.service", true),
+            u("demo-tick.service", false),
+            u("demo.service", true),
+        ];
+        assert_eq!(units_to_check(&units), ["echo.socket", "demo.service"]);
+    }
+
+    #[test]
+    fn pruning_keeps_newest_and_attached() {
+        let listing = "100 /var/lib/portables/demo_1.0.raw\n200 /var/lib/portables/demo_2.0.raw\n300 /var/lib/portables/demo_3.0.raw\n50 /var/lib/portables/demox_1.raw\n";
+        assert_eq!(
+            prune_candidates(listing, 2, Some("/var/lib/portables/demo_3.0.raw"), "demo"),
+            ["/var/lib/portables/demo_1.0.raw"]
+        );
+        assert_eq!(
+            prune_candidates(listing, 1, Some("/var/lib/portables/demo_1.0.raw"), "demo"),
+            ["/var/lib/portables/demo_2.0.raw"]
+        );
+    }
+
+    #[test]
+    fn scripts_quote_their_arguments() {
+        let s = activation_script(
+            "demo-1",
+            &[
+                "portablectl".into(),
+                "attach".into(),
+                "/var/lib/portables/a b.raw".into(),
+            ],
+        );
+        assert!(s.contains("systemd-run --quiet --collect --wait --unit=attache-demo-1"));
+        assert!(s.contains("a b.raw"));
+        let (c, t, r) = check_script(&Check::Http {
+            url: "http://127.0.0.1:8080/x".into(),
+            timeout: None,
+            retries: Some(2),
+        });
+        assert!(c.contains("/dev/tcp/127.0.0.1/8080"), "{c}");
+        assert!(c.contains("GET /x HTTP/1.0"));
+        assert_eq!((t, r), (10, 2));
+        assert!(lock_script("me; rm -rf /").contains("'me; rm -rf /'"));
+    }
+}

@@ -1,0 +1,288 @@
+//! Which hosts to deploy to, and what each runs: read from the user's flake
+//! (`attache.hosts`, made with `nix/hosts.nix`), or given ad hoc with `--to`.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use crate::nix::{Installable, Nix, NixError};
+use crate::remote::Destination;
+
+/// A health check from the inventory, run on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Check {
+    Http {
+        url: String,
+        #[serde(default)]
+        timeout: Option<u64>,
+        #[serde(default)]
+        retries: Option<u32>,
+    },
+    Command {
+        command: String,
+        #[serde(default)]
+        timeout: Option<u64>,
+        #[serde(default)]
+        retries: Option<u32>,
+    },
+}
+
+/// One service of a host: its name in the inventory and how to build it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub name: String,
+    pub installable: Installable,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub name: String,
+    pub destination: Destination,
+    pub tags: Vec<String>,
+    pub services: Vec<ServiceRef>,
+    pub profile: String,
+    pub sudo: bool,
+    pub checks: BTreeMap<String, Vec<Check>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawHost {
+    host: String,
+    user: Option<String>,
+    port: Option<u16>,
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    profile: Option<String>,
+    #[serde(default)]
+    sudo: Option<bool>,
+    #[serde(default)]
+    checks: BTreeMap<String, Vec<Check>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    #[error("{flake}#attache.hosts is not an inventory attache understands ({detail}): build it with attache.lib.hosts")]
+    Shape { flake: String, detail: String },
+    #[error("no host or tag matches '{selector}'. Known hosts: {hosts}; tags: {tags}")]
+    Unknown {
+        selector: String,
+        hosts: String,
+        tags: String,
+    },
+    #[error("the inventory has no hosts: add some to attache.hosts, or deploy ad hoc with --to USER@HOST INSTALLABLE")]
+    Empty,
+}
+
+/// Applied by `nix eval`: services become their names, so nothing is built
+/// just to list hosts.
+const HOSTS_APPLY: &str =
+    "hs: builtins.mapAttrs (n: h: h // { services = builtins.attrNames (h.services or {}); }) hs";
+
+pub fn load(nix: &Nix, flake: &str) -> Result<Vec<Host>, InventoryError> {
+    let inst = Installable::Flake(format!("{flake}#attache.hosts"));
+    let v = nix.eval_json(&inst, HOSTS_APPLY)?;
+    parse(flake, v)
+}
+
+pub fn parse(flake: &str, v: serde_json::Value) -> Result<Vec<Host>, InventoryError> {
+    let raw: BTreeMap<String, RawHost> =
+        serde_json::from_value(v).map_err(|e| InventoryError::Shape {
+            flake: flake.to_owned(),
+            detail: e.to_string(),
+        })?;
+    Ok(raw
+        .into_iter()
+        .map(|(name, h)| Host {
+            destination: Destination {
+                host: h.host,
+                user: h.user,
+                port: h.port,
+            },
+            tags: h.tags,
+            services: h
+                .services
+                .iter()
+                .map(|s| ServiceRef {
+                    name: s.clone(),
+                    installable: Installable::Flake(format!(
+                        "{flake}#attache.hosts.\"{name}\".services.\"{s}\""
+                    )),
+                })
+                .collect(),
+            profile: h.profile.unwrap_or_else(|| "default".into()),
+            sudo: h.sudo.unwrap_or(false),
+            checks: h.checks,
+            name,
+        })
+        .collect())
+}
+
+/// Picks hosts by name, `@tag`, or a `--on` glob; no selector means all.
+pub fn select(
+    hosts: Vec<Host>,
+    selectors: &[String],
+    on: Option<&str>,
+) -> Result<Vec<Host>, InventoryError> {
+    if hosts.is_empty() {
+        return Err(InventoryError::Empty);
+    }
+    let unknown = |selector: &str, hosts: &[Host]| {
+        let mut tags: Vec<&str> = hosts
+            .iter()
+            .flat_map(|h| h.tags.iter().map(String::as_str))
+            .collect();
+        tags.sort_unstable();
+        tags.dedup();
+        InventoryError::Unknown {
+            selector: selector.to_owned(),
+            hosts: hosts
+                .iter()
+                .map(|h| h.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            tags: if tags.is_empty() {
+                "(none)".into()
+            } else {
+                tags.iter()
+                    .map(|t| format!("@{t}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        }
+    };
+    let mut keep = vec![false; hosts.len()];
+    for sel in selectors {
+        let before = keep.iter().filter(|k| **k).count();
+        let mut matched = false;
+        for (i, h) in hosts.iter().enumerate() {
+            let hit = match sel.strip_prefix('@') {
+                Some(tag) => h.tags.iter().any(|t| t == tag),
+                None => &h.name == sel,
+            };
+            if hit {
+                keep[i] = true;
+                matched = true;
+            }
+        }
+        if !matched && before == keep.iter().filter(|k| **k).count() {
+            return Err(unknown(sel, &hosts));
+        }
+    }
+    if selectors.is_empty() {
+        keep.iter_mut().for_each(|k| *k = true);
+    }
+    if let Some(pattern) = on {
+        let mut any = false;
+        for (i, h) in hosts.iter().enumerate() {
+            let m = glob_match(pattern, &h.name);
+            keep[i] &= m;
+            any |= keep[i];
+        }
+        if !any {
+            return Err(unknown(pattern, &hosts));
+        }
+    }
+    Ok(hosts
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(h, k)| k.then_some(h))
+        .collect())
+}
+
+/// `*` and `?` globbing, enough for `--on 'web-*'`.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Vec<Host> {
+        parse(
+            ".",
+            json!({
+                "h1": {"host": "h1", "user": null, "port": null, "tags": ["web"], "services": ["demo"],
+                       "profile": "default", "sudo": false,
+                       "checks": {"demo": [{"type": "http", "url": "http://127.0.0.1:8080/", "timeout": null, "retries": null}]}},
+                "h2": {"host": "h2.example", "user": "deploy", "port": 2222, "tags": ["web", "canary"],
+                       "services": ["demo", "echo"], "profile": "default", "sudo": true,
+                       "checks": {"echo": [{"type": "command", "command": "true", "timeout": 5, "retries": 2}]}},
+                "db1": {"host": "db1", "user": null, "port": null, "tags": [], "services": [],
+                        "profile": "trusted", "sudo": false, "checks": {}}
+            }),
+        )
+        .unwrap()
+    }
+
+    fn names(h: &[Host]) -> Vec<&str> {
+        h.iter().map(|h| h.name.as_str()).collect()
+    }
+
+    #[test]
+    fn parse_inventory() {
+        let h = sample();
+        let h2 = h.iter().find(|h| h.name == "h2").unwrap();
+        assert_eq!(h2.destination.to_string(), "deploy@h2.example:2222");
+        assert_eq!(
+            h2.services[1].installable,
+            Installable::Flake(".#attache.hosts.\"h2\".services.\"echo\"".into())
+        );
+        assert!(matches!(
+            h2.checks["echo"][0],
+            Check::Command {
+                timeout: Some(5),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn selection() {
+        assert_eq!(
+            names(&select(sample(), &[], None).unwrap()),
+            ["db1", "h1", "h2"]
+        );
+        assert_eq!(
+            names(&select(sample(), &["@web".into()], None).unwrap()),
+            ["h1", "h2"]
+        );
+        assert_eq!(
+            names(&select(sample(), &["db1".into()], None).unwrap()),
+            ["db1"]
+        );
+        assert_eq!(
+            names(&select(sample(), &[], Some("h*")).unwrap()),
+            ["h1", "h2"]
+        );
+        let e = select(sample(), &["nope".into()], None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no host or tag matches 'nope'. Known hosts: db1, h1, h2; tags: @canary, @web"
+        );
+        assert!(select(vec![], &[], None).is_err());
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("h*", "h1"));
+        assert!(glob_match("*-web-?", "eu-web-1"));
+        assert!(!glob_match("h?", "h10"));
+    }
+}

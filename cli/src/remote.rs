@@ -1,0 +1,439 @@
+//! One SSH connection per host, and the small vocabulary of things attache
+//! does there.
+//!
+//! Sessions are made only here: the user's `ssh` (their config, agent, keys,
+//! ProxyJump) runs one ControlMaster per host through the `openssh` crate,
+//! with strict host keys unless the user opts in. Every remote step is a
+//! shell script whose arguments are quoted here, run as root directly or
+//! through `sudo -n`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where to connect, as the user wrote it (a name from `~/.ssh/config`, or
+/// `user@host`), with optional overrides from the inventory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub host: String,
+    pub user: Option<String>,
+    pub port: Option<u16>,
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(u) = &self.user {
+            write!(f, "{u}@")?;
+        }
+        f.write_str(&self.host)?;
+        if let Some(p) = self.port {
+            write!(f, ":{p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Destination {
+    /// Parses `host`, `user@host`, `user@host:port`.
+    pub fn parse(s: &str) -> Result<Self, RemoteError> {
+        let (user, rest) = match s.rsplit_once('@') {
+            Some((u, r)) => (Some(u.to_owned()), r),
+            None => (None, s),
+        };
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (
+                h.to_owned(),
+                Some(p.parse().map_err(|_| RemoteError::BadDestination {
+                    destination: s.to_owned(),
+                })?),
+            ),
+            _ => (rest.to_owned(), None),
+        };
+        if host.is_empty() || user.as_deref() == Some("") {
+            return Err(RemoteError::BadDestination {
+                destination: s.to_owned(),
+            });
+        }
+        Ok(Destination { host, user, port })
+    }
+}
+
+/// How to reach hosts: shared by every connection of one run.
+#[derive(Debug, Clone, Default)]
+pub struct SshOptions {
+    /// `ssh -F FILE` instead of `~/.ssh/config`.
+    pub config_file: Option<PathBuf>,
+    /// Accept unknown host keys (never changed ones).
+    pub accept_new_host_keys: bool,
+    pub connect_timeout: Option<Duration>,
+}
+
+/// Who runs commands on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elevation {
+    /// The login user is root.
+    None,
+    /// `sudo -n`: fails at once, with a clear error, if sudo wants a password.
+    Sudo,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error(
+        "'{destination}' is not a valid SSH destination: use HOST, USER@HOST or USER@HOST:PORT"
+    )]
+    BadDestination { destination: String },
+    #[error("{host}: the host key has changed (the host now offers {fingerprint}). If the host was reinstalled, remove the old key with `ssh-keygen -R {host}`; otherwise someone may be intercepting the connection")]
+    HostKeyChanged { host: String, fingerprint: String },
+    #[error("{host}: the host key is unknown ({fingerprint}). Check it, then add it with `ssh {host} true` or rerun with --accept-new-host-keys")]
+    HostKeyUnknown { host: String, fingerprint: String },
+    #[error("{host}: cannot connect over SSH: {reason}. Check that the host is up and that `ssh {host} true` works")]
+    Unreachable { host: String, reason: String },
+    #[error("{host}: sudo needs a password for user {user}; attache runs sudo non-interactively. Allow passwordless sudo for that user (NOPASSWD), or deploy as root")]
+    SudoPassword { host: String, user: String },
+    #[error("{host}: the SSH connection was lost while {doing}: {reason}. The host keeps its previous state; run the command again")]
+    Lost {
+        host: String,
+        doing: String,
+        reason: String,
+    },
+    #[error("{host}: could not read {path}: {source}")]
+    LocalIo {
+        host: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The result of a remote script.
+#[derive(Debug, Clone)]
+pub struct RemoteOutput {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl RemoteOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// The last lines of stderr (or stdout when stderr is empty), for an
+    /// error message.
+    pub fn tail(&self) -> String {
+        let text = if self.stderr.trim().is_empty() {
+            &self.stdout
+        } else {
+            &self.stderr
+        };
+        let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    }
+}
+
+/// A live connection to one host.
+pub struct Remote {
+    pub name: String,
+    session: Arc<Session>,
+    elevation: Elevation,
+    login_user: String,
+    _control_dir: tempfile::TempDir,
+}
+
+impl Remote {
+    pub async fn connect(
+        name: &str,
+        dest: &Destination,
+        opts: &SshOptions,
+        elevation: Elevation,
+    ) -> Result<Remote, RemoteError> {
+        // A short private directory: ControlMaster sockets have a path limit.
+        let control_dir = tempfile::Builder::new()
+            .prefix("attache-ssh-")
+            .tempdir_in("/tmp")
+            .map_err(|e| RemoteError::LocalIo {
+                host: name.to_owned(),
+                path: "/tmp".into(),
+                source: e,
+            })?;
+        let mut b = SessionBuilder::default();
+        b.control_directory(control_dir.path())
+            // The master must not outlive us if we are killed.
+            .control_persist(ControlPersist::IdleFor(
+                std::num::NonZeroUsize::new(60).unwrap_or(std::num::NonZeroUsize::MIN),
+            ))
+            .known_hosts_check(if opts.accept_new_host_keys {
+                KnownHosts::Add
+            } else {
+                KnownHosts::Strict
+            })
+            .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(15)))
+            .server_alive_interval(Duration::from_secs(10));
+        if let Some(f) = &opts.config_file {
+            b.config_file(f);
+        }
+        if let Some(u) = &dest.user {
+            b.user(u.clone());
+        }
+        if let Some(p) = dest.port {
+            b.port(p);
+        }
+        let session = b
+            .connect_mux(&dest.host)
+            .await
+            .map_err(|e| connect_error(name, &e))?;
+        let mut remote = Remote {
+            name: name.to_owned(),
+            session: Arc::new(session),
+            elevation: Elevation::None,
+            login_user: String::new(),
+            _control_dir: control_dir,
+        };
+        // Ask the host who we are instead of guessing from the user name.
+        let who = remote.run_plain("id -un; id -u", "connecting").await?;
+        let mut lines = who.stdout.lines();
+        remote.login_user = lines.next().unwrap_or_default().trim().to_owned();
+        let uid = lines.next().unwrap_or_default().trim().to_owned();
+        remote.elevation = if uid == "0" {
+            Elevation::None
+        } else {
+            elevation
+        };
+        if uid != "0" && elevation == Elevation::None {
+            return Err(RemoteError::Unreachable {
+                host: name.to_owned(),
+                reason: format!(
+                    "logged in as '{}', who is not root, and sudo is off for this host (set sudo = true in the inventory, or pass --sudo)",
+                    remote.login_user
+                ),
+            });
+        }
+        if remote.elevation == Elevation::Sudo {
+            let probe = remote.run_plain("sudo -n true", "checking sudo").await?;
+            if !probe.success() {
+                return Err(RemoteError::SudoPassword {
+                    host: name.to_owned(),
+                    user: remote.login_user.clone(),
+                });
+            }
+        }
+        Ok(remote)
+    }
+
+    /// Runs `script` with `sh -c` as the login user.
+    async fn run_plain(&self, script: &str, doing: &str) -> Result<RemoteOutput, RemoteError> {
+        let out = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| self.lost(doing, &e))?;
+        Ok(RemoteOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
+    /// Runs `script` as root (through `sudo -n` when needed). The script's
+    /// own arguments must already be quoted with [`q`].
+    pub async fn run(&self, script: &str, doing: &str) -> Result<RemoteOutput, RemoteError> {
+        match self.elevation {
+            Elevation::None => self.run_plain(script, doing).await,
+            Elevation::Sudo => {
+                self.run_plain(&format!("sudo -n sh -c {}", q(script)), doing)
+                    .await
+            }
+        }
+    }
+
+    /// Starts `script` as root and keeps it running while the returned
+    /// child lives: used for the per-host lock, which must end with us.
+    pub async fn spawn_held(
+        &self,
+        script: &str,
+    ) -> Result<openssh::Child<Arc<Session>>, RemoteError> {
+        let full = match self.elevation {
+            Elevation::None => script.to_owned(),
+            Elevation::Sudo => format!("sudo -n sh -c {}", q(script)),
+        };
+        Session::to_command(self.session.clone(), "sh")
+            .arg("-c")
+            .arg(full)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.lost("taking the deploy lock", &e))
+    }
+
+    /// Streams `local` into `remote_path` (written by root), calling
+    /// `progress` with the bytes sent so far. Returns the bytes sent.
+    pub async fn upload(
+        &self,
+        local: &Path,
+        remote_path: &str,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64, RemoteError> {
+        let script = format!("umask 077; exec cat > {}", q(remote_path));
+        let full = match self.elevation {
+            Elevation::None => script,
+            Elevation::Sudo => format!("sudo -n sh -c {}", q(&script)),
+        };
+        let mut child = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(full)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.lost("uploading", &e))?;
+        let mut file = tokio::fs::File::open(local)
+            .await
+            .map_err(|e| RemoteError::LocalIo {
+                host: self.name.clone(),
+                path: local.display().to_string(),
+                source: e,
+            })?;
+        let mut stdin = child.stdin().take().ok_or_else(|| RemoteError::Lost {
+            host: self.name.clone(),
+            doing: "uploading".into(),
+            reason: "no stdin".into(),
+        })?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut sent = 0u64;
+        let io_lost = |e: std::io::Error| RemoteError::Lost {
+            host: self.name.clone(),
+            doing: "uploading".into(),
+            reason: e.to_string(),
+        };
+        loop {
+            let n = file
+                .read(&mut buf)
+                .await
+                .map_err(|e| RemoteError::LocalIo {
+                    host: self.name.clone(),
+                    path: local.display().to_string(),
+                    source: e,
+                })?;
+            if n == 0 {
+                break;
+            }
+            stdin.write_all(&buf[..n]).await.map_err(io_lost)?;
+            sent += n as u64;
+            progress(sent);
+        }
+        stdin.shutdown().await.map_err(io_lost)?;
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| self.lost("uploading", &e))?;
+        if !out.status.success() {
+            return Err(RemoteError::Lost {
+                host: self.name.clone(),
+                doing: "uploading".into(),
+                reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
+        }
+        Ok(sent)
+    }
+
+    fn lost(&self, doing: &str, e: &openssh::Error) -> RemoteError {
+        RemoteError::Lost {
+            host: self.name.clone(),
+            doing: doing.to_owned(),
+            reason: e.to_string(),
+        }
+    }
+
+    pub async fn close(self) {
+        if let Ok(s) = Arc::try_unwrap(self.session) {
+            let _ = s.close().await;
+        }
+    }
+}
+
+/// Turns ssh's own words into one of our sentences.
+fn connect_error(host: &str, e: &openssh::Error) -> RemoteError {
+    let mut text = e.to_string();
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = src {
+        text.push('\n');
+        text.push_str(&s.to_string());
+        src = s.source();
+    }
+    let fingerprint = text
+        .split_whitespace()
+        .find(|w| w.starts_with("SHA256:"))
+        .map(|w| w.trim_end_matches('.').to_owned())
+        .unwrap_or_else(|| "fingerprint not shown".into());
+    if text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
+        return RemoteError::HostKeyChanged {
+            host: host.to_owned(),
+            fingerprint,
+        };
+    }
+    if text.contains("Host key verification failed")
+        || text.contains("No ED25519 host key is known")
+        || text.contains("host key is known")
+    {
+        return RemoteError::HostKeyUnknown {
+            host: host.to_owned(),
+            fingerprint,
+        };
+    }
+    let reason = text
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with("the master connection failed"))
+        .unwrap_or("no answer")
+        .to_owned();
+    RemoteError::Unreachable {
+        host: host.to_owned(),
+        reason,
+    }
+}
+
+/// Quotes one word for the remote POSIX shell.
+pub fn q(s: &str) -> String {
+    shell_escape::unix::escape(s.into()).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations() {
+        let d = Destination::parse("deploy@10.0.0.5:2222").unwrap();
+        assert_eq!(d.user.as_deref(), Some("deploy"));
+        assert_eq!(d.host, "10.0.0.5");
+        assert_eq!(d.port, Some(2222));
+        assert_eq!(d.to_string(), "deploy@10.0.0.5:2222");
+        let d = Destination::parse("h1").unwrap();
+        assert_eq!((d.user, d.port), (None, None));
+        assert!(Destination::parse("root@").is_err());
+        assert!(Destination::parse("h:notaport").is_err());
+        assert!(Destination::parse("@h").is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(q("plain"), "plain");
+        assert_eq!(q("a b"), "'a b'");
+        assert_eq!(q("it's"), "'it'\\''s'");
+        assert_eq!(q("$(rm -rf /)"), "'$(rm -rf /)'");
+    }
+}
