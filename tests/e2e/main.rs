@@ -1,1 +1,5 @@
 //! End-to-end suite: real nix, real images, real systemd hosts.
+
+mod build;
+mod lab_smoke;
+mod support;

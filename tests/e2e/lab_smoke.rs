@@ -1,0 +1,80 @@
+//! The lab itself: each guest boots with systemd as PID 1, runs the expected
+//! systemd, and attaches, runs and detaches a hand-made portable service.
+
+use attache_lab::{busybox_portable_image, shared, Guest};
+
+const SMOKE_UNIT: &str = "[Unit]
+Description=lab smoke service
+
+[Service]
+ExecStart=/bin/busybox httpd -f -p 127.0.0.1:8080 -h /etc
+";
+
+fn smoke(guest: Guest) {
+    let host = shared()
+        .host(guest, &format!("smoke-{guest}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+
+    let state = host.ssh("systemctl is-system-running --wait");
+    let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+    if state == "degraded" {
+        eprintln!(
+            "{guest} is degraded; failed units:\n{}",
+            host.ssh_ok("systemctl --failed --no-legend")
+        );
+    }
+    assert!(
+        state == "running" || state == "degraded",
+        "{guest}: system state {state:?}\n{}",
+        host.diagnostics(None)
+    );
+    assert_eq!(host.ssh_ok("hostname").trim(), format!("smoke-{guest}"));
+
+    let version = host.ssh_ok("portablectl --version");
+    let want = format!("systemd {} ", guest.systemd_version());
+    assert!(
+        version.starts_with(&want),
+        "{guest}: portablectl --version: {version}"
+    );
+
+    let image = host.run_dir().join("smoke_1.0.raw");
+    busybox_portable_image(&image, &[("smoke.service", SMOKE_UNIT)]).unwrap();
+    host.ssh_ok("mkdir -p /var/lib/portables");
+    host.copy_to(&image, "/var/lib/portables/smoke_1.0.raw")
+        .unwrap();
+    host.ssh_ok("portablectl attach --now --enable smoke_1.0");
+    let active = host.ssh("systemctl is-active smoke.service");
+    assert!(
+        active.status.success(),
+        "{guest}: smoke.service is {}\n{}",
+        String::from_utf8_lossy(&active.stdout).trim(),
+        host.diagnostics(Some("smoke.service"))
+    );
+    // Served from the image's own /etc, through the default profile.
+    let page = host.ssh_ok(
+        "for i in 1 2 3 4 5 6 7 8 9 10; do busybox wget -q -O - http://127.0.0.1:8080/os-release && exit 0; sleep 0.5; done; exit 1",
+    );
+    assert!(page.contains("ID=lab"), "{guest}: got {page:?}");
+
+    host.ssh_ok("portablectl detach --now --enable smoke_1.0");
+    let after = host.ssh("systemctl is-active smoke.service");
+    assert!(
+        !after.status.success(),
+        "{guest}: smoke.service still active after detach"
+    );
+    let list = host.ssh_ok("portablectl list --no-legend");
+    assert!(
+        list.contains("detached"),
+        "{guest}: portablectl list: {list}"
+    );
+}
+
+#[test]
+fn bookworm_runs_a_portable_service() {
+    smoke(Guest::Bookworm);
+}
+
+#[test]
+fn trixie_runs_a_portable_service() {
+    smoke(Guest::Trixie);
+}
