@@ -78,3 +78,46 @@ fn bookworm_runs_a_portable_service() {
 fn trixie_runs_a_portable_service() {
     smoke(Guest::Trixie);
 }
+
+/// The faults tests inject: a changed host key is refused until trusted, a
+/// full disk fails writes, killed connections come back.
+#[test]
+fn lab_faults_work() {
+    let host = shared()
+        .host(Guest::Bookworm, "faults")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // A fresh connection, bypassing the helpers' shared one.
+    let fresh = || {
+        std::process::Command::new("ssh")
+            .arg("-F")
+            .arg(host.ssh_config_path())
+            .args([host.name(), "true"])
+            .output()
+            .unwrap()
+    };
+    assert!(fresh().status.success());
+
+    let key = host.change_host_key().unwrap();
+    assert!(key.starts_with("ssh-ed25519 "), "{key}");
+    let refused = fresh();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{stderr}");
+    host.trust_host_key().unwrap();
+    assert!(fresh().status.success());
+
+    host.fill_disk().unwrap();
+    let write = host.ssh("echo data > /root/after-fill");
+    assert!(!write.status.success());
+    assert!(String::from_utf8_lossy(&write.stderr).contains("No space left"));
+    host.free_disk().unwrap();
+    host.ssh_ok("echo data > /root/after-fill");
+
+    host.kill_connections().unwrap();
+    assert_eq!(host.ssh_ok_as("deploy", "sudo -n whoami").trim(), "root");
+    let pw = host.ssh_as("sudopw", "sudo -n true");
+    assert!(String::from_utf8_lossy(&pw.stderr).contains("password is required"));
+    let copied = host.run_dir().join("hostname");
+    host.copy_from("/etc/hostname", &copied).unwrap();
+    assert_eq!(std::fs::read_to_string(copied).unwrap().trim(), "faults");
+}

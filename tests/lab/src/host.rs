@@ -57,6 +57,9 @@ impl Host {
         keep: bool,
         mux: bool,
     ) -> Result<Host> {
+        // ssh binds the control socket at this path plus 17 characters; a
+        // Unix socket path has at most 107.
+        let mux = mux && run_dir.as_os_str().len() + "/mux-nosudo".len() + 17 < 108;
         let host = Host {
             name: name.to_string(),
             guest: template.guest,
@@ -389,7 +392,7 @@ impl Host {
     /// shared connections keep working.
     pub fn change_host_key(&self) -> Result<String> {
         let out = self.ssh(
-            "rm -f /etc/ssh/ssh_host_* && ssh-keygen -A -q && systemctl restart ssh && \
+            "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh && \
              cat /etc/ssh/ssh_host_ed25519_key.pub",
         );
         if !out.status.success() {
@@ -413,8 +416,9 @@ impl Host {
     pub fn fill_disk(&self) -> Result<()> {
         let out = self.ssh(
             "set -e; f=$(stat -f -c '%f %S' /); free=$(( ${f% *} * ${f#* } )); \
-             fallocate -l $(( free > 1048576 ? free - 1048576 : 4096 )) /var/lab-fill; \
-             dd if=/dev/zero of=/var/lab-fill2 bs=4096 2>/dev/null || true; sync",
+             m=67108864; if [ $free -gt $m ]; then fallocate -l $(( free - m )) /var/lab-fill; fi; \
+             dd if=/dev/zero of=/var/lab-fill2 bs=1M 2>/dev/null || true; \
+             dd if=/dev/zero of=/var/lab-fill3 bs=4k 2>/dev/null || true; sync",
         );
         if !out.status.success() {
             return Err(Error::new(format!(
@@ -428,7 +432,7 @@ impl Host {
 
     /// Removes what [`Host::fill_disk`] wrote.
     pub fn free_disk(&self) -> Result<()> {
-        let out = self.ssh("rm -f /var/lab-fill /var/lab-fill2");
+        let out = self.ssh("rm -f /var/lab-fill /var/lab-fill2 /var/lab-fill3");
         if !out.status.success() {
             return Err(Error::new(format!(
                 "freeing the disk of {}: {}",
@@ -442,11 +446,24 @@ impl Host {
     /// Kills every SSH connection to the guest (sshd's per-connection
     /// processes; the listener stays), as a network drop would.
     pub fn kill_connections(&self) -> Result<()> {
+        // The pids are fixed now (every sshd but the listener, sessions
+        // left by an sshd restart included) and killed a moment later, after
+        // this command has returned; connections made later survive.
         let out = self.ssh(
-            "setsid -f sh -c 'sleep 0.3; pkill -KILL -P \"$(systemctl show -p MainPID --value ssh)\"' \
-             >/dev/null 2>&1 </dev/null",
+            "main=$(systemctl show -p MainPID --value ssh); \
+             pids=$(pgrep -x 'sshd|sshd-session' | grep -vx \"$main\" | tr '\\n' ' '); \
+             setsid -f sh -c \"sleep 0.5; kill -KILL $pids\" >/dev/null 2>&1 </dev/null",
         );
-        std::thread::sleep(Duration::from_millis(800));
+        // Our own shared connection is among them: wait until it is gone.
+        let mux_root = self.run_dir.join("mux-root");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        std::thread::sleep(Duration::from_millis(500));
+        while self.mux && mux_root.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if !self.mux {
+            std::thread::sleep(Duration::from_millis(1500));
+        }
         self.close_mux();
         if !out.status.success() {
             return Err(Error::new(format!(

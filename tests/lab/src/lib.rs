@@ -185,6 +185,11 @@ impl Lab {
         &self.dir
     }
 
+    /// Whether dropped hosts keep running (`ATTACHE_LAB_KEEP=1`).
+    pub fn keeps_hosts(&self) -> bool {
+        self.keep
+    }
+
     /// The private key every lab user logs in with.
     pub fn key_path(&self) -> PathBuf {
         self.dir.join("key/id_ed25519")

@@ -123,6 +123,8 @@ fn up(guest: Guest, names: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
     }
     eprintln!("stopping");
     drop(hosts);
-    let _ = std::fs::remove_file(&config);
+    if !lab.keeps_hosts() {
+        let _ = std::fs::remove_file(&config);
+    }
     Ok(())
 }
