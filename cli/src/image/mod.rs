@@ -44,4 +44,5 @@ pub use compress::Compression;
 pub use error::ImageError;
 pub use inspect::{inspect, Inspection, UnitInfo};
 pub use layout::check_layout;
+pub(crate) use pack::pack_with_stats;
 pub use pack::{image_file_name, pack, Image, PackEvent, PackOptions};
