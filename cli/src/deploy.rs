@@ -97,6 +97,18 @@ pub enum Outcome {
     Planned,
 }
 
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Healthy => "healthy",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::Failed => "failed",
+            Outcome::Skipped => "skipped",
+            Outcome::Planned => "planned",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct StageTime {
     pub stage: Stage,
@@ -703,6 +715,11 @@ async fn run_locked(
 
     for todo in &todos {
         if todo.action == Action::Unchanged {
+            // Nothing to change, but the answer must still be true: check.
+            let t = timer(r, view, host, Stage::Health);
+            let h = health(remote, todo.svc, &todo.target, settings).await;
+            t.end(h.is_ok());
+            h?;
             continue;
         }
         let t = timer(r, view, host, Stage::Activate);

@@ -337,7 +337,7 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
         human += &format!(
             "{:width$}  {:<11}  {:>10}  {}\n",
             r.host,
-            format!("{:?}", r.outcome).to_lowercase(),
+            r.outcome.to_string(),
             r.bytes_sent,
             services
         );
@@ -345,7 +345,12 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     for r in reports {
         if let Some(e) = &r.error {
             if r.outcome != Outcome::Skipped {
-                human += &format!("\n{}: {e}\n", r.host);
+                // Errors from the host pipeline already name the host.
+                if e.starts_with(&format!("{}:", r.host)) {
+                    human += &format!("\n{e}\n");
+                } else {
+                    human += &format!("\n{}: {e}\n", r.host);
+                }
             }
         }
         if let Some(e) = &r.rollback_error {
@@ -360,19 +365,14 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !good(r.outcome))
-        .map(|r| format!("{} ({})", r.host, format!("{:?}", r.outcome).to_lowercase()))
+        .map(|r| format!("{} ({})", r.host, r.outcome))
         .collect();
-    let one_error = reports
-        .iter()
-        .find(|r| !good(r.outcome) && r.outcome != Outcome::Skipped)
-        .and_then(|r| r.error.clone());
     Err(Error::Deploy {
         summary: format!(
-            "{} of {} hosts did not end healthy on the new version: {}{}",
+            "{} of {} hosts did not end healthy on the new version: {} (details above)",
             failed.len(),
             reports.len(),
             failed.join(", "),
-            one_error.map(|e| format!("\n{e}")).unwrap_or_default()
         ),
     })
 }

@@ -94,6 +94,12 @@ pub enum RemoteError {
     Unreachable { host: String, reason: String },
     #[error("{host}: sudo needs a password for user {user}; attache runs sudo non-interactively. Allow passwordless sudo for that user (NOPASSWD), or deploy as root")]
     SudoPassword { host: String, user: String },
+    #[error("{host}: user {user} may not run commands as root with sudo ({says}); deploy as root, or give {user} passwordless sudo")]
+    NoSudo {
+        host: String,
+        user: String,
+        says: String,
+    },
     #[error("{host}: the SSH connection was lost while {doing}: {reason}. The host keeps its previous state; run the command again")]
     Lost {
         host: String,
@@ -215,9 +221,16 @@ impl Remote {
         if remote.elevation == Elevation::Sudo {
             let probe = remote.run_plain("sudo -n true", "checking sudo").await?;
             if !probe.success() {
-                return Err(RemoteError::SudoPassword {
-                    host: name.to_owned(),
-                    user: remote.login_user.clone(),
+                let user = remote.login_user.clone();
+                let host = name.to_owned();
+                return Err(if probe.stderr.contains("password is required") {
+                    RemoteError::SudoPassword { host, user }
+                } else {
+                    RemoteError::NoSudo {
+                        host,
+                        user,
+                        says: probe.tail(),
+                    }
                 });
             }
         }

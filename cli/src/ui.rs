@@ -212,8 +212,8 @@ impl DeployView {
         self.with_bar(host, |b| b.set_position(sent));
     }
 
-    pub fn done(&self, host: &str, outcome: impl std::fmt::Debug, error: Option<&str>) {
-        let msg = format!("{outcome:?}").to_lowercase();
+    pub fn done(&self, host: &str, outcome: impl std::fmt::Display, error: Option<&str>) {
+        let msg = outcome.to_string();
         if !self.with_bar(host, |b| b.finish_with_message(msg.clone())) {
             self.inner.ui.status(host, &msg);
         }

@@ -153,7 +153,12 @@
 
       # The inventory, through the hosts helper. The CLI reads it with
       #   nix eval --json .#attache.hosts --apply '…'
-      attache.hosts = attache.hosts {
+      # A copy of this flake used as path:DIR may bring its own inventory in
+      # ./hosts.nix (`packages: { NAME = { … }; }`): the test suite and
+      # scripts/demo write one for their throwaway lab hosts.
+      attache.hosts = attache.hosts (if builtins.pathExists ./hosts.nix
+        then import ./hosts.nix self.packages.${system}
+        else {
         h1 = {
           tags = [ "web" ];
           services = [ self.packages.${system}.demo ];
@@ -172,6 +177,6 @@
             echo = [ { type = "command"; command = "echo hi | busybox nc 127.0.0.1 7777"; } ];
           };
         };
-      };
+      });
     };
 }
