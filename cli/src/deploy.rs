@@ -234,11 +234,12 @@ done"#;
 pub fn preflight_script() -> String {
     format!(
         r#"set -u
-mkdir -p {PORTABLES} /var/lib/attache
+mkdir -p {PORTABLES} /var/lib/attache 2>/dev/null
 echo systemd=$(systemctl --version | head -n1 | awk '{{print $2}}')
 p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
 echo portablectl=$p
-echo free_kb=$(df -Pk {PORTABLES} | awk 'NR==2 {{print $4}}')
+d={PORTABLES}; [ -d $d ] || d=/var/lib
+echo free_kb=$(df -Pk $d | awk 'NR==2 {{print $4}}')
 "#
     )
 }

@@ -125,6 +125,31 @@
           symlinks = [ { object = "${busybox}/bin/sh"; symlink = "/bin/sh"; } ];
         };
 
+        # 40 MB of incompressible data: an upload long enough to cut the
+        # connection in the middle of it (tests).
+        big = attache.portableService {
+          pname = "big";
+          version = "1.0";
+          units = [
+            (writeText "big.service" ''
+              [Service]
+              ExecStart=${bb} sleep infinity
+
+              [Install]
+              WantedBy=multi-user.target
+            '')
+          ];
+          contents = [
+            (derivation {
+              name = "big-blob";
+              inherit system;
+              builder = "${busybox}/bin/sh";
+              args = [ "-c" "${bb} head -c 41943040 /dev/urandom > $out" ];
+            })
+          ];
+          squash-compression = "gzip";
+        };
+
         # Meant to be refused by `attache build`, each with a clear message.
         bad-name = simple "bad_name" "bad_name.service";
         bad-unit = simple "badunit" "other.service";

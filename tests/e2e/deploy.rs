@@ -1,0 +1,542 @@
+//! `attache deploy`, `status`, `rollback` and `detach` against real systemd
+//! guests from the lab. Every assertion is about what the host shows over
+//! ssh: what the service answers, its `RootImage`, the files in
+//! /var/lib/portables.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use attache_lab::{shared, Guest, Host};
+
+use crate::support::*;
+
+/// A lab host plus a private build cache and an ssh config for it.
+struct Target {
+    host: Host,
+    cache: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn target(guest: Guest, name: &str) -> Target {
+    let host = shared()
+        .host(guest, name)
+        .unwrap_or_else(|e| panic!("lab: {e}"));
+    let cache = tempfile::tempdir().unwrap();
+    let config = host.ssh_config_path();
+    Target {
+        host,
+        cache,
+        config,
+    }
+}
+
+impl Target {
+    fn attache(&self, args: &[&str]) -> Run {
+        let cfg = self.config.display().to_string();
+        let mut full: Vec<&str> = args.to_vec();
+        // Host options go after the subcommand.
+        full.insert(1, "--ssh-config");
+        full.insert(2, &cfg);
+        attache_in(&repo(), self.cache.path(), &full)
+    }
+
+    /// `attache deploy --json --to NAME INSTALLABLE…`
+    fn deploy(&self, installables: &[&str], extra: &[&str]) -> Run {
+        let name = self.host.name().to_owned();
+        let mut args = vec!["deploy", "--json", "--to", &name];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(installables);
+        self.attache(&args)
+    }
+
+    /// What the demo's web server answers on the host.
+    fn page(&self, port: u16) -> String {
+        let out = self.host.ssh(&format!(
+            "for i in $(seq 1 20); do busybox wget -q -O - http://127.0.0.1:{port}/ && exit 0; sleep 0.5; done; exit 1"
+        ));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn root_image(&self, unit: &str) -> String {
+        self.host
+            .ssh_ok(&format!("systemctl show -p RootImage --value {unit}"))
+            .trim()
+            .to_owned()
+    }
+
+    fn portables(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .host
+            .ssh_ok("ls -A /var/lib/portables 2>/dev/null || true")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[track_caller]
+    fn diag(&self, r: &Run, unit: &str) -> String {
+        format!(
+            "attache {}\nstdout:\n{}\nstderr:\n{}\n{}",
+            r.args,
+            r.stdout,
+            r.stderr,
+            self.host.diagnostics(Some(unit))
+        )
+    }
+}
+
+fn host_report(r: &Run) -> serde_json::Value {
+    r.json()["hosts"][0].clone()
+}
+
+/// The main path, on one guest: first deploy, unchanged redeploy, upgrade,
+/// a broken release that rolls back, status, rollback, detach.
+fn main_path(guest: Guest) {
+    let t = target(guest, &format!("main-{guest}"));
+    let started = Instant::now();
+
+    // First deploy: attach.
+    let r = t.deploy(&["./examples/demo#demo"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    let h = host_report(&r);
+    assert_eq!(h["outcome"], "healthy");
+    assert_eq!(h["services"][0]["action"], "attach");
+    assert!(h["bytes_sent"].as_u64().unwrap() > 0);
+    assert!(t.page(8080).contains("attache demo 1.0"));
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_1.0.raw"
+    );
+    assert_eq!(t.portables(), ["demo_1.0.raw"]);
+    // The timer attach enabled is running too.
+    assert_eq!(
+        t.host.ssh_ok("systemctl is-active demo-tick.timer").trim(),
+        "active"
+    );
+
+    // Unchanged: nothing uploaded, nothing reattached, still checked.
+    let r = t.deploy(&["./examples/demo#demo"], &[]).ok();
+    let h = host_report(&r);
+    assert_eq!(h["bytes_sent"], 0);
+    assert_eq!(h["services"][0]["action"], "unchanged");
+    assert_eq!(h["outcome"], "healthy");
+
+    // Upgrade: reattach, new content served.
+    let r = t.deploy(&["./examples/demo#demo-v2"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    let h = host_report(&r);
+    assert_eq!(h["services"][0]["action"], "reattach");
+    assert_eq!(
+        h["services"][0]["previous"],
+        "/var/lib/portables/demo_1.0.raw"
+    );
+    assert!(t.page(8080).contains("attache demo 2.0"));
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_2.0.raw"
+    );
+
+    // A broken release: the unit fails, 2.0 comes back, exit code 3.
+    let r = t.deploy(&["./examples/demo#demo-broken"], &[]).fails(3);
+    let h = host_report(&r);
+    assert_eq!(
+        h["outcome"],
+        "rolled-back",
+        "{}",
+        t.diag(&r, "demo.service")
+    );
+    assert!(
+        h["error"]
+            .as_str()
+            .unwrap()
+            .contains("demo_2.1.raw is not healthy: demo.service is failed"),
+        "{h}"
+    );
+    assert!(t.page(8080).contains("attache demo 2.0"));
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_2.0.raw"
+    );
+    // Pruned to the two newest, the attached one kept.
+    assert!(t.portables().len() <= 3, "{:?}", t.portables());
+
+    // status reads the truth from the drop-ins.
+    let name = t.host.name().to_owned();
+    let s = t.attache(&["status", "--json", &name]).ok().json();
+    let svc = &s["hosts"][0]["services"][0];
+    assert_eq!(svc["name"], "demo");
+    assert_eq!(svc["version"], "2.0");
+    assert_eq!(svc["image"], "/var/lib/portables/demo_2.0.raw");
+    assert_eq!(svc["units"]["demo.service"], "active (running)");
+
+    // rollback goes back to what 2.0 replaced.
+    t.attache(&["rollback", &name, "demo"]).ok();
+    assert!(t.page(8080).contains("attache demo 1.0"));
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_1.0.raw"
+    );
+
+    // detach: nothing of demo is left attached.
+    t.attache(&["detach", &name, "demo"]).ok();
+    let active = t.host.ssh("systemctl is-active demo.service");
+    assert!(!active.status.success());
+    let s = t.attache(&["status", "--json", &name]).ok().json();
+    assert_eq!(s["hosts"][0]["services"], serde_json::json!([]));
+    eprintln!(
+        "{guest}: main deploy path in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[test]
+fn main_path_bookworm() {
+    main_path(Guest::Bookworm);
+}
+
+#[test]
+fn main_path_trixie() {
+    main_path(Guest::Trixie);
+}
+
+#[test]
+fn socket_activated_service_with_template() {
+    let t = target(Guest::Bookworm, "sock");
+    let r = t.deploy(&["./examples/demo#echo"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "echo.socket"));
+    assert_eq!(host_report(&r)["outcome"], "healthy");
+    assert!(
+        !r.stderr.contains("missing the instance name"),
+        "{}",
+        r.stderr
+    );
+    let answer = t.host.ssh_ok(
+        "for i in $(seq 1 10); do a=$(echo hello | busybox nc -w 3 127.0.0.1 7777) && [ -n \"$a\" ] && { echo \"$a\"; exit 0; }; sleep 0.5; done; exit 1",
+    );
+    assert_eq!(answer.trim(), "echo: hello");
+    assert_eq!(
+        t.host.ssh_ok("systemctl is-active echo.socket").trim(),
+        "active"
+    );
+}
+
+/// A copy of the demo flake with an inventory for lab hosts.
+fn inventory(hosts_nix: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = dir.path().join("demo");
+    let ok = std::process::Command::new("cp")
+        .arg("-rL")
+        .arg(repo().join("examples/demo"))
+        .arg(&demo)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    std::fs::write(demo.join("hosts.nix"), hosts_nix).unwrap();
+    let flake = format!("path:{}", demo.display());
+    (dir, flake)
+}
+
+#[test]
+fn failing_http_check_rolls_back() {
+    let t = target(Guest::Bookworm, "httpchk");
+    t.deploy(&["./examples/demo#demo"], &[]).ok();
+    let (_dir, flake) = inventory(
+        r#"pkgs: {
+          httpchk = {
+            services = { demo = pkgs.demo-v2; };
+            checks.demo = [ { type = "http"; url = "http://127.0.0.1:9999/"; retries = 2; timeout = 3; } ];
+          };
+        }"#,
+    );
+    let r = t.attache(&["deploy", "--json", "--flake", &flake]).fails(3);
+    let h = host_report(&r);
+    assert_eq!(
+        h["outcome"],
+        "rolled-back",
+        "{}",
+        t.diag(&r, "demo.service")
+    );
+    assert!(h["error"]
+        .as_str()
+        .unwrap()
+        .contains("HTTP check http://127.0.0.1:9999/ failed"));
+    assert!(t.page(8080).contains("attache demo 1.0"));
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_1.0.raw"
+    );
+}
+
+#[test]
+fn three_hosts_one_unreachable_keep_going() {
+    let lab = shared();
+    let hosts = lab.hosts(Guest::Bookworm, &["par1", "par2"]).unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("ssh_config");
+    lab.write_ssh_config(&cfg, &hosts.iter().collect::<Vec<_>>())
+        .unwrap();
+    let (_dir, flake) = inventory(
+        r#"pkgs: {
+          par1 = { tags = [ "web" ]; services = [ pkgs.demo ]; };
+          par2 = { tags = [ "web" ]; services = [ pkgs.demo ]; };
+          par3 = { host = "127.0.0.1"; port = 1; tags = [ "web" ]; services = [ pkgs.demo ]; };
+        }"#,
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let cfg_s = cfg.display().to_string();
+    let r = attache_in(
+        &repo(),
+        cache.path(),
+        &[
+            "deploy",
+            "--json",
+            "--ssh-config",
+            &cfg_s,
+            "--flake",
+            &flake,
+            "--keep-going",
+            "@web",
+        ],
+    )
+    .fails(3);
+    let j = r.json();
+    let outcome = |i: usize| j["hosts"][i]["outcome"].as_str().unwrap().to_owned();
+    assert_eq!(j["hosts"][0]["host"], "par1");
+    assert_eq!(outcome(0), "healthy", "{}", r.stdout);
+    assert_eq!(outcome(1), "healthy", "{}", r.stdout);
+    assert_eq!(outcome(2), "failed");
+    let err = j["hosts"][2]["error"].as_str().unwrap();
+    assert!(err.starts_with("par3: cannot connect over SSH:"), "{err}");
+    for h in &hosts {
+        assert_eq!(
+            h.ssh_ok("systemctl show -p RootImage --value demo.service")
+                .trim(),
+            "/var/lib/portables/demo_1.0.raw"
+        );
+    }
+    // An unknown host or tag names the known ones.
+    let r = attache_in(
+        &repo(),
+        cache.path(),
+        &["deploy", "--ssh-config", &cfg_s, "--flake", &flake, "nope"],
+    )
+    .fails(1);
+    assert_eq!(
+        r.error(),
+        "no host or tag matches 'nope'. Known hosts: par1, par2, par3; tags: @web"
+    );
+}
+
+#[test]
+fn changed_host_key_is_refused() {
+    let t = target(Guest::Bookworm, "hostkey");
+    t.deploy(&["./examples/demo#demo"], &[]).ok();
+    t.host.change_host_key().unwrap();
+    let r = t.deploy(&["./examples/demo#demo-v2"], &[]).fails(3);
+    let err = host_report(&r)["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.starts_with("hostkey: the host key has changed (the host now offers SHA256:"),
+        "{err}"
+    );
+    // Nothing changed on the host.
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_1.0.raw"
+    );
+}
+
+#[test]
+fn non_root_users() {
+    let t = target(Guest::Bookworm, "sudo");
+    let dest = format!("deploy@{}", t.host.name());
+    let r = t.attache(&[
+        "deploy",
+        "--json",
+        "--sudo",
+        "--to",
+        &dest,
+        "./examples/demo#demo",
+    ]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    assert!(t.page(8080).contains("attache demo 1.0"));
+
+    let dest = format!("sudopw@{}", t.host.name());
+    let r = t
+        .attache(&[
+            "deploy",
+            "--json",
+            "--sudo",
+            "--to",
+            &dest,
+            "./examples/demo#demo-v2",
+        ])
+        .fails(3);
+    let err = host_report(&r)["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains("sudo needs a password for user sudopw; attache runs sudo non-interactively"),
+        "{err}"
+    );
+    let dest = format!("nosudo@{}", t.host.name());
+    let r = t
+        .attache(&["deploy", "--json", "--to", &dest, "./examples/demo#demo-v2"])
+        .fails(3);
+    let err = host_report(&r)["error"].as_str().unwrap().to_owned();
+    assert!(err.contains("who is not root, and sudo is off"), "{err}");
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_1.0.raw"
+    );
+}
+
+fn wait_for(host: &Host, cmd: &str, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if host.ssh(cmd).status.success() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+#[test]
+fn connection_killed_during_upload() {
+    let t = target(Guest::Bookworm, "cut");
+    t.deploy(&["./examples/demo#demo"], &[]).ok();
+    // Build first, so the deploy below spends its time uploading.
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().display().to_string();
+    attache_in(
+        &repo(),
+        t.cache.path(),
+        &["build", "-o", &o, "./examples/demo#big"],
+    )
+    .ok();
+
+    let cfg = t.config.display().to_string();
+    let name = t.host.name().to_owned();
+    let cache = t.cache.path().to_owned();
+    let deployer = std::thread::spawn(move || {
+        attache_in(
+            &repo(),
+            &cache,
+            &[
+                "deploy",
+                "--json",
+                "--ssh-config",
+                &cfg,
+                "--to",
+                &name,
+                "./examples/demo#big",
+            ],
+        )
+    });
+    assert!(
+        wait_for(
+            &t.host,
+            "ls /var/lib/portables/.*.attache-partial",
+            Duration::from_secs(120)
+        ),
+        "the upload never started"
+    );
+    t.host.kill_connections().unwrap();
+    let r = deployer.join().unwrap().fails(3);
+    let err = host_report(&r)["error"].as_str().unwrap().to_owned();
+    assert!(err.contains("the SSH connection was lost"), "{err}");
+    // The old service runs; no half-written image is where portabled looks.
+    assert!(t.page(8080).contains("attache demo 1.0"));
+    assert!(
+        !t.portables().iter().any(|f| f.starts_with("big")),
+        "{:?}",
+        t.portables()
+    );
+    // The next deploy cleans up the partial upload and succeeds.
+    let r = t.deploy(&["./examples/demo#big"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "big.service"));
+    assert!(!t
+        .portables()
+        .iter()
+        .any(|f| f.ends_with(".attache-partial")));
+}
+
+#[test]
+fn concurrent_deploys_to_one_host() {
+    let t = target(Guest::Bookworm, "lock");
+    // Build once, so both deploys reach the host at about the same time.
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().display().to_string();
+    attache_in(
+        &repo(),
+        t.cache.path(),
+        &["build", "-o", &o, "./examples/demo#demo"],
+    )
+    .ok();
+    let spawn = |t: &Target| {
+        let cfg = t.config.display().to_string();
+        let name = t.host.name().to_owned();
+        let cache = t.cache.path().to_owned();
+        std::thread::spawn(move || {
+            attache_in(
+                &repo(),
+                &cache,
+                &[
+                    "deploy",
+                    "--json",
+                    "--ssh-config",
+                    &cfg,
+                    "--to",
+                    &name,
+                    "./examples/demo#demo",
+                ],
+            )
+        })
+    };
+    let a = spawn(&t);
+    let b = spawn(&t);
+    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let mut codes = [a.code, b.code];
+    codes.sort();
+    assert_eq!(
+        codes,
+        [0, 3],
+        "a:\n{}\n{}\nb:\n{}\n{}",
+        a.stdout,
+        a.stderr,
+        b.stdout,
+        b.stderr
+    );
+    let loser = if a.code == 3 { a } else { b };
+    let err = host_report(&loser)["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains("another attache is deploying to this host") && err.contains(" pid "),
+        "{err}"
+    );
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_1.0.raw"
+    );
+}
+
+#[test]
+fn dry_run_and_full_disk_change_nothing() {
+    let t = target(Guest::Bookworm, "dry");
+    let r = t.deploy(&["./examples/demo#demo"], &["--dry-run"]).ok();
+    let h = host_report(&r);
+    assert_eq!(h["outcome"], "planned");
+    assert_eq!(h["services"][0]["upload"], true);
+    assert_eq!(h["services"][0]["action"], "attach");
+    assert_eq!(t.portables(), Vec::<String>::new());
+
+    t.host.fill_disk().unwrap();
+    let r = t.deploy(&["./examples/demo#demo"], &[]).fails(3);
+    t.host.free_disk().unwrap();
+    let err = host_report(&r)["error"].as_str().unwrap().to_owned();
+    assert!(
+        err.contains("not enough space in /var/lib/portables"),
+        "{err}"
+    );
+    assert!(!t.portables().iter().any(|f| f.ends_with(".raw")));
+}
