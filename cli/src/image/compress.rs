@@ -1,13 +1,10 @@
-//! Compressor choice, and the compression hook handed to backhand.
+//! Compressor choice and block compression.
 
 use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
 
-use backhand::compression::{
-    CompressionAction, CompressionOptions, Compressor, DefaultCompressor, Gzip, Xz, Zstd,
-};
-use backhand::{BackhandError, CompressionExtra, ExtraXz, FilesystemCompressor, SuperBlock};
+use std::io;
 
 use flate2::{Compress, FlushCompress};
 use liblzma::stream::{Action, Check, Filters, LzmaOptions, Stream};
@@ -73,12 +70,8 @@ impl FromStr for Compression {
     }
 }
 
-/// Backhand's compressor description for `compression` at `level` (checked).
-pub(crate) fn fs_compressor(
-    compression: Compression,
-    level: Option<u32>,
-    block_size: u32,
-) -> Result<FilesystemCompressor, ImageError> {
+/// Checks `level` for `compression` (`None`: the default level).
+pub(crate) fn check_level(compression: Compression, level: Option<u32>) -> Result<u32, ImageError> {
     let level = level.unwrap_or(compression.default_level());
     if !compression.levels().contains(&level) {
         let r = compression.levels();
@@ -88,62 +81,19 @@ pub(crate) fn fs_compressor(
             r.end()
         )));
     }
-    let invalid = |e: BackhandError| ImageError::BadOptions(e.to_string());
-    let fc = match compression {
-        Compression::Zstd => FilesystemCompressor::new(
-            Compressor::Zstd,
-            Some(CompressionOptions::Zstd(Zstd {
-                compression_level: level,
-            })),
-        )
-        .map_err(invalid)?,
-        Compression::Gzip => FilesystemCompressor::new(
-            Compressor::Gzip,
-            Some(CompressionOptions::Gzip(Gzip {
-                compression_level: level,
-                window_size: 15,
-                strategies: 0,
-            })),
-        )
-        .map_err(invalid)?,
-        Compression::Xz => {
-            let mut fc = FilesystemCompressor::new(
-                Compressor::Xz,
-                Some(CompressionOptions::Xz(Xz {
-                    dictionary_size: block_size,
-                    filters: backhand::v4::compressor::XzFilter::new(0),
-                    bit_opts: None,
-                    fb: None,
-                })),
-            )
-            .map_err(invalid)?;
-            let mut extra = ExtraXz::default();
-            extra.level(level).map_err(invalid)?;
-            fc.extra(CompressionExtra::Xz(extra)).map_err(invalid)?;
-            fc
-        }
-    };
-    Ok(fc)
+    Ok(level)
 }
-
-/// The compression hook given to backhand (it needs a `'static` one). Blocks
-/// that the pipeline of [`super::parallel`] compressed ahead come from there;
-/// anything else is compressed here, on the writer's thread.
-pub(crate) struct PackCompressor;
-
-pub(crate) static PACK_COMPRESSOR: PackCompressor = PackCompressor;
 
 thread_local! {
     static ZSTD: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static ZLIB: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
 }
 
-fn io_err(e: impl fmt::Display) -> BackhandError {
-    BackhandError::StdIo(std::io::Error::other(e.to_string()))
+fn io_err(e: impl fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
-/// What to compress blocks with (backhand's `FilesystemCompressor` keeps
-/// its fields private, so the hook gets this through [`with_codec`]).
+/// What to compress blocks with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Codec {
     pub(crate) compression: Compression,
@@ -151,27 +101,10 @@ pub(crate) struct Codec {
     pub(crate) block_size: u32,
 }
 
-thread_local! {
-    static CODEC: RefCell<Option<Codec>> = const { RefCell::new(None) };
-}
-
-/// Runs `body` with `codec` as the compressor of [`PACK_COMPRESSOR`] on this thread.
-pub(crate) fn with_codec<R>(codec: Codec, body: impl FnOnce() -> R) -> R {
-    struct Reset(Option<Codec>);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            CODEC.with(|c| *c.borrow_mut() = self.0.take());
-        }
-    }
-    let _reset = Reset(CODEC.with(|c| c.borrow_mut().replace(codec)));
-    body()
-}
-
-/// Compresses one block. A pure function of its arguments: the pipeline and
-/// the writer's thread give the same bytes. Compression contexts are reused
-/// per thread (backhand's default builds a new one, and for xz two threads,
-/// per block).
-pub(crate) fn compress_block(bytes: &[u8], codec: &Codec) -> Result<Vec<u8>, BackhandError> {
+/// Compresses one block (data, fragment or metadata). A pure function of its
+/// arguments, whatever thread runs it. Compression contexts are reused per
+/// thread.
+pub(crate) fn compress_block(bytes: &[u8], codec: &Codec) -> io::Result<Vec<u8>> {
     match codec.compression {
         Compression::Zstd => {
             let level = codec.level as i32;
@@ -223,45 +156,5 @@ pub(crate) fn compress_block(bytes: &[u8], codec: &Codec) -> Result<Vec<u8>, Bac
                 out.reserve(out.capacity().max(4096));
             }
         }
-    }
-}
-
-impl CompressionAction for PackCompressor {
-    type Error = BackhandError;
-    type Compressor = Compressor;
-    type FilesystemCompressor = FilesystemCompressor;
-    type SuperBlock = SuperBlock;
-
-    fn decompress(
-        &self,
-        bytes: &[u8],
-        out: &mut Vec<u8>,
-        compressor: Self::Compressor,
-    ) -> Result<(), Self::Error> {
-        DefaultCompressor.decompress(bytes, out, compressor)
-    }
-
-    fn compress(
-        &self,
-        bytes: &[u8],
-        fc: Self::FilesystemCompressor,
-        block_size: u32,
-    ) -> Result<Vec<u8>, Self::Error> {
-        if let Some(result) = super::parallel::take_ahead(bytes) {
-            return result;
-        }
-        match CODEC.with(|c| *c.borrow()) {
-            Some(codec) => compress_block(bytes, &codec),
-            None => DefaultCompressor.compress(bytes, fc, block_size),
-        }
-    }
-
-    fn compression_options(
-        &self,
-        superblock: &mut Self::SuperBlock,
-        kind: &backhand::kind::Kind,
-        fs_compressor: Self::FilesystemCompressor,
-    ) -> Result<Option<Vec<u8>>, Self::Error> {
-        DefaultCompressor.compression_options(superblock, kind, fs_compressor)
     }
 }

@@ -27,15 +27,13 @@
 //! mtime 0, and entries are sorted, so the same spec gives the same bytes on
 //! any machine and day.
 
-// Until main.rs calls into the module, most of it is unused outside tests.
-#![allow(dead_code, unused_imports)]
-
 mod compress;
 mod error;
 mod inspect;
 mod layout;
 mod pack;
-mod parallel;
+mod sqfs;
+mod writer;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,692 @@
+//! Writing the planned tree as a squashfs image: data compressed on all
+//! cores, written in order, then the metadata.
+//!
+//! Three kinds of threads:
+//!
+//! - the *producer* reads the files in layout order, once each, and decides
+//!   where each one goes: nowhere (empty), into the current fragment block
+//!   (smaller than a block), data blocks, or the data of an earlier file with
+//!   the same content (a hard link, or the same size and sha256; small files
+//!   included). It hands blocks to the workers and tells the writer, in
+//!   order, what comes next;
+//! - *workers* compress blocks (a full block of zeros becomes a hole);
+//! - the *writer* (the calling thread) takes the results in that order,
+//!   appends them to the image and notes where every file's data went. Then
+//!   it writes the inode, directory, fragment and id tables and the
+//!   superblock (see [`super::sqfs`]).
+//!
+//! The order of the bytes depends only on the layout and the file contents,
+//! never on timing, so any number of threads gives the same image. Memory:
+//! at most `2 × threads + 2` blocks are queued between producer and writer,
+//! plus one fragment block being filled and the metadata tables (a few
+//! dozen bytes per entry).
+//!
+//! Each file's sha256 is computed as it is read and kept (32 bytes per file)
+//! to find later duplicates; a file whose size matches an earlier one is
+//! hashed before its blocks are sent (read twice when it is not a duplicate).
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest, Sha256};
+
+use super::compress::{compress_block, Codec};
+use super::error::ImageError;
+use super::layout::{Content, Entry, EntryKind, Layout};
+use super::sqfs::{self, DirEntry, MetadataWriter, Placement, SuperBlock};
+
+/// What the packer did, for tests and the benchmark.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stats {
+    /// Blocks compressed by the workers (data and fragment blocks).
+    pub(crate) blocks: u64,
+    /// Files whose data was found earlier in the image (hard links and copies).
+    pub(crate) dup_files: u64,
+}
+
+/// A compressed block.
+enum Block {
+    /// A full block of zeros: nothing stored.
+    Hole,
+    /// Compressed bytes.
+    Packed(Vec<u8>),
+    /// Did not shrink: the bytes as they are.
+    Stored(Vec<u8>),
+}
+
+type Output = Result<Block, String>;
+
+/// What comes next in the image, in order. Every file gets one of `Empty`,
+/// `Data`, `Fragment`, `Dup`; `Data { blocks: n }` is followed by `n`
+/// `Block`s. `FragmentBlock`s come when a fragment block is full.
+enum Msg {
+    Empty,
+    Data { blocks: usize },
+    Fragment { index: u32, offset: u32 },
+    Dup { of: usize },
+    Block(Receiver<Output>),
+    FragmentBlock(Receiver<Output>),
+    Failed(ImageError),
+}
+
+/// Writes the image for `layout` into `file` (at its start); returns its
+/// length (padded to 4 KiB) and statistics. `progress(bytes, files)` is
+/// called as files are written.
+pub(crate) fn write_image(
+    layout: &Layout,
+    codec: Codec,
+    threads: usize,
+    file: File,
+    path: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, Stats), ImageError> {
+    let files: Vec<(&Path, &Content)> = layout
+        .entries
+        .iter()
+        .filter_map(|(path, e)| match &e.kind {
+            EntryKind::File(c) => Some((path.as_path(), c)),
+            _ => None,
+        })
+        .collect();
+    let threads = threads.max(1);
+    let mut out = Out {
+        w: BufWriter::with_capacity(1 << 20, file),
+        pos: 0,
+        path,
+    };
+
+    std::thread::scope(|s| {
+        type Job = (Vec<u8>, bool, SyncSender<Output>);
+        let (work_tx, work_rx) = mpsc::channel::<Job>();
+        let work_rx = Arc::new(Mutex::new(work_rx));
+        for _ in 0..threads {
+            let work_rx = Arc::clone(&work_rx);
+            s.spawn(move || loop {
+                let job = match work_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((input, may_be_hole, tx)) = job else {
+                    return;
+                };
+                let _ = tx.send(compress(input, may_be_hole, &codec));
+            });
+        }
+        let (order_tx, order_rx) = mpsc::sync_channel::<Msg>(2 * threads + 2);
+        let files_ref = &files;
+        let producer = s.spawn(move || {
+            let mut p = Producer {
+                block_size: codec.block_size as usize,
+                work: work_tx,
+                order: order_tx,
+                fragment: Vec::with_capacity(codec.block_size as usize),
+                fragments: 0,
+                scratch: Vec::new(),
+                by_inode: HashMap::new(),
+                by_content: HashMap::new(),
+                sizes: HashSet::new(),
+                stats: Stats::default(),
+            };
+            match p.run(files_ref) {
+                Ok(()) => {}
+                Err(Stop::Failed(e)) => {
+                    let _ = p.order.send(Msg::Failed(e));
+                }
+                Err(Stop::Gone) => {}
+            }
+            p.stats
+        });
+
+        let (placements, fragments) = write_data(&mut out, &files, order_rx, codec, progress)?;
+        let stats = producer
+            .join()
+            .map_err(|_| ImageError::Writer("the file reader thread panicked".into()))?;
+        let len = write_metadata(&mut out, layout, &placements, &fragments, &codec)?;
+        Ok((len, stats))
+    })
+}
+
+fn compress(input: Vec<u8>, may_be_hole: bool, codec: &Codec) -> Output {
+    if may_be_hole && input.iter().all(|b| *b == 0) {
+        return Ok(Block::Hole);
+    }
+    let packed = compress_block(&input, codec).map_err(|e| e.to_string())?;
+    Ok(if packed.len() < input.len() {
+        Block::Packed(packed)
+    } else {
+        Block::Stored(input)
+    })
+}
+
+/// The image file, buffered, with its position.
+struct Out<'p> {
+    w: BufWriter<File>,
+    pos: u64,
+    path: &'p Path,
+}
+
+impl Out<'_> {
+    fn err(&self, source: io::Error) -> ImageError {
+        ImageError::Write {
+            path: self.path.to_owned(),
+            source,
+        }
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
+        self.w.write_all(bytes).map_err(|e| self.err(e))?;
+        self.pos += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Takes the producer's messages in order and writes the blocks; returns
+/// where every file's data is, and the fragment table entries.
+fn write_data(
+    out: &mut Out<'_>,
+    files: &[(&Path, &Content)],
+    order: Receiver<Msg>,
+    codec: Codec,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Vec<Placement>, Vec<u8>), ImageError> {
+    // Superblock (filled in at the end) and compressor options.
+    out.write(&[0u8; sqfs::SUPERBLOCK_SIZE])?;
+    out.write(&sqfs::compressor_options_block(&codec))?;
+
+    let mut placements: Vec<Placement> = Vec::with_capacity(files.len());
+    // The file whose blocks are coming: start, sizes so far, blocks left.
+    let mut current: Option<(u64, Vec<u32>, usize)> = None;
+    let mut fragment_table = Vec::new();
+    let lost = || ImageError::Writer("a compression thread stopped".into());
+    for msg in order {
+        let placed = match msg {
+            Msg::Failed(e) => return Err(e),
+            Msg::Empty => Placement::Empty,
+            Msg::Fragment { index, offset } => Placement::Fragment { index, offset },
+            Msg::Dup { of } => placements
+                .get(of)
+                .cloned()
+                .ok_or_else(|| ImageError::Writer("duplicate of a file not written".into()))?,
+            Msg::Data { blocks } => {
+                current = Some((out.pos, Vec::with_capacity(blocks), blocks));
+                continue;
+            }
+            Msg::FragmentBlock(rx) => {
+                let start = out.pos;
+                let size = write_block(out, rx.recv().map_err(|_| lost())?)?;
+                fragment_table.extend_from_slice(&sqfs::fragment_entry(start, size));
+                continue;
+            }
+            Msg::Block(rx) => {
+                let size = write_block(out, rx.recv().map_err(|_| lost())?)?;
+                let Some((start, mut sizes, left)) = current.take() else {
+                    return Err(ImageError::Writer("a block outside of a file".into()));
+                };
+                sizes.push(size);
+                if left > 1 {
+                    current = Some((start, sizes, left - 1));
+                    continue;
+                }
+                Placement::Blocks { start, sizes }
+            }
+        };
+        let Some((_, content)) = files.get(placements.len()) else {
+            return Err(ImageError::Writer("more files than planned".into()));
+        };
+        progress(content.size(), 1);
+        placements.push(placed);
+    }
+    if placements.len() != files.len() || current.is_some() {
+        return Err(ImageError::Writer("the file reader stopped early".into()));
+    }
+    Ok((placements, fragment_table))
+}
+
+/// Writes one compressed block; returns its size word.
+fn write_block(out: &mut Out<'_>, block: Output) -> Result<u32, ImageError> {
+    match block.map_err(ImageError::Writer)? {
+        Block::Hole => Ok(0),
+        Block::Packed(b) => {
+            out.write(&b)?;
+            Ok(b.len() as u32)
+        }
+        Block::Stored(b) => {
+            out.write(&b)?;
+            Ok(b.len() as u32 | sqfs::DATA_UNCOMPRESSED)
+        }
+    }
+}
+
+/// A node of the tree, for the inode and directory tables.
+struct Node<'l> {
+    name: &'l [u8],
+    entry: Option<&'l Entry>,
+    parent: usize,
+    children: Vec<usize>,
+    /// Index among the regular files, for files.
+    file: usize,
+}
+
+/// Writes the inode, directory, fragment and id tables, the padding and the
+/// superblock; returns the image length.
+fn write_metadata(
+    out: &mut Out<'_>,
+    layout: &Layout,
+    placements: &[Placement],
+    fragments: &[u8],
+    codec: &Codec,
+) -> Result<u64, ImageError> {
+    // Nodes in layout order (parents first, siblings by name); the root is 0.
+    let mut nodes = vec![Node {
+        name: b"",
+        entry: None,
+        parent: 0,
+        children: Vec::new(),
+        file: 0,
+    }];
+    let mut dirs: HashMap<&Path, usize> = HashMap::new();
+    dirs.insert(Path::new("/"), 0);
+    let mut file_count = 0;
+    for (path, entry) in &layout.entries {
+        let parent = path
+            .parent()
+            .and_then(|p| dirs.get(p).copied())
+            .ok_or_else(|| ImageError::Writer(format!("no parent for {}", path.display())))?;
+        let id = nodes.len();
+        let name = path.file_name().map_or(&b""[..], OsStr::as_bytes);
+        let file = match entry.kind {
+            EntryKind::File(_) => {
+                file_count += 1;
+                file_count - 1
+            }
+            EntryKind::Dir => {
+                dirs.insert(path.as_path(), id);
+                0
+            }
+            EntryKind::Symlink(_) => 0,
+        };
+        nodes.push(Node {
+            name,
+            entry: Some(entry),
+            parent,
+            children: Vec::new(),
+            file,
+        });
+        nodes[parent].children.push(id);
+    }
+    if file_count != placements.len() {
+        return Err(ImageError::Writer("file count mismatch".into()));
+    }
+
+    let mut t = Tables {
+        nodes: &nodes,
+        placements,
+        inodes: MetadataWriter::new(codec),
+        dirs: MetadataWriter::new(codec),
+        block_size: codec.block_size,
+        buf: Vec::with_capacity(256),
+    };
+    let root = t.write_node(0)?;
+    let Tables { inodes, dirs, .. } = t;
+
+    let mut sb = SuperBlock {
+        inode_count: nodes.len() as u32,
+        root_inode: ((root.0 as u64) << 16) | root.1 as u64,
+        ..SuperBlock::default()
+    };
+    sb.inode_table = out.pos;
+    out.write(&inodes.finish()?)?;
+    sb.dir_table = out.pos;
+    out.write(&dirs.finish()?)?;
+    sb.fragment_count = (fragments.len() / 16) as u32;
+    let (bytes, index) = sqfs::lookup_table(fragments, out.pos, codec)?;
+    sb.fragment_table = out.pos + index;
+    out.write(&bytes)?;
+    let (bytes, index) = sqfs::lookup_table(&0u32.to_le_bytes(), out.pos, codec)?;
+    sb.id_table = out.pos + index;
+    out.write(&bytes)?;
+    sb.bytes_used = out.pos;
+    // Pad to 4 KiB like mksquashfs (block devices and loop mounts want it).
+    let pad = (4096 - out.pos % 4096) % 4096;
+    out.write(&vec![0u8; pad as usize])?;
+    let len = out.pos;
+
+    let e = |source| ImageError::Write {
+        path: out.path.to_owned(),
+        source,
+    };
+    out.w.seek(SeekFrom::Start(0)).map_err(e)?;
+    out.w.write_all(&sb.to_bytes(codec)).map_err(e)?;
+    out.w.flush().map_err(e)?;
+    Ok(len)
+}
+
+struct Tables<'n, 'l, 'c> {
+    nodes: &'n [Node<'l>],
+    placements: &'n [Placement],
+    inodes: MetadataWriter<'c>,
+    dirs: MetadataWriter<'c>,
+    block_size: u32,
+    buf: Vec<u8>,
+}
+
+impl Tables<'_, '_, '_> {
+    /// Writes the inode of node `id` (children first, for a directory) and
+    /// returns where it is. Inode numbers are node index + 1.
+    fn write_node(&mut self, id: usize) -> Result<(u32, u16), ImageError> {
+        let node = &self.nodes[id];
+        let number = id as u32 + 1;
+        let mode = node.entry.map_or(0o755, |e| e.mode);
+        let kind = node.entry.map_or(&EntryKind::Dir, |e| &e.kind);
+        let mut b = std::mem::take(&mut self.buf);
+        b.clear();
+        match kind {
+            EntryKind::File(content) => {
+                let place = &self.placements[node.file];
+                sqfs::file_inode(&mut b, mode, number, content.size(), place, self.block_size);
+            }
+            EntryKind::Symlink(target) => {
+                sqfs::symlink_inode(&mut b, mode, number, target.as_os_str().as_bytes());
+            }
+            EntryKind::Dir => {
+                let mut entries = Vec::with_capacity(node.children.len());
+                let mut subdirs = 0;
+                for &c in &node.children {
+                    let child = &self.nodes[c];
+                    let kind = match child.entry.map(|e| &e.kind) {
+                        Some(EntryKind::File(_)) => sqfs::TYPE_FILE,
+                        Some(EntryKind::Symlink(_)) => sqfs::TYPE_SYMLINK,
+                        _ => {
+                            subdirs += 1;
+                            sqfs::TYPE_DIR
+                        }
+                    };
+                    if child.name.is_empty() || child.name.len() > 256 {
+                        return Err(ImageError::Writer("bad file name length".into()));
+                    }
+                    entries.push(DirEntry {
+                        name: child.name,
+                        inode: self.write_node(c)?,
+                        number: c as u32 + 1,
+                        kind,
+                    });
+                }
+                let listing = sqfs::dir_listing(&entries);
+                let at = self.dirs.position();
+                self.dirs.write(&listing)?;
+                let parent = if id == 0 {
+                    self.nodes.len() as u32 + 1
+                } else {
+                    node.parent as u32 + 1
+                };
+                sqfs::dir_inode(&mut b, mode, number, 2 + subdirs, at, listing.len(), parent);
+            }
+        }
+        let at = self.inodes.position();
+        self.inodes.write(&b)?;
+        self.buf = b;
+        Ok(at)
+    }
+}
+
+/// Why the producer stopped early.
+enum Stop {
+    /// A file could not be read, or changed: tell the writer.
+    Failed(ImageError),
+    /// The writer is gone (it failed): nothing to say.
+    Gone,
+}
+
+struct Producer {
+    block_size: usize,
+    work: mpsc::Sender<(Vec<u8>, bool, SyncSender<Output>)>,
+    order: SyncSender<Msg>,
+    fragment: Vec<u8>,
+    fragments: u32,
+    scratch: Vec<u8>,
+    by_inode: HashMap<(u64, u64), usize>,
+    by_content: HashMap<(u64, [u8; 32]), usize>,
+    /// Sizes of the data files (one block or more) in `by_content`.
+    sizes: HashSet<u64>,
+    stats: Stats,
+}
+
+impl Producer {
+    fn send(&self, msg: Msg) -> Result<(), Stop> {
+        self.order.send(msg).map_err(|_| Stop::Gone)
+    }
+
+    fn compress(&mut self, block: Vec<u8>, may_be_hole: bool) -> Result<Receiver<Output>, Stop> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.work
+            .send((block, may_be_hole, tx))
+            .map_err(|_| Stop::Gone)?;
+        self.stats.blocks += 1;
+        Ok(rx)
+    }
+
+    fn flush_fragment(&mut self) -> Result<(), Stop> {
+        let block = std::mem::replace(&mut self.fragment, Vec::with_capacity(self.block_size));
+        let rx = self.compress(block, false)?;
+        self.fragments += 1;
+        self.send(Msg::FragmentBlock(rx))
+    }
+
+    fn run(&mut self, files: &[(&Path, &Content)]) -> Result<(), Stop> {
+        for (i, (_, content)) in files.iter().enumerate() {
+            let size = content.size();
+            let inode = match content {
+                Content::Disk { dev, ino, .. } => Some((*dev, *ino)),
+                Content::Bytes(_) => None,
+            };
+            if size == 0 {
+                self.send(Msg::Empty)?;
+                continue;
+            }
+            if let Some(&of) = inode.and_then(|k| self.by_inode.get(&k)) {
+                self.stats.dup_files += 1;
+                self.send(Msg::Dup { of })?;
+                continue;
+            }
+            let msg = if size < self.block_size as u64 {
+                self.small_file(i, content)?
+            } else {
+                self.data_file(i, content)?
+            };
+            if let Some(k) = inode {
+                let first = match msg {
+                    Msg::Dup { of } => of,
+                    _ => i,
+                };
+                self.by_inode.insert(k, first);
+            }
+            if !matches!(msg, Msg::Data { .. }) {
+                self.send(msg)?;
+            }
+        }
+        if !self.fragment.is_empty() {
+            self.flush_fragment()?;
+        }
+        Ok(())
+    }
+
+    /// A file smaller than a block: a duplicate, or appended to the fragment block.
+    fn small_file(&mut self, i: usize, content: &Content) -> Result<Msg, Stop> {
+        let size = content.size();
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        let mut r = Reader::open(content)?;
+        r.read_exact_len(&mut buf, size as usize)?;
+        r.expect_eof()?;
+        let key = (size, Sha256::digest(&buf).into());
+        if let Some(&of) = self.by_content.get(&key) {
+            self.stats.dup_files += 1;
+            self.scratch = buf;
+            return Ok(Msg::Dup { of });
+        }
+        if self.fragment.len() + buf.len() > self.block_size {
+            self.flush_fragment()?;
+        }
+        let offset = self.fragment.len() as u32;
+        self.fragment.extend_from_slice(&buf);
+        self.scratch = buf;
+        self.by_content.insert(key, i);
+        Ok(Msg::Fragment {
+            index: self.fragments,
+            offset,
+        })
+    }
+
+    /// A file of a block or more: a duplicate, or its blocks sent to the
+    /// workers (returns `Msg::Data`, already sent).
+    fn data_file(&mut self, i: usize, content: &Content) -> Result<Msg, Stop> {
+        let size = content.size();
+        let known = if self.sizes.contains(&size) {
+            let sha = sha256(content)?;
+            if let Some(&of) = self.by_content.get(&(size, sha)) {
+                self.stats.dup_files += 1;
+                return Ok(Msg::Dup { of });
+            }
+            Some(sha)
+        } else {
+            None
+        };
+        let bs = self.block_size as u64;
+        let blocks = size.div_ceil(bs) as usize;
+        self.send(Msg::Data { blocks })?;
+        let mut r = Reader::open(content)?;
+        let mut hasher = Sha256::new();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(bs) as usize;
+            let mut block = Vec::with_capacity(n);
+            r.read_exact_len(&mut block, n)?;
+            hasher.update(&block);
+            left -= n as u64;
+            let rx = self.compress(block, n == self.block_size)?;
+            self.send(Msg::Block(rx))?;
+        }
+        r.expect_eof()?;
+        let sha: [u8; 32] = hasher.finalize().into();
+        if known.is_some_and(|k| k != sha) {
+            return Err(Stop::Failed(ImageError::Unstable { path: r.path() }));
+        }
+        self.by_content.insert((size, sha), i);
+        self.sizes.insert(size);
+        Ok(Msg::Data { blocks })
+    }
+}
+
+/// A file's content, read with checks: it must have the size seen when the
+/// layout was planned.
+struct Reader<'c> {
+    content: &'c Content,
+    source: Box<dyn Read + 'c>,
+    read: u64,
+}
+
+impl<'c> Reader<'c> {
+    fn open(content: &'c Content) -> Result<Self, Stop> {
+        let source: Box<dyn Read + 'c> = match content {
+            Content::Disk { path, .. } => Box::new(File::open(path).map_err(|source| {
+                Stop::Failed(ImageError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            })?),
+            Content::Bytes(b) => Box::new(io::Cursor::new(&b[..])),
+        };
+        Ok(Reader {
+            content,
+            source,
+            read: 0,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        match self.content {
+            Content::Disk { path, .. } => path.clone(),
+            Content::Bytes(_) => PathBuf::from("<generated>"),
+        }
+    }
+
+    fn fail(&self, source: io::Error) -> Stop {
+        Stop::Failed(ImageError::Read {
+            path: self.path(),
+            source,
+        })
+    }
+
+    fn changed(&self, actual: u64) -> Stop {
+        Stop::Failed(ImageError::Changed {
+            path: self.path(),
+            expected: self.content.size(),
+            actual,
+        })
+    }
+
+    /// Appends exactly `n` bytes to `buf`.
+    fn read_exact_len(&mut self, buf: &mut Vec<u8>, n: usize) -> Result<(), Stop> {
+        let want = buf.len() + n;
+        buf.reserve(n);
+        while buf.len() < want {
+            let got = match (&mut self.source)
+                .take((want - buf.len()) as u64)
+                .read_to_end(buf)
+            {
+                Ok(got) => got,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.fail(e)),
+            };
+            self.read += got as u64;
+            if got == 0 {
+                return Err(self.changed(self.read));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the file has no more bytes.
+    fn expect_eof(&mut self) -> Result<(), Stop> {
+        let mut more = [0u8; 4096];
+        loop {
+            match self.source.read(&mut more) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    let actual = self.read + n as u64;
+                    return Err(self.changed(actual));
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+    }
+}
+
+fn sha256(content: &Content) -> Result<[u8; 32], Stop> {
+    let mut r = Reader::open(content)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = match r.source.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(r.fail(e)),
+        };
+        if n == 0 {
+            break;
+        }
+        r.read += n as u64;
+        h.update(&buf[..n]);
+    }
+    if r.read != content.size() {
+        return Err(r.changed(r.read));
+    }
+    Ok(h.finalize().into())
+}
