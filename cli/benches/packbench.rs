@@ -16,6 +16,8 @@
 #[path = "../src/spec.rs"]
 mod spec;
 
+// The benchmark uses only part of the module.
+#[allow(dead_code, unused_imports)]
 #[path = "../src/image/mod.rs"]
 mod image;
 

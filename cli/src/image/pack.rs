@@ -63,7 +63,7 @@ pub enum PackEvent {
 const PROGRESS_EVERY: Duration = Duration::from_millis(4);
 
 /// File name of an image: `NAME_VERSION.raw`, or `NAME.raw` without a version.
-pub fn image_file_name(name: &str, version: &str) -> String {
+pub(crate) fn image_file_name(name: &str, version: &str) -> String {
     if version.is_empty() {
         format!("{name}.raw")
     } else {
@@ -73,7 +73,7 @@ pub fn image_file_name(name: &str, version: &str) -> String {
 
 /// Packs `spec` into `out_dir/NAME_VERSION.raw`.
 ///
-/// The tree is planned and checked first ([`super::check_layout`]); the image
+/// The tree is planned and checked first (`check_layout`); the image
 /// is written to a temporary file in `out_dir` and renamed into place only
 /// when complete, so `out_dir` never holds a half-written image. The same
 /// spec and options give the same bytes on any machine.
