@@ -26,7 +26,8 @@ pkgs=(systemd systemd-sysv systemd-container dbus udev kmod openssh-server
   linux-image-amd64 initramfs-tools iproute2 procps sudo busybox)
 include=$(IFS=,; echo "${pkgs[*]}")
 
-debootstrap --variant=minbase --include="$include" "$suite" "$tree" "$mirror" \
+# INITRD=No: no Debian initramfs (the lab brings its own): skips mkinitramfs.
+INITRD=No debootstrap --variant=minbase --include="$include" "$suite" "$tree" "$mirror" \
   >"$work/debootstrap.log" 2>&1 || {
   tail -n 40 "$work/debootstrap.log" >&2
   exit 1

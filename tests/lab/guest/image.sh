@@ -115,13 +115,22 @@ for unit in systemd-firstboot.service systemd-networkd.service systemd-networkd.
   ln -sfn /dev/null "$sysd/$unit"
 done
 
-# Smaller image: no docs, no Debian initramfs (the lab brings its own).
+# Smaller image: no docs, no Debian initramfs (the lab brings its own), no
+# modules for hardware a QEMU guest does not have.
 rm -rf "${root:?}/usr/share/doc/"* "${root:?}/usr/share/man/"* "${root:?}/usr/share/info/"*
 rm -f "${root:?}/boot/initrd.img"* "${root:?}/initrd.img" "${root:?}/initrd.img.old"
+kver=$(ls "$root/lib/modules" | sort -V | tail -n 1)
+kmod=${root:?}/lib/modules/${kver:?}/kernel
+for d in sound drivers/gpu drivers/media drivers/infiniband drivers/usb drivers/iio \
+  drivers/hwmon drivers/staging drivers/isdn drivers/bluetooth drivers/mmc drivers/nfc \
+  drivers/net/wireless drivers/net/ethernet drivers/net/can drivers/net/usb \
+  net/wireless net/mac80211 net/bluetooth; do
+  rm -rf "${kmod:?}/$d"
+done
+chroot "$root" depmod -a "$kver"
 
 # Kernel: the uncompressed ELF out of the bzImage (PVH boot, no decompression
 # under TCG). Same search as the kernel's scripts/extract-vmlinux.
-kver=$(ls "$root/lib/modules" | sort -V | tail -n 1)
 bz=$root/boot/vmlinuz-$kver
 try_decompress() { # magic-as-tr-set search-marker command...
   local magic=$1 marker=$2

@@ -111,6 +111,9 @@ impl Host {
         if let Err(e) = ready {
             let diag = host.diagnostics(None);
             host.keep = false;
+            if let Some(vm) = &mut host.vm {
+                vm.keep = false;
+            }
             return Err(Error::new(format!("starting {name}: {e}\n{diag}")));
         }
         if host.keep {
@@ -134,7 +137,7 @@ impl Host {
                 return Err(e);
             }
         };
-        let host = Host::new(lab, template, "lab", run_dir, vm, false, false)?;
+        let mut host = Host::new(lab, template, "lab", run_dir, vm, false, false)?;
         host.wait_ssh(Duration::from_secs(300))
             .and_then(|()| {
                 // Let the boot finish, so clones start settled.
@@ -484,7 +487,7 @@ impl Host {
     /// Stops the host now (what dropping it does).
     pub fn stop(self) {}
 
-    fn wait_ssh(&self, timeout: Duration) -> Result<()> {
+    fn wait_ssh(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let out = self
@@ -495,10 +498,12 @@ impl Host {
             if out.status.success() {
                 return Ok(());
             }
-            if let Some(vm) = &self.vm {
-                // try_wait needs &mut; a dead QEMU shows in the log and the pid.
-                if !Path::new(&format!("/proc/{}", vm.pid())).exists() {
-                    return Err(Error::new(format!("QEMU exited: {}", vm.log_tail())));
+            if let Some(vm) = &mut self.vm {
+                if let Some(status) = vm.exited() {
+                    return Err(Error::new(format!(
+                        "QEMU exited ({status}): {}",
+                        vm.log_tail()
+                    )));
                 }
             }
             if Instant::now() > deadline {
@@ -563,9 +568,7 @@ impl Drop for Host {
             return;
         }
         self.close_mux();
-        if let Some(mut vm) = self.vm.take() {
-            vm.stop();
-        }
+        drop(self.vm.take());
         let _ = remove_tree(&self.run_dir);
     }
 }

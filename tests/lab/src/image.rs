@@ -4,7 +4,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::{vm, Context, Error, Guest, Lab, Result};
 
@@ -42,7 +42,6 @@ impl Template {
                 &[suite, &mirror, &path_str(&work)?, &path_str(&stage1)?],
             )?;
             remove_tree(&work)?;
-            prune(&dir.join("stage1"), &format!("{suite}-"), &stage1);
             eprintln!("lab: {suite} debootstrap took {:.1} s", secs(t));
         }
 
@@ -67,7 +66,6 @@ impl Template {
             fs::write(work.join("done"), "")?;
             remove_tree(&image_dir)?;
             fs::rename(&work, &image_dir)?;
-            prune(&dir.join("images"), &format!("{suite}-"), &image_dir);
             eprintln!("lab: {suite} image built in {:.1} s", secs(t));
         }
         let host_key = fs::read_to_string(image_dir.join("host_ed25519.pub"))?
@@ -84,8 +82,17 @@ impl Template {
         };
         if !template.snap_dir.join("state").exists() {
             vm::save_template(lab, &template)?;
-            prune(&template.image_dir, "snap-", &template.snap_dir);
         }
+        // Mark both in use, then drop entries of other recipes.
+        fs::write(template.image_dir.join("used"), "")?;
+        fs::write(template.snap_dir.join("used"), "")?;
+        prune(&dir.join("stage1"), &format!("{suite}-"), &stage1);
+        prune(
+            &dir.join("images"),
+            &format!("{suite}-"),
+            &template.image_dir,
+        );
+        prune(&template.image_dir, "snap-", &template.snap_dir);
         Ok(template)
     }
 }
@@ -227,7 +234,10 @@ fn mirror_one_line(text: &str) -> Option<String> {
         }
         let mut uri = words.next()?;
         if uri.starts_with('[') {
-            uri = words.find(|w| w.ends_with(']')).and(words.next())?;
+            if !uri.ends_with(']') {
+                words.find(|w| w.ends_with(']'))?;
+            }
+            uri = words.next()?;
         }
         is_debian_archive(uri).then(|| uri.trim_end_matches('/').to_string())
     })
@@ -308,14 +318,21 @@ pub(crate) fn remove_tree(dir: &Path) -> Result<()> {
     fs::remove_dir_all(dir).context(|| format!("removing {}", dir.display()))
 }
 
-/// Removes older cache entries named `prefix…` in `dir`, keeping `current`.
+/// Removes cache entries named `prefix…` in `dir` other than `current`
+/// that no process used in the last hour (a process that started hosts
+/// from an older recipe may still be running).
 fn prune(dir: &Path, prefix: &str, current: &Path) {
     let Ok(rd) = fs::read_dir(dir) else { return };
     for e in rd.flatten() {
         let p = e.path();
         let name = e.file_name();
         let name = name.to_string_lossy();
-        if p == current
+        let recent = fs::metadata(p.join("used"))
+            .or_else(|_| fs::metadata(&p))
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < Duration::from_secs(3600));
+        if recent
+            || p == current
             || !name.starts_with(prefix)
             || name.ends_with(".work")
             || name.ends_with(".log")

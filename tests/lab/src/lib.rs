@@ -6,7 +6,7 @@
 //! let host = lab.host(attache_lab::Guest::Bookworm, "h1")?;
 //! host.ssh_ok("systemctl is-system-running --wait || true");
 //! // `ssh -F <file> h1` (root) or `ssh -F <file> deploy@h1`:
-//! let config: &std::path::Path = host.ssh_config_path();
+//! let config: std::path::PathBuf = host.ssh_config_path();
 //! # let _ = config;
 //! # Ok::<(), attache_lab::Error>(())
 //! ```

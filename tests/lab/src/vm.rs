@@ -110,11 +110,20 @@ pub(crate) fn check_tools() -> Result<()> {
     Ok(())
 }
 
-/// A running QEMU, owned by this process.
+/// A running QEMU, owned by this process; stopped when dropped unless kept.
 pub(crate) struct Vm {
     child: Child,
     pub port: u16,
     run_dir: PathBuf,
+    pub keep: bool,
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.stop();
+        }
+    }
 }
 
 impl Vm {
@@ -191,6 +200,7 @@ impl Vm {
                 child,
                 port,
                 run_dir: run_dir.to_path_buf(),
+                keep,
             };
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
