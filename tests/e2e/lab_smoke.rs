@@ -102,7 +102,10 @@ fn lab_faults_work() {
     let refused = fresh();
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success());
-    assert!(stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"), "{stderr}");
+    assert!(
+        stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED"),
+        "{stderr}"
+    );
     host.trust_host_key().unwrap();
     assert!(fresh().status.success());
 
