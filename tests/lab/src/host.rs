@@ -4,6 +4,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -24,6 +25,8 @@ pub struct Host {
     guest: Guest,
     run_dir: PathBuf,
     key: PathBuf,
+    /// The console of the cold boot this host was restored from.
+    boot_log: PathBuf,
     vm: Option<Vm>,
     port: u16,
     keep: bool,
@@ -64,6 +67,7 @@ impl Host {
             name: name.to_string(),
             guest: template.guest,
             key: lab.key_path(),
+            boot_log: template.snap_dir.join("boot.log"),
             port: vm.port,
             vm: Some(vm),
             run_dir,
@@ -353,7 +357,8 @@ impl Host {
         }
         let _ = writeln!(
             d,
-            "--- serial console (last 40 lines)\n{}",
+            "--- serial console since the restore (last 40 lines; the saved boot's: {})\n{}",
+            self.boot_log.display(),
             vm::tail(&self.run_dir.join("serial.log"), 40)
         );
         let journal = match unit {
@@ -559,7 +564,9 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         if self.keep {
-            eprintln!(
+            // Straight to stderr: the test harness captures eprintln!.
+            let _ = writeln!(
+                std::io::stderr(),
                 "lab: keeping {} running: ssh -F {} {}  (stop: cargo run -p attache-lab -- down)",
                 self.name,
                 self.ssh_config_path().display(),
@@ -594,6 +601,13 @@ mod tests {
         assert_eq!(shell_quote("a b"), "'a b'");
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
         assert_eq!(shell_quote(""), "''");
+    }
+
+    #[test]
+    fn hosts_can_be_shared_between_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Host>();
+        send_sync::<crate::Lab>();
     }
 
     #[test]

@@ -458,6 +458,7 @@ pub(crate) fn save_template(lab: &Lab, template: &Template) -> Result<()> {
     let booted = t.elapsed().as_secs_f64();
     let t = Instant::now();
     host.save_and_stop(&work.join("state"))?;
+    let _ = fs::copy(host.run_dir().join("serial.log"), work.join("boot.log"));
     drop(host);
     fs::rename(&work, &template.snap_dir)?;
     eprintln!(
