@@ -32,6 +32,7 @@ impl Template {
         let k1 = hash(&[DEBOOTSTRAP_SH, suite, &mirror]);
         let stage1 = dir.join("stage1").join(format!("{suite}-{k1}.tar.zst"));
         if !stage1.exists() {
+            need_root()?;
             let work = dir.join("stage1").join(format!("{suite}-{k1}.work"));
             let t = Instant::now();
             eprintln!("lab: debootstrap {suite} from {mirror} (about 1-2 min, once)");
@@ -51,6 +52,7 @@ impl Template {
         let k2 = hash(&[&k1, IMAGE_SH, &pubkey]);
         let image_dir = dir.join("images").join(format!("{suite}-{k2}"));
         if !image_dir.join("done").exists() {
+            need_root()?;
             let work = dir.join("images").join(format!("{suite}-{k2}.work"));
             let t = Instant::now();
             run_script(
@@ -95,6 +97,17 @@ impl Template {
         prune(&template.image_dir, "snap-", &template.snap_dir);
         Ok(template)
     }
+}
+
+fn need_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::new(
+            "building a lab guest image needs root (debootstrap, chroot, file ownership); \
+             run as root, or set ATTACHE_LAB_DIR to a cache root has built",
+        ));
+    }
+    Ok(())
 }
 
 fn secs(t: Instant) -> f64 {
