@@ -201,6 +201,19 @@ impl Lab {
         self.template(guest).map(|_| ())
     }
 
+    /// [`Lab::prepare`] for several guests at once (a cold cache builds
+    /// faster so: debootstrap waits on the network and the disk too).
+    pub fn prepare_all(&self, guests: &[Guest]) -> Result<()> {
+        std::thread::scope(|s| {
+            let jobs: Vec<_> = guests
+                .iter()
+                .map(|&g| s.spawn(move || self.prepare(g)))
+                .collect();
+            jobs.into_iter()
+                .try_for_each(|j| j.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })
+    }
+
     fn template(&self, guest: Guest) -> Result<Arc<image::Template>> {
         let mut slot = self.templates[guest.index()]
             .lock()

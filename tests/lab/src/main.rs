@@ -68,11 +68,9 @@ fn run(args: &[String]) -> Result<(), Box<dyn std::error::Error>> {
             } else {
                 guests
             };
-            for g in guests {
-                let t = Instant::now();
-                lab.prepare(g)?;
-                eprintln!("{g}: ready in {:.1} s", t.elapsed().as_secs_f64());
-            }
+            let t = Instant::now();
+            lab.prepare_all(&guests)?;
+            eprintln!("ready in {:.1} s", t.elapsed().as_secs_f64());
             Ok(())
         }
         "down" => {
