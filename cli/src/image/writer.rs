@@ -17,13 +17,15 @@
 //!
 //! The order of the bytes depends only on the layout and the file contents,
 //! never on timing, so any number of threads gives the same image. Memory:
-//! at most `2 × threads + 2` blocks are queued between producer and writer,
+//! at most `threads + 2` blocks are queued between producer and writer,
 //! plus one fragment block being filled and the metadata tables (a few
 //! dozen bytes per entry).
 //!
-//! Each file's sha256 is computed as it is read and kept (32 bytes per file)
-//! to find later duplicates; a file whose size matches an earlier one is
-//! hashed before its blocks are sent (read twice when it is not a duplicate).
+//! Copies are found by sha256, computed from the bytes as they are read (so
+//! a duplicate always matches what was written), only for files whose size
+//! another file has (known from the layout); a data file whose size matches
+//! an earlier one is hashed before its blocks are sent (read twice when it
+//! is not a duplicate). Hard links are recognised by device and inode.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -96,7 +98,7 @@ pub(crate) fn write_image(
         .collect();
     let threads = threads.max(1);
     let mut out = Out {
-        w: BufWriter::with_capacity(1 << 20, file),
+        w: BufWriter::with_capacity(1 << 18, file),
         pos: 0,
         path,
     };
@@ -118,7 +120,7 @@ pub(crate) fn write_image(
                 let _ = tx.send(compress(input, may_be_hole, &codec));
             });
         }
-        let (order_tx, order_rx) = mpsc::sync_channel::<Msg>(2 * threads + 2);
+        let (order_tx, order_rx) = mpsc::sync_channel::<Msg>(threads + 2);
         let files_ref = &files;
         let producer = s.spawn(move || {
             let mut p = Producer {
@@ -131,6 +133,7 @@ pub(crate) fn write_image(
                 by_inode: HashMap::new(),
                 by_content: HashMap::new(),
                 sizes: HashSet::new(),
+                shared_sizes: shared_sizes(files_ref),
                 stats: Stats::default(),
             };
             match p.run(files_ref) {
@@ -454,7 +457,32 @@ struct Producer {
     by_content: HashMap<(u64, [u8; 32]), usize>,
     /// Sizes of the data files (one block or more) in `by_content`.
     sizes: HashSet<u64>,
+    /// Sizes that more than one distinct file has: only those files can be
+    /// copies of each other, and only they are hashed.
+    shared_sizes: HashSet<u64>,
     stats: Stats,
+}
+
+/// The sizes shared by files that are not hard links of each other.
+fn shared_sizes(files: &[(&Path, &Content)]) -> HashSet<u64> {
+    let mut first: HashMap<u64, Option<(u64, u64)>> = HashMap::new();
+    let mut shared = HashSet::new();
+    for (_, content) in files {
+        let id = match content {
+            Content::Disk { dev, ino, .. } => Some((*dev, *ino)),
+            Content::Bytes(_) => None,
+        };
+        match first.get(&content.size()) {
+            None => {
+                first.insert(content.size(), id);
+            }
+            Some(seen) if seen.is_none() || *seen != id => {
+                shared.insert(content.size());
+            }
+            Some(_) => {}
+        }
+    }
+    shared
 }
 
 impl Producer {
@@ -524,19 +552,26 @@ impl Producer {
         let mut r = Reader::open(content)?;
         r.read_exact_len(&mut buf, size as usize)?;
         r.expect_eof()?;
-        let key = (size, Sha256::digest(&buf).into());
-        if let Some(&of) = self.by_content.get(&key) {
-            self.stats.dup_files += 1;
-            self.scratch = buf;
-            return Ok(Msg::Dup { of });
-        }
+        let key = if self.shared_sizes.contains(&size) {
+            let key = (size, Sha256::digest(&buf).into());
+            if let Some(&of) = self.by_content.get(&key) {
+                self.stats.dup_files += 1;
+                self.scratch = buf;
+                return Ok(Msg::Dup { of });
+            }
+            Some(key)
+        } else {
+            None
+        };
         if self.fragment.len() + buf.len() > self.block_size {
             self.flush_fragment()?;
         }
         let offset = self.fragment.len() as u32;
         self.fragment.extend_from_slice(&buf);
         self.scratch = buf;
-        self.by_content.insert(key, i);
+        if let Some(key) = key {
+            self.by_content.insert(key, i);
+        }
         Ok(Msg::Fragment {
             index: self.fragments,
             offset,
@@ -561,24 +596,28 @@ impl Producer {
         let blocks = size.div_ceil(bs) as usize;
         self.send(Msg::Data { blocks })?;
         let mut r = Reader::open(content)?;
-        let mut hasher = Sha256::new();
+        let mut hasher = self.shared_sizes.contains(&size).then(Sha256::new);
         let mut left = size;
         while left > 0 {
             let n = left.min(bs) as usize;
             let mut block = Vec::with_capacity(n);
             r.read_exact_len(&mut block, n)?;
-            hasher.update(&block);
+            if let Some(h) = &mut hasher {
+                h.update(&block);
+            }
             left -= n as u64;
             let rx = self.compress(block, n == self.block_size)?;
             self.send(Msg::Block(rx))?;
         }
         r.expect_eof()?;
-        let sha: [u8; 32] = hasher.finalize().into();
-        if known.is_some_and(|k| k != sha) {
-            return Err(Stop::Failed(ImageError::Unstable { path: r.path() }));
+        if let Some(h) = hasher {
+            let sha: [u8; 32] = h.finalize().into();
+            if known.is_some_and(|k| k != sha) {
+                return Err(Stop::Failed(ImageError::Unstable { path: r.path() }));
+            }
+            self.by_content.insert((size, sha), i);
+            self.sizes.insert(size);
         }
-        self.by_content.insert((size, sha), i);
-        self.sizes.insert(size);
         Ok(Msg::Data { blocks })
     }
 }
