@@ -1,4 +1,6 @@
 //! End-to-end suite: real nix, real images, real systemd hosts.
+// Tests report measurements and notes on stderr on purpose.
+#![allow(clippy::print_stderr)]
 
 mod build;
 mod deploy;
