@@ -687,3 +687,79 @@ fn larger_block_sizes_work() {
         assert!(i.problems.is_empty(), "{:?}", i.problems);
     }
 }
+
+#[test]
+fn copies_share_data_and_big_directories_read_back() {
+    let t = tempfile::tempdir().unwrap();
+    let mut spec = tree(t.path());
+    // 3000 names of 40 bytes: a listing over 64 KiB (extended directory
+    // inode) in many runs of at most 256 names; small copies among them.
+    let big = t.path().join("store/cccc-many");
+    fs::create_dir_all(&big).unwrap();
+    for i in 0..3000u64 {
+        let name = format!("{i:05}-{}", "n".repeat(34));
+        fs::write(big.join(name), data(i % 50, 100 + (i % 50) as usize)).unwrap();
+    }
+    spec.store_paths.push(big.clone());
+    for threads in [1, 2] {
+        let out = t.path().join(format!("out-{threads}"));
+        fs::create_dir(&out).unwrap();
+        let o = PackOptions {
+            threads,
+            ..opts(Compression::Zstd)
+        };
+        let (img, stats) = super::pack::pack_with_stats(&spec, &o, &out, &mut |_| {}).unwrap();
+        assert!(stats.dup_files >= 2950, "{stats:?}");
+        let r = FilesystemReader::from_reader(BufReader::new(fs::File::open(&img.path).unwrap()))
+            .unwrap();
+        let mut files = BTreeMap::new();
+        for node in r.files() {
+            if let InnerNode::File(f) = &node.inner {
+                files.insert(node.fullpath.clone(), f);
+            }
+        }
+        let get = |p: &str| files[Path::new(p)];
+        let (a, b) = (
+            get("/nix/store/aaaa-demo-1.0/lib/data.txt"),
+            get("/nix/store/aaaa-demo-1.0/lib/dup.txt"),
+        );
+        assert_eq!(
+            (a.frag_index(), a.block_offset()),
+            (b.frag_index(), b.block_offset())
+        );
+        let (a, b) = (
+            get("/nix/store/aaaa-demo-1.0/lib/big.bin"),
+            get("/nix/store/aaaa-demo-1.0/lib/big-copy.bin"),
+        );
+        assert_eq!(a.blocks_start(), b.blocks_start());
+        assert_eq!(a.block_sizes(), b.block_sizes());
+        let mut n = 0;
+        for (path, f) in &files {
+            let Ok(rest) = path.strip_prefix("/nix/store/cccc-many") else {
+                continue;
+            };
+            let mut v = Vec::new();
+            r.file(f).reader().read_to_end(&mut v).unwrap();
+            assert_eq!(v, fs::read(big.join(rest)).unwrap(), "{}", path.display());
+            n += 1;
+        }
+        assert_eq!(n, 3000);
+        if has_unsquashfs() {
+            let x = t.path().join(format!("x-{threads}"));
+            let o = Command::new("unsquashfs")
+                .args(["-q", "-n", "-d"])
+                .arg(&x)
+                .arg(&img.path)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{o:?}");
+            let diff = Command::new("diff")
+                .arg("-r")
+                .arg(&big)
+                .arg(x.join("nix/store/cccc-many"))
+                .output()
+                .unwrap();
+            assert!(diff.status.success(), "{diff:?}");
+        }
+    }
+}
