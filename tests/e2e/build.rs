@@ -415,3 +415,47 @@ fn completions_and_man_page() {
     assert!(r.stdout.contains("Exit codes:"));
     assert!(r.stdout.contains("attache build ./examples/demo#demo"));
 }
+
+/// The root flake packages attache and exports `lib`; nixpkgs cannot be
+/// fetched here, so it is checked against the stub nixpkgs.
+#[test]
+fn root_flake_package_and_lib_evaluate_offline() {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("nix")
+            .args(["--extra-experimental-features", "nix-command flakes"])
+            .args(args)
+            .args([
+                "--override-input",
+                "nixpkgs",
+                "path:./examples/stub-nixpkgs",
+            ])
+            .current_dir(repo())
+            .output()
+            .expect("nix runs");
+        assert!(
+            out.status.success(),
+            "nix {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let built = run(&["build", "--json", "--no-link", ".#default"]);
+    assert!(built.contains("\"out\":\"/nix/store/"), "{built}");
+    let hosts = run(&[
+        "eval",
+        "--json",
+        ".#lib.hosts",
+        "--apply",
+        "f: builtins.attrNames (f { h = { services = [ ]; }; }).h",
+    ]);
+    assert!(hosts.contains("\"profile\""), "{hosts}");
+    let lib = run(&[
+        "eval",
+        "--json",
+        ".#lib.mkLib",
+        "--apply",
+        "mk: builtins.attrNames (mk (import ./examples/stub-nixpkgs { system = \"x86_64-linux\"; }))",
+    ]);
+    assert!(lib.contains("portableService"), "{lib}");
+}
