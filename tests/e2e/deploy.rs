@@ -270,8 +270,10 @@ fn failing_http_check_rolls_back() {
     );
 }
 
+/// par0 cannot be reached (nothing listens on port 1); par1 and par2 are
+/// lab hosts.
 #[test]
-fn three_hosts_one_unreachable_keep_going() {
+fn three_hosts_one_unreachable_keep_going_and_canary() {
     let lab = shared();
     let hosts = lab.hosts(Guest::Bookworm, &["par1", "par2"]).unwrap();
     let cfg_dir = tempfile::tempdir().unwrap();
@@ -280,9 +282,9 @@ fn three_hosts_one_unreachable_keep_going() {
         .unwrap();
     let (_dir, flake) = inventory(
         r#"pkgs: {
+          par0 = { host = "127.0.0.1"; port = 1; tags = [ "web" ]; services = [ pkgs.demo ]; };
           par1 = { tags = [ "web" ]; services = [ pkgs.demo ]; };
           par2 = { tags = [ "web" ]; services = [ pkgs.demo ]; };
-          par3 = { host = "127.0.0.1"; port = 1; tags = [ "web" ]; services = [ pkgs.demo ]; };
         }"#,
     );
     let cache = tempfile::tempdir().unwrap();
@@ -304,12 +306,12 @@ fn three_hosts_one_unreachable_keep_going() {
     .fails(3);
     let j = r.json();
     let outcome = |i: usize| j["hosts"][i]["outcome"].as_str().unwrap().to_owned();
-    assert_eq!(j["hosts"][0]["host"], "par1");
-    assert_eq!(outcome(0), "healthy", "{}", r.stdout);
+    assert_eq!(j["hosts"][0]["host"], "par0");
+    assert_eq!(outcome(0), "failed");
     assert_eq!(outcome(1), "healthy", "{}", r.stdout);
-    assert_eq!(outcome(2), "failed");
-    let err = j["hosts"][2]["error"].as_str().unwrap();
-    assert!(err.starts_with("par3: cannot connect over SSH:"), "{err}");
+    assert_eq!(outcome(2), "healthy", "{}", r.stdout);
+    let err = j["hosts"][0]["error"].as_str().unwrap();
+    assert!(err.starts_with("par0: cannot connect over SSH:"), "{err}");
     for h in &hosts {
         assert_eq!(
             h.ssh_ok("systemctl show -p RootImage --value demo.service")
@@ -317,6 +319,27 @@ fn three_hosts_one_unreachable_keep_going() {
             "/var/lib/portables/demo_1.0.raw"
         );
     }
+    // A failed canary stops the rest before they start.
+    let r = attache_in(
+        &repo(),
+        cache.path(),
+        &[
+            "deploy",
+            "--json",
+            "--ssh-config",
+            &cfg_s,
+            "--flake",
+            &flake,
+            "--canary",
+            "1",
+        ],
+    )
+    .fails(3);
+    let j = r.json();
+    let outcomes: Vec<&str> = (0..3)
+        .map(|i| j["hosts"][i]["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["failed", "skipped", "skipped"], "{}", r.stdout);
     // An unknown host or tag names the known ones.
     let r = attache_in(
         &repo(),
@@ -326,7 +349,7 @@ fn three_hosts_one_unreachable_keep_going() {
     .fails(1);
     assert_eq!(
         r.error(),
-        "no host or tag matches 'nope'. Known hosts: par1, par2, par3; tags: @web"
+        "no host or tag matches 'nope'. Known hosts: par0, par1, par2; tags: @web"
     );
 }
 
