@@ -255,16 +255,18 @@ impl Remote {
         })
     }
 
+    /// `script` as it must run to run as root.
+    fn as_root(&self, script: &str) -> String {
+        match self.elevation {
+            Elevation::None => script.to_owned(),
+            Elevation::Sudo => format!("sudo -n sh -c {}", q(script)),
+        }
+    }
+
     /// Runs `script` as root (through `sudo -n` when needed). The script's
     /// own arguments must already be quoted with [`q`].
     pub async fn run(&self, script: &str, doing: &str) -> Result<RemoteOutput, RemoteError> {
-        match self.elevation {
-            Elevation::None => self.run_plain(script, doing).await,
-            Elevation::Sudo => {
-                self.run_plain(&format!("sudo -n sh -c {}", q(script)), doing)
-                    .await
-            }
-        }
+        self.run_plain(&self.as_root(script), doing).await
     }
 
     /// Starts `script` as root and keeps it running while the returned
@@ -273,13 +275,9 @@ impl Remote {
         &self,
         script: &str,
     ) -> Result<openssh::Child<Arc<Session>>, RemoteError> {
-        let full = match self.elevation {
-            Elevation::None => script.to_owned(),
-            Elevation::Sudo => format!("sudo -n sh -c {}", q(script)),
-        };
         Session::to_command(self.session.clone(), "sh")
             .arg("-c")
-            .arg(full)
+            .arg(self.as_root(script))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -297,15 +295,11 @@ impl Remote {
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, RemoteError> {
         let script = format!("umask 077; exec cat > {}", q(remote_path));
-        let full = match self.elevation {
-            Elevation::None => script,
-            Elevation::Sudo => format!("sudo -n sh -c {}", q(&script)),
-        };
         let mut child = self
             .session
             .command("sh")
             .arg("-c")
-            .arg(full)
+            .arg(self.as_root(&script))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
