@@ -201,6 +201,10 @@ pub struct DeployArgs {
     /// Leave a failed new version in place instead of going back.
     #[arg(long)]
     pub no_rollback: bool,
+    /// If attache loses a host during activation, the host itself goes back
+    /// to the previous image after this many seconds.
+    #[arg(long, default_value_t = 300, value_name = "SECS")]
+    pub rollback_after: u64,
     /// Show the plan per host (upload or skip, attach or reattach); change nothing.
     #[arg(long)]
     pub dry_run: bool,

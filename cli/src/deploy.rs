@@ -51,6 +51,9 @@ pub struct Settings {
     pub keep: usize,
     /// How long a unit must stay up after activation to count as healthy.
     pub settle: Duration,
+    /// When the host reverts by itself if attache never confirms the
+    /// activation (the connection was lost).
+    pub rollback_after: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -728,6 +731,22 @@ async fn run_locked(
             Action::Attach => "attach",
             _ => "reattach",
         };
+        // If we lose the host from here on, it goes back by itself.
+        let deadman = if settings.rollback {
+            Some(
+                arm_deadman(
+                    remote,
+                    &todo.svc.name,
+                    todo.previous.as_deref(),
+                    &todo.target,
+                    &plan.profile,
+                    settings.rollback_after,
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let activated = activate(remote, verb, &todo.target, &plan.profile, &todo.svc.name).await;
         t.end(activated.is_ok());
         let failure = match activated {
@@ -739,6 +758,9 @@ async fn run_locked(
             }
             Err(e) => Some(e),
         };
+        if let Some(unit) = &deadman {
+            disarm_deadman(remote, unit).await?;
+        }
         if let Some(e) = failure {
             if !settings.rollback {
                 r.error = Some(e.to_string());
@@ -997,6 +1019,53 @@ async fn rollback(
             }
         }
     }
+}
+
+/// Arms a timer on the host that puts the previous image back (or detaches
+/// the new one) after `after`, unless [`disarm_deadman`] stops it first: a
+/// deploy that loses its connection mid-activation cannot leave an
+/// unchecked version running. Returns the timer's unit name.
+async fn arm_deadman(
+    remote: &Remote,
+    name: &str,
+    previous: Option<&str>,
+    new: &str,
+    profile: &str,
+    after: Duration,
+) -> Result<String, DeployError> {
+    let unit = format!("attache-deadman-{name}");
+    let revert: Vec<&str> = match previous {
+        Some(prev) if prev != new => vec![
+            "portablectl",
+            "reattach",
+            "--enable",
+            "--now",
+            "--profile",
+            profile,
+            prev,
+        ],
+        _ => vec!["portablectl", "detach", "--enable", "--now", new],
+    };
+    let revert = revert.iter().map(|a| q(a)).collect::<Vec<_>>().join(" ");
+    let script = format!(
+        "systemctl stop {u}.timer {u}.service 2>/dev/null; systemctl reset-failed {u}.timer {u}.service 2>/dev/null; \
+         systemd-run --quiet --unit={u} --on-active={secs} --timer-property=AccuracySec=1s /bin/sh -c {revert}",
+        u = q(&unit),
+        secs = after.as_secs().max(1),
+        revert = q(&revert)
+    );
+    step(remote, &script, "arming the automatic rollback").await?;
+    Ok(unit)
+}
+
+async fn disarm_deadman(remote: &Remote, unit: &str) -> Result<(), DeployError> {
+    step(
+        remote,
+        &format!("systemctl stop {}.timer", q(unit)),
+        "disarming the automatic rollback",
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Remembers the image that was attached before, for `attache rollback`.

@@ -162,6 +162,7 @@ pub fn deploy(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         dry_run: args.dry_run,
         keep: args.keep.max(1),
         settle: Duration::from_secs(args.settle),
+        rollback_after: Duration::from_secs(args.rollback_after),
     });
     let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
     let view = DeployView::new(ui, &names);

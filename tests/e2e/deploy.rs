@@ -137,6 +137,9 @@ fn main_path(guest: Guest) {
         t.root_image("demo.service"),
         "/var/lib/portables/demo_2.0.raw"
     );
+    // Confirmed: the automatic rollback is disarmed.
+    let armed = t.host.ssh("systemctl is-active attache-deadman-demo.timer");
+    assert!(!armed.status.success(), "the dead-man timer is still armed");
 
     // A broken release: the unit fails, 2.0 comes back, exit code 3.
     let r = t.deploy(&["./examples/demo#demo-broken"], &[]).fails(3);
@@ -562,4 +565,57 @@ fn dry_run_and_full_disk_change_nothing() {
         "{err}"
     );
     assert!(!t.portables().iter().any(|f| f.ends_with(".raw")));
+}
+
+#[test]
+fn connection_lost_during_activation_reverts_by_itself() {
+    let t = target(Guest::Bookworm, "deadman");
+    t.deploy(&["./examples/demo#demo"], &[]).ok();
+    let cfg = t.config.display().to_string();
+    let name = t.host.name().to_owned();
+    let cache = t.cache.path().to_owned();
+    // A long settle time keeps attache busy after the reattach, so the cut
+    // lands before it could confirm the new version.
+    let deployer = std::thread::spawn(move || {
+        attache_in(
+            &repo(),
+            &cache,
+            &[
+                "deploy",
+                "--json",
+                "--ssh-config",
+                &cfg,
+                "--to",
+                &name,
+                "--settle",
+                "60",
+                "--rollback-after",
+                "60",
+                "./examples/demo#demo-v2",
+            ],
+        )
+    });
+    assert!(
+        wait_for(
+            &t.host,
+            "[ \"$(systemctl show -p RootImage --value demo.service)\" = /var/lib/portables/demo_2.0.raw ]",
+            Duration::from_secs(180)
+        ),
+        "2.0 was never attached"
+    );
+    t.host.kill_connections().unwrap();
+    let r = deployer.join().unwrap().fails(3);
+    let err = host_report(&r)["error"].as_str().unwrap().to_owned();
+    assert!(err.contains("the SSH connection was lost"), "{err}");
+    // Nobody confirmed 2.0: the host's own timer brings 1.0 back.
+    assert!(
+        wait_for(
+            &t.host,
+            "[ \"$(systemctl show -p RootImage --value demo.service)\" = /var/lib/portables/demo_1.0.raw ]",
+            Duration::from_secs(180)
+        ),
+        "{}",
+        t.host.diagnostics(Some("attache-deadman-demo.service"))
+    );
+    assert!(t.page(8080).contains("attache demo 1.0"));
 }
