@@ -55,7 +55,13 @@ pub enum Command {
     Build(BuildArgs),
     Deploy(DeployArgs),
     Status(StatusArgs),
+    /// Reattach the image that was attached before the last deploy.
+    ///
+    /// Example: attache rollback h1 demo
     Rollback(HostServiceArgs),
+    /// Stop and detach a service.
+    ///
+    /// Example: attache detach root@10.0.0.5 demo
     Detach(HostServiceArgs),
     Inspect(InspectArgs),
     Completions(CompletionsArgs),
@@ -132,7 +138,7 @@ pub struct PackArgs {
     /// Compressor [default: from the spec's squash-compression, else zstd].
     #[arg(long, value_enum, value_name = "ALGO")]
     pub compression: Option<CompressionArg>,
-    /// Compression level [default: zstd 19... see --help] (zstd 1-22, xz 0-9, gzip 1-9).
+    /// Compression level [default: zstd 3, xz 6, gzip 9] (zstd 1-22, xz 0-9, gzip 1-9).
     #[arg(long, value_name = "N")]
     pub level: Option<u32>,
     /// Data block size, e.g. 128K or 1M [default: from the spec, else 1M].
@@ -258,10 +264,7 @@ pub struct StatusArgs {
     pub nix: PathBuf,
 }
 
-/// For `rollback` (reattach the image that was attached before the last
-/// deploy) and `detach` (stop and detach the service).
-///
-/// Examples: attache rollback h1 demo; attache detach root@10.0.0.5 demo
+/// The host and service `rollback` and `detach` act on.
 #[derive(Debug, Args)]
 #[command(after_long_help = EXIT_CODES)]
 pub struct HostServiceArgs {
