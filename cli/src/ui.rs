@@ -136,21 +136,27 @@ struct ViewInner {
     ui: Ui,
     multi: Option<indicatif::MultiProgress>,
     bars: std::sync::Mutex<std::collections::BTreeMap<String, ProgressBar>>,
+    /// A spinner and the stage; with bytes and rate while uploading.
+    stage_style: ProgressStyle,
+    push_style: ProgressStyle,
 }
 
 impl DeployView {
     pub fn new(ui: &Ui, hosts: &[String]) -> Self {
         let multi = ui.progress_enabled().then(indicatif::MultiProgress::new);
+        let width = hosts.iter().map(String::len).max().unwrap_or(4);
+        let style = |t: &str| {
+            ProgressStyle::with_template(&format!("{{prefix:>{width}.bold}} {{spinner}} {t}"))
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> ")
+        };
+        let stage_style = style("{msg}");
+        let push_style = style("{msg} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec}");
         let mut bars = std::collections::BTreeMap::new();
         if let Some(m) = &multi {
-            let width = hosts.iter().map(String::len).max().unwrap_or(4);
             for h in hosts {
                 let bar = m.add(ProgressBar::new(0));
-                let style = ProgressStyle::with_template(&format!(
-                    "{{prefix:>{width}.bold}} {{spinner}} {{msg}} {{bytes}}/{{total_bytes}}"
-                ))
-                .unwrap_or_else(|_| ProgressStyle::default_bar());
-                bar.set_style(style);
+                bar.set_style(stage_style.clone());
                 bar.set_prefix(h.clone());
                 bar.set_message("waiting");
                 bar.enable_steady_tick(Duration::from_millis(200));
@@ -162,6 +168,8 @@ impl DeployView {
                 ui: ui.clone(),
                 multi,
                 bars: std::sync::Mutex::new(bars),
+                stage_style,
+                push_style,
             }),
         }
     }
@@ -184,7 +192,11 @@ impl DeployView {
 
     pub fn stage(&self, host: &str, stage: impl std::fmt::Display) {
         let msg = stage.to_string();
-        if !self.with_bar(host, |b| b.set_message(msg.clone())) {
+        let style = self.inner.stage_style.clone();
+        if !self.with_bar(host, |b| {
+            b.set_style(style);
+            b.set_message(msg.clone());
+        }) {
             self.inner.ui.status(host, &msg);
         }
     }
@@ -198,7 +210,9 @@ impl DeployView {
     }
 
     pub fn push_started(&self, host: &str, bytes: u64) {
+        let style = self.inner.push_style.clone();
         if !self.with_bar(host, |b| {
+            b.set_style(style);
             b.set_length(bytes);
             b.set_position(0);
         }) {
@@ -214,7 +228,11 @@ impl DeployView {
 
     pub fn done(&self, host: &str, outcome: impl std::fmt::Display, error: Option<&str>) {
         let msg = outcome.to_string();
-        if !self.with_bar(host, |b| b.finish_with_message(msg.clone())) {
+        let style = self.inner.stage_style.clone();
+        if !self.with_bar(host, |b| {
+            b.set_style(style);
+            b.finish_with_message(msg.clone());
+        }) {
             self.inner.ui.status(host, &msg);
         }
         if let Some(e) = error {
