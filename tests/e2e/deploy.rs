@@ -619,3 +619,38 @@ fn connection_lost_during_activation_reverts_by_itself() {
     );
     assert!(t.page(8080).contains("attache demo 1.0"));
 }
+
+#[test]
+fn unknown_host_key_needs_consent() {
+    let t = target(Guest::Bookworm, "newkey");
+    // The same host, seen from a machine that has never met it.
+    let dir = tempfile::tempdir().unwrap();
+    let known = dir.path().join("known_hosts");
+    std::fs::write(&known, "").unwrap();
+    let cfg = dir.path().join("ssh_config");
+    let text = t.host.ssh_config().replace(
+        &t.host.known_hosts_path().display().to_string(),
+        &known.display().to_string(),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let cfg_s = cfg.display().to_string();
+    let name = t.host.name().to_owned();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["deploy", "--json", "--ssh-config", &cfg_s, "--to", &name];
+        args.extend_from_slice(extra);
+        args.push("./examples/demo#demo");
+        attache_in(&repo(), t.cache.path(), &args)
+    };
+    let r = run(&[]).fails(3);
+    let err = host_report(&r)["error"].as_str().unwrap().to_owned();
+    assert!(err.starts_with("newkey: the host key is unknown"), "{err}");
+    assert_eq!(t.portables(), Vec::<String>::new());
+
+    let r = run(&["--accept-new-host-keys"]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    assert!(std::fs::read_to_string(&known)
+        .unwrap()
+        .contains("ssh-ed25519"));
+    // Known now: strict checking passes without the flag.
+    run(&[]).ok();
+}
