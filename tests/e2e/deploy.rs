@@ -588,9 +588,9 @@ fn connection_lost_during_activation_reverts_by_itself() {
                 "--to",
                 &name,
                 "--settle",
-                "60",
+                "90",
                 "--rollback-after",
-                "60",
+                "90",
                 "./examples/demo#demo-v2",
             ],
         )
@@ -617,7 +617,16 @@ fn connection_lost_during_activation_reverts_by_itself() {
         "{}",
         t.host.diagnostics(Some("attache-deadman-demo.service"))
     );
-    assert!(t.page(8080).contains("attache demo 1.0"));
+    // The unit's RootImage changes before the reattach restarts it.
+    assert!(
+        wait_for(
+            &t.host,
+            "busybox wget -q -O - http://127.0.0.1:8080/ | grep -q 'attache demo 1.0'",
+            Duration::from_secs(120)
+        ),
+        "{}",
+        t.host.diagnostics(Some("demo.service"))
+    );
 }
 
 #[test]
