@@ -102,6 +102,9 @@
 
         demo = mkDemo { version = "1.0"; service = demoService { version = "1.0"; }; };
         demo-v2 = mkDemo { version = "2.0"; service = demoService { version = "2.0"; }; };
+        # Version 1.0 again, with other content: a rebuild without a version
+        # bump, which deploy must not write over the attached 1.0 (tests).
+        demo-rebuilt = mkDemo { version = "1.0"; service = demoService { version = "1.0-rebuilt"; }; };
         # demo.service exits 1 at once (for failed-deploy and rollback tests).
         demo-broken = mkDemo {
           version = "2.1";

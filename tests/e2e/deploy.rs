@@ -663,3 +663,29 @@ fn unknown_host_key_needs_consent() {
     // Known now: strict checking passes without the flag.
     run(&[]).ok();
 }
+
+#[test]
+fn same_version_other_content_gets_its_own_name() {
+    let t = target(Guest::Bookworm, "rebuilt");
+    t.deploy(&["./examples/demo#demo"], &[]).ok();
+    let r = t.deploy(&["./examples/demo#demo-rebuilt"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    let h = host_report(&r);
+    let image = h["services"][0]["image"].as_str().unwrap().to_owned();
+    let sha = h["services"][0]["sha256"].as_str().unwrap().to_owned();
+    assert_eq!(
+        image,
+        format!("/var/lib/portables/demo_1.0-{}.raw", &sha[..8])
+    );
+    assert_eq!(h["services"][0]["action"], "reattach");
+    assert!(
+        r.stderr.contains("is attached with other content"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(t.root_image("demo.service"), image);
+    assert!(t.page(8080).contains("attache demo 1.0-rebuilt"));
+    // The first 1.0 was never written over.
+    let first = t.host.ssh_ok("sha256sum /var/lib/portables/demo_1.0.raw");
+    assert!(!first.starts_with(&sha));
+}
