@@ -206,6 +206,9 @@ fn write_data(
     // The file whose blocks are coming: start, sizes so far, blocks left.
     let mut current: Option<(u64, Vec<u32>, usize)> = None;
     let mut fragment_table = Vec::new();
+    // Bytes of the current file already reported, so a large file moves the
+    // progress bar block by block instead of jumping at its end.
+    let mut reported = 0u64;
     let lost = || ImageError::Writer("a compression thread stopped".into());
     for msg in order {
         let placed = match msg {
@@ -234,6 +237,8 @@ fn write_data(
                 sizes.push(size);
                 if left > 1 {
                     current = Some((start, sizes, left - 1));
+                    reported += u64::from(codec.block_size);
+                    progress(u64::from(codec.block_size), 0);
                     continue;
                 }
                 Placement::Blocks { start, sizes }
@@ -242,7 +247,8 @@ fn write_data(
         let Some((_, content)) = files.get(placements.len()) else {
             return Err(ImageError::Writer("more files than planned".into()));
         };
-        progress(content.size(), 1);
+        progress(content.size().saturating_sub(reported), 1);
+        reported = 0;
         placements.push(placed);
     }
     if placements.len() != files.len() || current.is_some() {
