@@ -478,6 +478,16 @@ fn cache_key(spec: &ImageSpec, out: &Path, opts: &PackOptions) -> String {
     hex::encode(h.finalize())
 }
 
+/// attache's directory in the user's cache (`$XDG_CACHE_HOME/attache`,
+/// else `~/.cache/attache`).
+pub fn cache_dir() -> Option<PathBuf> {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .map(|b| b.join("attache"))
+}
+
 /// Remembers which image a key produced, in the user's cache directory. A
 /// hit needs the image still in place with the recorded size and mtime.
 struct Cache {
@@ -507,12 +517,8 @@ fn mtime_ns(p: &Path) -> Option<(u64, u128)> {
 
 impl Cache {
     fn open() -> Self {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
         Cache {
-            file: base.map(|b| b.join("attache").join("images.json")),
+            file: cache_dir().map(|d| d.join("images.json")),
         }
     }
 

@@ -212,17 +212,21 @@ pub fn parse_attached(listing: &str, prefix: &str) -> Attached {
         if !unit_matches_prefix(unit, prefix) {
             continue;
         }
-        // "# Drop-in created for image '/var/lib/portables/x_1.raw', do not edit."
-        if let Some(rest) = first.split_once("image '").map(|(_, r)| r) {
-            if let Some((img, _)) = rest.split_once('\'') {
-                a.image.get_or_insert_with(|| img.to_owned());
-            }
+        if let Some(img) = dropin_image(first) {
+            a.image.get_or_insert_with(|| img.to_owned());
         }
         a.units.push(unit.to_owned());
     }
     a.units.sort();
     a.units.dedup();
     a
+}
+
+/// The image a portable drop-in names in its first line:
+/// `# Drop-in created for image '/var/lib/portables/x_1.raw', do not edit.`
+pub fn dropin_image(first_line: &str) -> Option<&str> {
+    let (_, rest) = first_line.split_once("image '")?;
+    rest.split_once('\'').map(|(img, _)| img)
 }
 
 /// Lists `UNIT<TAB>first line` for every portable drop-in, persistent and
@@ -464,11 +468,7 @@ pub fn prune_candidates(
 
 /// Runs the whole pipeline on one host. Never panics; always returns a
 /// report saying where the host ended.
-pub async fn deploy_host(
-    plan: HostPlan,
-    settings: Arc<Settings>,
-    view: Arc<DeployView>,
-) -> HostReport {
+pub async fn deploy_host(plan: HostPlan, settings: Arc<Settings>, view: DeployView) -> HostReport {
     let mut r = HostReport {
         host: plan.name.clone(),
         outcome: Outcome::Failed,
@@ -803,7 +803,7 @@ async fn run_locked(
     Ok(Outcome::Healthy)
 }
 
-async fn remote_sha256(remote: &Remote, path: &str) -> Result<Option<String>, DeployError> {
+pub async fn remote_sha256(remote: &Remote, path: &str) -> Result<Option<String>, DeployError> {
     let out = remote
         .run(
             &format!("[ -f {p} ] && sha256sum {p} || true", p = q(path)),
@@ -838,7 +838,7 @@ async fn push(
     view.push_started(&remote.name, svc.size);
     let host = remote.name.clone();
     let progress = {
-        let view = view.clone_handle();
+        let view = view.clone();
         move |n: u64| view.push_progress(&host, n)
     };
     let sent = remote.upload(&svc.local, &tmp, &progress).await?;
@@ -998,26 +998,29 @@ async fn rollback(
                 reason,
             })
         }
-        _ => {
-            let id = format!("{}-detach-{}", svc.name, unix_now());
-            let args: Vec<String> = ["portablectl", "detach", "--enable", "--now", failed]
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect();
-            let out = remote
-                .run(&activation_script(&id, &args), "detaching")
-                .await?;
-            if out.success() {
-                Ok(())
-            } else {
-                Err(DeployError::Activate {
-                    host: remote.name.clone(),
-                    verb: "detach",
-                    image: failed.to_owned(),
-                    output: out.tail(),
-                })
-            }
-        }
+        _ => detach(remote, &svc.name, failed).await,
+    }
+}
+
+/// `portablectl detach --enable --now IMAGE`, as safely as an activation.
+pub async fn detach(remote: &Remote, name: &str, image: &str) -> Result<(), DeployError> {
+    let id = format!("{name}-detach-{}", unix_now());
+    let args: Vec<String> = ["portablectl", "detach", "--enable", "--now", image]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    let out = remote
+        .run(&activation_script(&id, &args), "detaching")
+        .await?;
+    if out.success() {
+        Ok(())
+    } else {
+        Err(DeployError::Activate {
+            host: remote.name.clone(),
+            verb: "detach",
+            image: image.to_owned(),
+            output: out.tail(),
+        })
     }
 }
 
@@ -1068,9 +1071,25 @@ async fn disarm_deadman(remote: &Remote, unit: &str) -> Result<(), DeployError> 
     .map(|_| ())
 }
 
+fn previous_file(name: &str) -> String {
+    format!("/var/lib/attache/{name}.previous")
+}
+
+/// The image recorded as attached before the last deploy of `name`, if any.
+pub async fn read_previous(remote: &Remote, name: &str) -> Result<Option<String>, DeployError> {
+    let out = remote
+        .run(
+            &format!("cat {} 2>/dev/null || true", q(&previous_file(name))),
+            "reading the previous image",
+        )
+        .await?;
+    let p = out.stdout.trim();
+    Ok((!p.is_empty()).then(|| p.to_owned()))
+}
+
 /// Remembers the image that was attached before, for `attache rollback`.
-async fn record_previous(remote: &Remote, name: &str, previous: Option<&str>) {
-    let file = format!("/var/lib/attache/{name}.previous");
+pub async fn record_previous(remote: &Remote, name: &str, previous: Option<&str>) {
+    let file = previous_file(name);
     let script = match previous {
         Some(p) => format!("mkdir -p /var/lib/attache && echo {} > {}", q(p), q(&file)),
         None => format!("rm -f {}", q(&file)),
@@ -1084,18 +1103,7 @@ async fn prune(
     attached: &str,
     keep: usize,
 ) -> Result<(), DeployError> {
-    let previous = remote
-        .run(
-            &format!(
-                "cat {} 2>/dev/null || true",
-                q(&format!("/var/lib/attache/{name}.previous"))
-            ),
-            "pruning",
-        )
-        .await?
-        .stdout
-        .trim()
-        .to_owned();
+    let previous = read_previous(remote, name).await?;
     let listing = step(
         remote,
         &format!(
@@ -1107,7 +1115,7 @@ async fn prune(
     .await?;
     let doomed: Vec<String> = prune_candidates(&listing.stdout, keep.max(1), Some(attached), name)
         .into_iter()
-        .filter(|p| *p != previous || keep < 2)
+        .filter(|p| Some(p) != previous.as_ref() || keep < 2)
         .collect();
     if doomed.is_empty() {
         return Ok(());

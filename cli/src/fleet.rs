@@ -18,7 +18,7 @@ use crate::deploy::{
 use crate::error::Error;
 use crate::inventory::{self, Host};
 use crate::nix::{Installable, Nix};
-use crate::remote::{q, Destination, Elevation, Remote, SshOptions};
+use crate::remote::{Destination, Elevation, Remote, SshOptions};
 use crate::ui::{DeployView, Ui};
 
 fn ssh_options(a: &SshArgs) -> SshOptions {
@@ -39,12 +39,8 @@ fn runtime() -> Result<tokio::runtime::Runtime, Error> {
 
 /// Where deploy keeps the images it builds.
 fn image_dir() -> PathBuf {
-    std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir)
-        .join("attache")
+    build::cache_dir()
+        .unwrap_or_else(|| std::env::temp_dir().join("attache"))
         .join("images")
 }
 
@@ -280,7 +276,7 @@ async fn run_batch(
                     "stopped after another host failed (use --keep-going)",
                 );
             }
-            let r = deploy::deploy_host(plan, settings, Arc::new(view)).await;
+            let r = deploy::deploy_host(plan, settings, view).await;
             if !good(r.outcome) && !keep_going {
                 stop.store(true, Ordering::SeqCst);
             }
@@ -497,14 +493,14 @@ async fn host_status(
     // Group units by the image their drop-in names.
     let mut by_image: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for line in listing.stdout.lines() {
-        if let Some((unit, first)) = line.split_once('\t') {
-            if let Some(img) = first
-                .split_once("image '")
-                .and_then(|(_, r)| r.split_once('\''))
-                .map(|(i, _)| i.to_owned())
-            {
-                by_image.entry(img).or_default().push(unit.to_owned());
-            }
+        if let Some((unit, img)) = line
+            .split_once('\t')
+            .and_then(|(u, first)| Some((u, deploy::dropin_image(first)?)))
+        {
+            by_image
+                .entry(img.to_owned())
+                .or_default()
+                .push(unit.to_owned());
         }
     }
     let mut services = Vec::new();
@@ -512,17 +508,9 @@ async fn host_status(
         let file = image.rsplit('/').next().unwrap_or(&image).to_owned();
         let stem = file.strip_suffix(".raw").unwrap_or(&file);
         let (svc, version) = stem.split_once('_').unwrap_or((stem, ""));
-        let sha = remote
-            .run(
-                &format!("sha256sum {} 2>/dev/null || true", q(&image)),
-                "hashing",
-            )
+        let sha = deploy::remote_sha256(&remote, &image)
             .await?
-            .stdout
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_owned();
+            .unwrap_or_default();
         let real: Vec<String> = units
             .iter()
             .filter(|u| !u.contains("@."))
@@ -570,16 +558,10 @@ pub fn rollback(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
     let rt = runtime()?;
     let r: Result<String, deploy::DeployError> = rt.block_on(async {
         let remote = Remote::connect(&name, &dest, &opts, elev).await?;
-        let file = format!("/var/lib/attache/{}.previous", args.service);
-        let prev = remote
-            .run(&format!("cat {} 2>/dev/null || true", q(&file)), "reading the previous image")
-            .await?
-            .stdout
-            .trim()
-            .to_owned();
+        let prev = deploy::read_previous(&remote, &args.service).await?;
         let listing = remote.run(deploy::LIST_ATTACHED, "reading attached images").await?;
         let current = parse_attached(&listing.stdout, &args.service).image;
-        if prev.is_empty() || Some(&prev) == current.as_ref() {
+        let Some(prev) = prev.filter(|p| Some(p) != current.as_ref()) else {
             return Err(deploy::DeployError::Step {
                 host: name.clone(),
                 doing: "rollback".into(),
@@ -588,13 +570,12 @@ pub fn rollback(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
                     args.service
                 ),
             });
-        }
+        };
         ui.status("Rolling back", format!("{name}: {} -> {prev}", current.clone().unwrap_or_default()));
         deploy::activate(&remote, "reattach", &prev, &args.profile, &args.service).await?;
-        if let Some(cur) = current {
-            let _ = remote
-                .run(&format!("echo {} > {}", q(&cur), q(&file)), "recording the previous image")
-                .await;
+        // The image we left becomes the one to go back to.
+        if current.is_some() {
+            deploy::record_previous(&remote, &args.service, current.as_deref()).await;
         }
         remote.close().await;
         Ok(prev)
@@ -624,22 +605,7 @@ pub fn detach(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
             });
         };
         ui.status("Detaching", format!("{name}: {image}"));
-        let id = format!("{}-detach-{}", args.service, std::process::id());
-        let argv: Vec<String> = ["portablectl", "detach", "--enable", "--now", &image]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        let out = remote
-            .run(&deploy::activation_script(&id, &argv), "detaching")
-            .await?;
-        if !out.success() {
-            return Err(deploy::DeployError::Activate {
-                host: name.clone(),
-                verb: "detach",
-                image,
-                output: out.tail(),
-            });
-        }
+        deploy::detach(&remote, &args.service, &image).await?;
         remote.close().await;
         Ok(image)
     });

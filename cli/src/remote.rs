@@ -306,13 +306,12 @@ impl Remote {
             .spawn()
             .await
             .map_err(|e| self.lost("uploading", &e))?;
-        let mut file = tokio::fs::File::open(local)
-            .await
-            .map_err(|e| RemoteError::LocalIo {
-                host: self.name.clone(),
-                path: local.display().to_string(),
-                source: e,
-            })?;
+        let local_io = |source| RemoteError::LocalIo {
+            host: self.name.clone(),
+            path: local.display().to_string(),
+            source,
+        };
+        let mut file = tokio::fs::File::open(local).await.map_err(local_io)?;
         let mut stdin = child.stdin().take().ok_or_else(|| RemoteError::Lost {
             host: self.name.clone(),
             doing: "uploading".into(),
@@ -326,14 +325,7 @@ impl Remote {
             reason: e.to_string(),
         };
         loop {
-            let n = file
-                .read(&mut buf)
-                .await
-                .map_err(|e| RemoteError::LocalIo {
-                    host: self.name.clone(),
-                    path: local.display().to_string(),
-                    source: e,
-                })?;
+            let n = file.read(&mut buf).await.map_err(local_io)?;
             if n == 0 {
                 break;
             }

@@ -174,10 +174,6 @@ impl DeployView {
         }
     }
 
-    pub fn clone_handle(&self) -> DeployView {
-        self.clone()
-    }
-
     fn with_bar(&self, host: &str, f: impl FnOnce(&ProgressBar)) -> bool {
         if self.inner.multi.is_none() {
             return false;

@@ -49,6 +49,28 @@ impl Target {
         self.attache(&args)
     }
 
+    /// The same deploy as [`Target::deploy`], in a thread, for tests that
+    /// act on the host while it runs.
+    fn deploy_in_background(
+        &self,
+        installables: &[&str],
+        extra: &[&str],
+    ) -> std::thread::JoinHandle<Run> {
+        let name = self.host.name().to_owned();
+        let cache = self.cache.path().to_owned();
+        let mut args: Vec<String> = ["deploy", "--ssh-config"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.push(self.config.display().to_string());
+        args.extend(["--json".to_owned(), "--to".to_owned(), name]);
+        args.extend(extra.iter().chain(installables).map(|s| (*s).to_owned()));
+        std::thread::spawn(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            attache_in(&repo(), &cache, &args)
+        })
+    }
+
     /// What the demo's web server answers on the host.
     fn page(&self, port: u16) -> String {
         let out = self.host.ssh(&format!(
@@ -442,24 +464,7 @@ fn connection_killed_during_upload() {
     )
     .ok();
 
-    let cfg = t.config.display().to_string();
-    let name = t.host.name().to_owned();
-    let cache = t.cache.path().to_owned();
-    let deployer = std::thread::spawn(move || {
-        attache_in(
-            &repo(),
-            &cache,
-            &[
-                "deploy",
-                "--json",
-                "--ssh-config",
-                &cfg,
-                "--to",
-                &name,
-                "./examples/demo#big",
-            ],
-        )
-    });
+    let deployer = t.deploy_in_background(&["./examples/demo#big"], &[]);
     assert!(
         wait_for(
             &t.host,
@@ -500,28 +505,8 @@ fn concurrent_deploys_to_one_host() {
         &["build", "-o", &o, "./examples/demo#demo"],
     )
     .ok();
-    let spawn = |t: &Target| {
-        let cfg = t.config.display().to_string();
-        let name = t.host.name().to_owned();
-        let cache = t.cache.path().to_owned();
-        std::thread::spawn(move || {
-            attache_in(
-                &repo(),
-                &cache,
-                &[
-                    "deploy",
-                    "--json",
-                    "--ssh-config",
-                    &cfg,
-                    "--to",
-                    &name,
-                    "./examples/demo#demo",
-                ],
-            )
-        })
-    };
-    let a = spawn(&t);
-    let b = spawn(&t);
+    let a = t.deploy_in_background(&["./examples/demo#demo"], &[]);
+    let b = t.deploy_in_background(&["./examples/demo#demo"], &[]);
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     let mut codes = [a.code, b.code];
     codes.sort();
@@ -571,30 +556,12 @@ fn dry_run_and_full_disk_change_nothing() {
 fn connection_lost_during_activation_reverts_by_itself() {
     let t = target(Guest::Bookworm, "deadman");
     t.deploy(&["./examples/demo#demo"], &[]).ok();
-    let cfg = t.config.display().to_string();
-    let name = t.host.name().to_owned();
-    let cache = t.cache.path().to_owned();
     // A long settle time keeps attache busy after the reattach, so the cut
     // lands before it could confirm the new version.
-    let deployer = std::thread::spawn(move || {
-        attache_in(
-            &repo(),
-            &cache,
-            &[
-                "deploy",
-                "--json",
-                "--ssh-config",
-                &cfg,
-                "--to",
-                &name,
-                "--settle",
-                "90",
-                "--rollback-after",
-                "90",
-                "./examples/demo#demo-v2",
-            ],
-        )
-    });
+    let deployer = t.deploy_in_background(
+        &["./examples/demo#demo-v2"],
+        &["--settle", "90", "--rollback-after", "90"],
+    );
     assert!(
         wait_for(
             &t.host,

@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::error::ImageError;
 use super::layout::{parse_os_release, BASE_DIRS, EMPTY_FILES};
+use crate::spec::{unit_matches_prefix, UNIT_SUFFIXES};
 
 /// What [`inspect`] found in an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +46,6 @@ pub struct UnitInfo {
 
 /// Files bigger than this are not read by `inspect` (os-release, units).
 const MAX_TEXT: u64 = 1 << 20;
-const UNIT_SUFFIXES: &[&str] = &[".service", ".socket", ".target", ".timer", ".path"];
 
 /// Reads the image at `path` and reports what portabled would see.
 pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
@@ -170,8 +170,7 @@ fn read_image(
         let Some(suffix) = UNIT_SUFFIXES.iter().find(|s| unit_name.ends_with(*s)) else {
             continue;
         };
-        let base = &unit_name[..unit_name.len() - suffix.len()];
-        let matches = prefixes.iter().any(|p| unit_matches(base, p));
+        let matches = prefixes.iter().any(|p| unit_matches_prefix(&unit_name, p));
         let mut exec_start = Vec::new();
         match &node.inner {
             InnerNode::File(f) => {
@@ -262,15 +261,6 @@ fn read_image(
         sha256,
         problems,
     })
-}
-
-/// `name == prefix`, or prefix followed by `-`, `.` or `@`.
-fn unit_matches(base: &str, prefix: &str) -> bool {
-    match base.strip_prefix(prefix) {
-        Some("") => true,
-        Some(rest) => rest.starts_with(['-', '.', '@']),
-        None => false,
-    }
 }
 
 /// Follows symlinks inside the image (at most 16), relative to the link.
