@@ -77,6 +77,7 @@ fn main() {
 
     println!("| compressor | packer | wall s | image MB | peak RSS MB | wall / mksquashfs | size / mksquashfs | RSS / mksquashfs |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let mut hash_notes = Vec::new();
     for comp in &comps {
         let level = match comp.as_str() {
             "zstd" => "3",
@@ -120,6 +121,15 @@ fn main() {
             &att_out.join("bench_1.raw"),
         );
         rows.push(("attache", att));
+        let hash: f64 = fs::read_to_string(att_out.join("hash-seconds"))
+            .unwrap()
+            .parse()
+            .unwrap();
+        hash_notes.push(format!(
+            "{comp}: {:.3} s ({:.1} % of attache's wall time)",
+            hash,
+            100.0 * hash / att.wall
+        ));
         let bh_out = out.join(format!("backhand-{comp}.raw"));
         let bh = measure(
             &[
@@ -145,6 +155,10 @@ fn main() {
                 m.rss_kb as f64 / mksq.rss_kb as f64
             );
         }
+    }
+    println!("\nsha256 of attache's image, read back once it is written (in its wall time):");
+    for note in hash_notes {
+        println!("- {note}");
     }
 }
 
@@ -219,6 +233,11 @@ fn child(args: &[String]) {
             };
             let (img, stats) = image::pack_with_stats(&spec, &opts, out, &mut |_| {}).unwrap();
             eprintln!("attache: {} {:?}", img.sha256, stats);
+            fs::write(
+                out.join("hash-seconds"),
+                stats.hash_time.as_secs_f64().to_string(),
+            )
+            .unwrap();
         }
         "backhand" => {
             use backhand::compression::{CompressionOptions, Compressor, Gzip, Xz, Zstd};

@@ -93,8 +93,10 @@ pub(crate) struct Layout {
 }
 
 impl Layout {
-    fn insert(&mut self, path: PathBuf, entry: Entry, what: &str) -> Result<(), ImageError> {
+    fn insert(&mut self, mut path: PathBuf, entry: Entry, what: &str) -> Result<(), ImageError> {
         use std::collections::btree_map::Entry as E;
+        // `join` leaves room to grow; a closure has tens of thousands of keys.
+        path.shrink_to_fit();
         match self.entries.entry(path) {
             E::Occupied(o) => Err(ImageError::Collision {
                 path: o.key().display().to_string(),

@@ -134,12 +134,14 @@ pub(crate) fn pack_with_stats(
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    let (len, stats) = write_image(&layout, codec, threads, file, &tmp_path, &mut |b, f| {
+    let (len, mut stats) = write_image(&layout, codec, threads, file, &tmp_path, &mut |b, f| {
         tracker.add(b, f)
     })?;
     let file = tmp.as_file();
     file.set_len(len).map_err(write_err)?;
+    let hashing = Instant::now();
     let sha256 = hash_file(file, len).map_err(write_err)?;
+    stats.hash_time = hashing.elapsed();
     file.set_permissions(fs::Permissions::from_mode(0o644))
         .map_err(write_err)?;
 

@@ -49,7 +49,7 @@ fn compressor_id_and_options(codec: &Codec) -> (u16, Vec<u8>) {
             (1, o)
         }
         Compression::Xz => {
-            o.extend_from_slice(&codec.block_size.to_le_bytes()); // dictionary
+            o.extend_from_slice(&codec.xz_dict_size().to_le_bytes()); // dictionary
             o.extend_from_slice(&0u32.to_le_bytes()); // no BCJ filters
             (4, o)
         }

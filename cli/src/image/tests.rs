@@ -763,3 +763,44 @@ fn copies_share_data_and_big_directories_read_back() {
         }
     }
 }
+
+#[test]
+fn xz_at_one_mib_blocks_uses_a_half_block_dictionary() {
+    if !has_unsquashfs() {
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let mut spec = tree(t.path());
+    // 3 MiB with repeats 700 KiB apart: past the dictionary, within a block.
+    let big = t.path().join("store/bbbb-big");
+    fs::create_dir_all(&big).unwrap();
+    let chunk = data(7, 700 << 10);
+    let content: Vec<u8> = chunk.iter().copied().cycle().take(3 << 20).collect();
+    fs::write(big.join("blob"), &content).unwrap();
+    spec.store_paths.push(big);
+    let out = t.path().join("out");
+    fs::create_dir(&out).unwrap();
+    let o = PackOptions {
+        block_size: 1 << 20,
+        threads: 2,
+        ..opts(Compression::Xz)
+    };
+    let img = pack_quiet(&spec, &o, &out).unwrap();
+    let stat = Command::new("unsquashfs")
+        .arg("-s")
+        .arg(&img.path)
+        .output()
+        .unwrap();
+    let stat = String::from_utf8_lossy(&stat.stdout);
+    assert!(stat.contains("Dictionary size 524288"), "{stat}");
+    let dest = t.path().join("unpacked");
+    let st = Command::new("unsquashfs")
+        .args(["-q", "-no-progress", "-d"])
+        .arg(&dest)
+        .arg(&img.path)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let back = fs::read(dest.join("nix/store/bbbb-big/blob")).unwrap();
+    assert!(back == content, "blob differs after unsquashfs");
+}
