@@ -137,8 +137,9 @@ pub fn deploy(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         ui.status("Reading", format!("{}#attache.hosts", args.flake));
         let hosts =
             inventory::load(&nix, &args.flake).map_err(|e| inventory_error(e, &args.flake))?;
-        let hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
+        let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
             .map_err(|e| Error::Usage(e.to_string()))?;
+        inventory::share_builds(&nix, &args.flake, &mut hosts);
         let wanted: Vec<Installable> = hosts
             .iter()
             .flat_map(|h| h.services.iter().map(|s| s.installable.clone()))
@@ -382,8 +383,14 @@ fn resolve_hosts(
     nix: &Path,
     ssh: &SshArgs,
 ) -> Result<Vec<(String, Destination, Elevation)>, Error> {
+    // `user@host` is never an inventory name: no need to evaluate the flake.
+    let all_ssh = !names.is_empty() && names.iter().all(|n| n.contains('@') && !n.starts_with('@'));
     let nix = Nix::new(nix.to_owned(), Vec::new());
-    let inv = inventory::load(&nix, flake).ok();
+    let inv = if all_ssh {
+        None
+    } else {
+        inventory::load(&nix, flake).ok()
+    };
     match inv {
         Some(hosts) if !hosts.is_empty() => {
             let known: Vec<&String> = hosts.iter().map(|h| &h.name).collect();

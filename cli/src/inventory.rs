@@ -90,6 +90,66 @@ pub fn load(nix: &Nix, flake: &str) -> Result<Vec<Host>, InventoryError> {
     parse(flake, v)
 }
 
+/// Lets hosts that run the same derivation share one build: each service's
+/// installable becomes that of the first service with the same `drvPath`.
+/// One `nix eval` for all of `hosts` instead of one evaluation and build per
+/// host. Best effort: if that evaluation fails, nothing changes and each
+/// build reports its own error, naming its host.
+pub fn share_builds(nix: &Nix, flake: &str, hosts: &mut [Host]) {
+    let names: Vec<String> = hosts
+        .iter()
+        .map(|h| format!("{} = null;", nix_string(&h.name)))
+        .collect();
+    let apply = format!(
+        "hs: builtins.mapAttrs (n: h: builtins.mapAttrs (_: s: s.drvPath or null) (h.services or {{}})) (builtins.intersectAttrs {{ {} }} hs)",
+        names.join(" ")
+    );
+    let inst = Installable::Flake(format!("{flake}#attache.hosts"));
+    let Ok(v) = nix.eval_json(&inst, &apply) else {
+        return;
+    };
+    let Ok(drvs) = serde_json::from_value::<BTreeMap<String, BTreeMap<String, Option<String>>>>(v)
+    else {
+        return;
+    };
+    unify(hosts, &drvs);
+}
+
+/// [`share_builds`] once the `drvPath`s (host -> service -> path) are known.
+fn unify(hosts: &mut [Host], drvs: &BTreeMap<String, BTreeMap<String, Option<String>>>) {
+    let mut first: BTreeMap<&str, Installable> = BTreeMap::new();
+    for h in hosts.iter_mut() {
+        for s in &mut h.services {
+            let Some(Some(drv)) = drvs.get(&h.name).and_then(|m| m.get(&s.name)) else {
+                continue;
+            };
+            s.installable = first
+                .entry(drv.as_str())
+                .or_insert_with(|| s.installable.clone())
+                .clone();
+        }
+    }
+}
+
+/// `s` as a Nix string literal.
+fn nix_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '$' => out.push_str("\\$"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 pub fn parse(flake: &str, v: serde_json::Value) -> Result<Vec<Host>, InventoryError> {
     let raw: BTreeMap<String, RawHost> =
         serde_json::from_value(v).map_err(|e| InventoryError::Shape {
@@ -277,6 +337,31 @@ mod tests {
             "no host or tag matches 'nope'. Known hosts: db1, h1, h2; tags: @canary, @web"
         );
         assert!(select(vec![], &[], None).is_err());
+    }
+
+    #[test]
+    fn hosts_running_one_derivation_share_its_build() {
+        let mut hosts = sample();
+        let drvs: BTreeMap<String, BTreeMap<String, Option<String>>> =
+            serde_json::from_value(json!({
+                "h1": {"demo": "/nix/store/aaa-demo.drv"},
+                "h2": {"demo": "/nix/store/aaa-demo.drv", "echo": null},
+            }))
+            .unwrap();
+        unify(&mut hosts, &drvs);
+        let h1 = hosts.iter().find(|h| h.name == "h1").unwrap();
+        let h2 = hosts.iter().find(|h| h.name == "h2").unwrap();
+        assert_eq!(h2.services[0].installable, h1.services[0].installable);
+        assert_eq!(
+            h2.services[1].installable,
+            Installable::Flake(".#attache.hosts.\"h2\".services.\"echo\"".into())
+        );
+    }
+
+    #[test]
+    fn nix_strings_are_escaped() {
+        assert_eq!(nix_string("web-1"), "\"web-1\"");
+        assert_eq!(nix_string("a\"b${c}\\"), r#""a\"b\${c}\\""#);
     }
 
     #[test]

@@ -337,6 +337,8 @@ fn three_hosts_one_unreachable_keep_going_and_canary() {
     assert_eq!(outcome(2), "healthy", "{}", r.stdout);
     let err = j["hosts"][0]["error"].as_str().unwrap();
     assert!(err.starts_with("par0: cannot connect over SSH:"), "{err}");
+    // Three hosts run one derivation: it is evaluated and built once.
+    assert_eq!(r.stderr.matches("Building").count(), 1, "{}", r.stderr);
     for h in &hosts {
         assert_eq!(
             h.ssh_ok("systemctl show -p RootImage --value demo.service")
@@ -437,6 +439,56 @@ fn non_root_users() {
         t.root_image("demo.service"),
         "/var/lib/portables/demo_1.0.raw"
     );
+}
+
+/// `ProxyJump` from the user's ssh config is followed: the host is reached
+/// through itself (its sshd forwards to its own 127.0.0.1:22), the only
+/// second hop a lab guest has, with the host key checked at both hops.
+#[test]
+fn through_a_jump_host() {
+    let t = target(Guest::Bookworm, "jump");
+    let name = t.host.name().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let known = std::fs::read_to_string(t.host.known_hosts_path()).unwrap();
+    let inner_known = dir.path().join("known_hosts");
+    let key = known
+        .split_once(' ')
+        .map(|(_, key)| key.to_owned())
+        .unwrap();
+    std::fs::write(&inner_known, format!("127.0.0.1 {key}")).unwrap();
+    let outer = t.host.ssh_config();
+    let inner = outer
+        .replace(&format!("Host {name}\n"), "Host behind\n")
+        .replace(&format!("Port {}\n", t.host.port()), "Port 22\n")
+        .replace(
+            &t.host.known_hosts_path().display().to_string(),
+            &inner_known.display().to_string(),
+        )
+        .replace("\n\n", &format!("\n  ProxyJump {name}\n\n"));
+    let cfg = dir.path().join("ssh_config");
+    std::fs::write(&cfg, format!("{outer}{inner}")).unwrap();
+    let cfg = cfg.display().to_string();
+    let r = attache_in(
+        &repo(),
+        t.cache.path(),
+        &[
+            "deploy",
+            "--ssh-config",
+            &cfg,
+            "--json",
+            "--to",
+            "behind",
+            "./examples/demo#demo",
+        ],
+    );
+    assert_eq!(
+        r.code,
+        0,
+        "{}\nconfig:\n{outer}{inner}",
+        t.diag(&r, "demo.service")
+    );
+    assert_eq!(host_report(&r)["outcome"], "healthy", "{}", r.stdout);
+    assert!(t.page(8080).contains("attache demo 1.0"));
 }
 
 fn wait_for(host: &Host, cmd: &str, limit: Duration) -> bool {
