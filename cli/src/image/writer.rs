@@ -6,7 +6,7 @@
 //! - the *producer* reads the files in layout order, once each, and decides
 //!   where each one goes: nowhere (empty), into the current fragment block
 //!   (smaller than a block), data blocks, or the data of an earlier file with
-//!   the same content (a hard link, or the same size and sha256; small files
+//!   the same content (a hard link, or the same size and BLAKE3; small files
 //!   included). It hands blocks to the workers and tells the writer, in
 //!   order, what comes next;
 //! - *workers* compress blocks (a full block of zeros becomes a hole);
@@ -21,7 +21,9 @@
 //! plus one fragment block being filled and the metadata tables (a few
 //! dozen bytes per entry). Block buffers go round in a [`Pool`].
 //!
-//! Copies are found by sha256, computed from the bytes as they are read (so
+//! Copies are found by BLAKE3 (a cryptographic hash, so equal digests mean
+//! equal bytes; about twice as fast as SHA-256 here, and this is the
+//! reading thread's main work), computed from the bytes as they are read (so
 //! a duplicate always matches what was written), only for files whose size
 //! another file has (known from the layout); a data file whose size matches
 //! an earlier one is hashed before its blocks are sent (read twice when it
@@ -35,8 +37,6 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
-
-use sha2::{Digest, Sha256};
 
 use super::compress::{compress_into, Codec};
 use super::error::ImageError;
@@ -71,13 +71,27 @@ type Output = Result<Block, String>;
 /// `Block`s. `FragmentBlock`s come when a fragment block is full.
 enum Msg {
     Empty,
-    Data { blocks: usize },
-    Fragment { index: u32, offset: u32 },
-    Dup { of: usize },
+    Data {
+        blocks: usize,
+    },
+    Fragment {
+        index: u32,
+        offset: u32,
+    },
+    Dup {
+        of: usize,
+    },
     Block(Receiver<Output>),
     FragmentBlock(Receiver<Output>),
     Failed(ImageError),
+    /// `Empty`, `Fragment` and `Dup` messages in a row: one message per
+    /// small file made the writer and producer wake each other up for every
+    /// file (about 10 % of the CPU time on a closure of small files).
+    Batch(Vec<Msg>),
 }
+
+/// Most messages in a [`Msg::Batch`].
+const BATCH: usize = 256;
 
 /// Writes the image for `layout` into `file` (at its start); returns its
 /// length (padded to 4 KiB) and statistics. `progress(bytes, files)` is
@@ -94,7 +108,7 @@ pub(crate) fn write_image(
         .entries
         .iter()
         .filter_map(|(path, e)| match &e.kind {
-            EntryKind::File(c) => Some((path.as_path(), c)),
+            EntryKind::File(c) => Some((&**path, c)),
             _ => None,
         })
         .collect();
@@ -142,6 +156,7 @@ pub(crate) fn write_image(
                 by_content: HashMap::new(),
                 sizes: HashSet::new(),
                 shared_sizes: shared_sizes(files_ref),
+                batch: Vec::with_capacity(BATCH),
                 stats: Stats::default(),
             };
             match p.run(files_ref) {
@@ -255,9 +270,14 @@ fn write_data(
     // progress bar block by block instead of jumping at its end.
     let mut reported = 0u64;
     let lost = || ImageError::Writer("a compression thread stopped".into());
-    for msg in order {
+    let messages = order.into_iter().flat_map(|msg| match msg {
+        Msg::Batch(batch) => batch,
+        msg => vec![msg],
+    });
+    for msg in messages {
         let placed = match msg {
             Msg::Failed(e) => return Err(e),
+            Msg::Batch(_) => return Err(ImageError::Writer("a batch in a batch".into())),
             Msg::Empty => Placement::Empty,
             Msg::Fragment { index, offset } => Placement::Fragment { index, offset },
             Msg::Dup { of } => placements
@@ -363,7 +383,7 @@ fn write_metadata(
                 file_count - 1
             }
             EntryKind::Dir => {
-                dirs.insert(path.as_path(), id);
+                dirs.insert(&**path, id);
                 0
             }
             EntryKind::Symlink(_) => 0,
@@ -515,6 +535,8 @@ struct Producer<'p> {
     /// Sizes that more than one distinct file has: only those files can be
     /// copies of each other, and only they are hashed.
     shared_sizes: HashSet<u64>,
+    /// Messages for the next [`Msg::Batch`].
+    batch: Vec<Msg>,
     stats: Stats,
 }
 
@@ -541,8 +563,28 @@ fn shared_sizes(files: &[(&Path, &Content)]) -> HashSet<u64> {
 }
 
 impl Producer<'_> {
-    fn send(&self, msg: Msg) -> Result<(), Stop> {
-        self.order.send(msg).map_err(|_| Stop::Gone)
+    fn send(&mut self, msg: Msg) -> Result<(), Stop> {
+        match msg {
+            Msg::Empty | Msg::Fragment { .. } | Msg::Dup { .. } => {
+                self.batch.push(msg);
+                if self.batch.len() < BATCH {
+                    return Ok(());
+                }
+                self.flush_batch()
+            }
+            msg => {
+                self.flush_batch()?;
+                self.order.send(msg).map_err(|_| Stop::Gone)
+            }
+        }
+    }
+
+    fn flush_batch(&mut self) -> Result<(), Stop> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        self.order.send(Msg::Batch(batch)).map_err(|_| Stop::Gone)
     }
 
     fn compress(&mut self, block: Vec<u8>, may_be_hole: bool) -> Result<Receiver<Output>, Stop> {
@@ -596,7 +638,7 @@ impl Producer<'_> {
         if !self.fragment.is_empty() {
             self.flush_fragment()?;
         }
-        Ok(())
+        self.flush_batch()
     }
 
     /// A file smaller than a block: a duplicate, or appended to the fragment block.
@@ -608,7 +650,7 @@ impl Producer<'_> {
         r.read_exact_len(&mut buf, size as usize)?;
         r.expect_eof()?;
         let key = if self.shared_sizes.contains(&size) {
-            let key = (size, Sha256::digest(&buf).into());
+            let key = (size, *blake3::hash(&buf).as_bytes());
             if let Some(&of) = self.by_content.get(&key) {
                 self.stats.dup_files += 1;
                 self.scratch = buf;
@@ -638,7 +680,7 @@ impl Producer<'_> {
     fn data_file(&mut self, i: usize, content: &Content) -> Result<Msg, Stop> {
         let size = content.size();
         let known = if self.sizes.contains(&size) {
-            let sha = sha256(content)?;
+            let sha = digest(content)?;
             if let Some(&of) = self.by_content.get(&(size, sha)) {
                 self.stats.dup_files += 1;
                 return Ok(Msg::Dup { of });
@@ -651,7 +693,7 @@ impl Producer<'_> {
         let blocks = size.div_ceil(bs) as usize;
         self.send(Msg::Data { blocks })?;
         let mut r = Reader::open(content)?;
-        let mut hasher = self.shared_sizes.contains(&size).then(Sha256::new);
+        let mut hasher = self.shared_sizes.contains(&size).then(blake3::Hasher::new);
         let mut left = size;
         while left > 0 {
             let n = left.min(bs) as usize;
@@ -763,9 +805,9 @@ impl<'c> Reader<'c> {
     }
 }
 
-fn sha256(content: &Content) -> Result<[u8; 32], Stop> {
+fn digest(content: &Content) -> Result<[u8; 32], Stop> {
     let mut r = Reader::open(content)?;
-    let mut h = Sha256::new();
+    let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 16];
     loop {
         let n = match r.source.read(&mut buf) {
