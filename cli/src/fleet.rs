@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::Serialize;
 use serde_json::json;
 
 use crate::build::{self, Built};
@@ -375,6 +376,17 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     })
 }
 
+/// One attached image, as `attache status` shows it.
+#[derive(Debug, Serialize)]
+struct ServiceStatus {
+    name: String,
+    version: String,
+    image: String,
+    sha256: String,
+    /// Unit -> "ACTIVE (SUB)", or "template".
+    units: BTreeMap<String, String>,
+}
+
 /// Hosts named on the command line: inventory names and @tags when the
 /// flake has an inventory, else SSH destinations.
 fn resolve_hosts(
@@ -454,20 +466,13 @@ pub fn status(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
                 for s in services {
                     human += &format!(
                         "  {:<12} {:<10} {}  sha256 {}\n",
-                        s["name"].as_str().unwrap_or_default(),
-                        s["version"].as_str().unwrap_or_default(),
-                        s["image"].as_str().unwrap_or_default(),
-                        &s["sha256"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .chars()
-                            .take(12)
-                            .collect::<String>()
+                        s.name,
+                        s.version,
+                        s.image,
+                        s.sha256.get(..12).unwrap_or(&s.sha256)
                     );
-                    if let Some(units) = s["units"].as_object() {
-                        for (u, st) in units {
-                            human += &format!("      {u}: {}\n", st.as_str().unwrap_or_default());
-                        }
+                    for (u, st) in &s.units {
+                        human += &format!("      {u}: {st}\n");
                     }
                 }
                 json_hosts.push(json!({"host": name, "services": services}));
@@ -492,7 +497,7 @@ async fn host_status(
     dest: &Destination,
     opts: &SshOptions,
     elev: Elevation,
-) -> Result<Vec<serde_json::Value>, deploy::DeployError> {
+) -> Result<Vec<ServiceStatus>, deploy::DeployError> {
     let remote = Remote::connect(name, dest, opts, elev).await?;
     let listing = remote
         .run(deploy::LIST_ATTACHED, "reading attached images")
@@ -529,19 +534,23 @@ async fn host_status(
                 .await?
                 .stdout,
         );
-        let unit_states: serde_json::Map<String, serde_json::Value> = units
+        let units = units
             .iter()
             .map(|u| {
                 let s = states
                     .get(u)
                     .map(|s| format!("{} ({})", s.active, s.sub))
                     .unwrap_or_else(|| "template".into());
-                (u.clone(), json!(s))
+                (u.clone(), s)
             })
             .collect();
-        services.push(json!({
-            "name": svc, "version": version, "image": image, "sha256": sha, "units": unit_states,
-        }));
+        services.push(ServiceStatus {
+            name: svc.to_owned(),
+            version: version.to_owned(),
+            image,
+            sha256: sha,
+            units,
+        });
     }
     remote.close().await;
     Ok(services)

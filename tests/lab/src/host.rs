@@ -399,17 +399,11 @@ impl Host {
     /// connections are refused until [`Host::trust_host_key`]. The helpers'
     /// shared connections keep working.
     pub fn change_host_key(&self) -> Result<String> {
-        let out = self.ssh(
+        let out = self.fault(
+            "changing the host key",
             "rm -f /etc/ssh/ssh_host_ed25519_key* && ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/ssh_host_ed25519_key && systemctl restart ssh && \
              cat /etc/ssh/ssh_host_ed25519_key.pub",
-        );
-        if !out.status.success() {
-            return Err(Error::new(format!(
-                "changing the host key of {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
+        )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
@@ -422,33 +416,23 @@ impl Host {
     /// Fills the root file system (root's reserved blocks included), so
     /// writes fail with ENOSPC. [`Host::free_disk`] undoes it.
     pub fn fill_disk(&self) -> Result<()> {
-        let out = self.ssh(
+        self.fault(
+            "filling the disk",
             "set -e; f=$(stat -f -c '%f %S' /); free=$(( ${f% *} * ${f#* } )); \
              m=67108864; if [ $free -gt $m ]; then fallocate -l $(( free - m )) /var/lab-fill; fi; \
              dd if=/dev/zero of=/var/lab-fill2 bs=1M 2>/dev/null || true; \
              dd if=/dev/zero of=/var/lab-fill3 bs=4k 2>/dev/null || true; sync",
-        );
-        if !out.status.success() {
-            return Err(Error::new(format!(
-                "filling the disk of {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
+        )
+        .map(drop)
     }
 
     /// Removes what [`Host::fill_disk`] wrote.
     pub fn free_disk(&self) -> Result<()> {
-        let out = self.ssh("rm -f /var/lab-fill /var/lab-fill2 /var/lab-fill3");
-        if !out.status.success() {
-            return Err(Error::new(format!(
-                "freeing the disk of {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
+        self.fault(
+            "freeing the disk",
+            "rm -f /var/lab-fill /var/lab-fill2 /var/lab-fill3",
+        )
+        .map(drop)
     }
 
     /// Kills every SSH connection to the guest (sshd's per-connection
@@ -457,7 +441,8 @@ impl Host {
         // The pids are fixed now (every sshd but the listener, sessions
         // left by an sshd restart included) and killed a moment later, after
         // this command has returned; connections made later survive.
-        let out = self.ssh(
+        let killed = self.fault(
+            "killing connections",
             "main=$(systemctl show -p MainPID --value ssh); \
              pids=$(pgrep -x 'sshd|sshd-session' | grep -vx \"$main\" | tr '\\n' ' '); \
              setsid -f sh -c \"sleep 0.5; kill -KILL $pids\" >/dev/null 2>&1 </dev/null",
@@ -473,14 +458,21 @@ impl Host {
             std::thread::sleep(Duration::from_millis(1500));
         }
         self.close_mux();
+        killed.map(drop)
+    }
+
+    /// Runs `cmd` as root for a fault helper; a failure says what was being
+    /// done, on which host, and sshd's or the command's error output.
+    fn fault(&self, doing: &str, cmd: &str) -> Result<Output> {
+        let out = self.ssh(cmd);
         if !out.status.success() {
             return Err(Error::new(format!(
-                "killing connections on {}: {}",
+                "{doing} on {}: {}",
                 self.name,
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        Ok(())
+        Ok(out)
     }
 
     /// The guest's serial console since the host started.
