@@ -17,9 +17,10 @@
 //!
 //! The order of the bytes depends only on the layout and the file contents,
 //! never on timing, so any number of threads gives the same image. Memory:
-//! at most `threads` blocks are queued between producer and writer,
-//! plus one fragment block being filled and the metadata tables (a few
-//! dozen bytes per entry). Block buffers go round in a [`Pool`].
+//! at most `threads` messages (a block each, or a batch of small files'
+//! places) wait between producer and writer, besides the blocks being
+//! compressed, the fragment block being filled and the metadata tables (a
+//! few dozen bytes per entry). Block buffers go round in a [`Pool`].
 //!
 //! Copies are found by BLAKE3 (a cryptographic hash, so equal digests mean
 //! equal bytes; about twice as fast as SHA-256 here, and this is the
