@@ -79,11 +79,9 @@ fn main() {
     println!("|---|---|---:|---:|---:|---:|---:|---:|");
     let mut hash_notes = Vec::new();
     for comp in &comps {
-        let level = match comp.as_str() {
-            "zstd" => "3",
-            "xz" => "6",
-            _ => "9",
-        };
+        let compression: image::Compression = comp.parse().unwrap();
+        let level = compression.default_level().to_string();
+        let level = level.as_str();
         let mut rows = Vec::new();
         let mk_out = out.join(format!("mksquashfs-{comp}.raw"));
         let mut mk = vec![
@@ -101,25 +99,28 @@ fn main() {
             comp.clone(),
         ];
         match comp.as_str() {
-            "zstd" => mk.extend(["-Xcompression-level".into(), level.into()]),
-            "gzip" => mk.extend(["-Xcompression-level".into(), level.into()]),
+            "zstd" | "gzip" => mk.extend(["-Xcompression-level".into(), level.into()]),
             _ => mk.extend(["-Xdict-size".into(), "100%".into()]),
         }
         let mksq = measure(&mk, &mk_out);
         rows.push(("mksquashfs", mksq));
+        // This benchmark in child mode, packing with `which` into `dest`.
+        let child = |which: &str, dest: &Path, image: &Path| {
+            measure(
+                &[
+                    me.display().to_string(),
+                    "--child".into(),
+                    which.into(),
+                    store.display().to_string(),
+                    dest.display().to_string(),
+                    comp.clone(),
+                    level.into(),
+                ],
+                image,
+            )
+        };
         let att_out = out.join(format!("attache-{comp}"));
-        let att = measure(
-            &[
-                me.display().to_string(),
-                "--child".into(),
-                "attache".into(),
-                store.display().to_string(),
-                att_out.display().to_string(),
-                comp.clone(),
-                level.into(),
-            ],
-            &att_out.join("bench_1.raw"),
-        );
+        let att = child("attache", &att_out, &att_out.join("bench_1.raw"));
         rows.push(("attache", att));
         let hash: f64 = fs::read_to_string(att_out.join("hash-seconds"))
             .unwrap()
@@ -131,18 +132,7 @@ fn main() {
             100.0 * hash / att.wall
         ));
         let bh_out = out.join(format!("backhand-{comp}.raw"));
-        let bh = measure(
-            &[
-                me.display().to_string(),
-                "--child".into(),
-                "backhand".into(),
-                store.display().to_string(),
-                bh_out.display().to_string(),
-                comp.clone(),
-                level.into(),
-            ],
-            &bh_out,
-        );
+        let bh = child("backhand", &bh_out, &bh_out);
         rows.push(("backhand stock", bh));
         for (name, m) in rows {
             println!(

@@ -13,12 +13,10 @@ use serde_json::json;
 
 use crate::build::{self, Built};
 use crate::cli::{DeployArgs, HostServiceArgs, PackArgs, SourceArgs, SshArgs, StatusArgs};
-use crate::deploy::{
-    self, parse_attached, parse_show, HostPlan, HostReport, Outcome, ServicePlan, Settings,
-};
+use crate::deploy::{self, parse_show, HostPlan, HostReport, Outcome, ServicePlan, Settings};
 use crate::error::Error;
 use crate::inventory::{self, Host};
-use crate::nix::{Installable, Nix};
+use crate::nix::{Installable, Nix, NixError};
 use crate::remote::{Destination, Elevation, Remote, SshOptions};
 use crate::ui::{DeployView, Ui};
 
@@ -26,7 +24,6 @@ fn ssh_options(a: &SshArgs) -> SshOptions {
     SshOptions {
         config_file: a.ssh_config.clone(),
         accept_new_host_keys: a.accept_new_host_keys,
-        connect_timeout: None,
     }
 }
 
@@ -81,17 +78,12 @@ fn build_all(
 ) -> Result<BTreeMap<String, Built>, Error> {
     let dir = image_dir();
     let mut built = BTreeMap::new();
-    let mut by_store_path: BTreeMap<PathBuf, Built> = BTreeMap::new();
     for inst in wanted {
         let key = inst.to_string();
         if built.contains_key(&key) {
             continue;
         }
         let b = build::build_image(&source(inst, nix, nix_args), pack, &dir, false, ui)?;
-        let b = by_store_path
-            .entry(b.store_path.clone())
-            .or_insert(b)
-            .clone();
         built.insert(key, b);
     }
     Ok(built)
@@ -179,16 +171,14 @@ pub fn deploy(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
 
 fn inventory_error(e: inventory::InventoryError, flake: &str) -> Error {
     match e {
-        inventory::InventoryError::Nix(n) => {
-            let msg = n.to_string();
-            if msg.contains("does not provide attribute") {
-                Error::Usage(format!(
-                    "{flake} has no attache.hosts inventory: add one with attache.lib.hosts, or deploy ad hoc with --to USER@HOST INSTALLABLE"
-                ))
-            } else {
-                Error::Nix(n)
-            }
+        inventory::InventoryError::Nix(NixError::MissingAttribute { nix_says, .. })
+            if nix_says.contains("does not provide attribute") =>
+        {
+            Error::Usage(format!(
+                "{flake} has no attache.hosts inventory: add one with attache.lib.hosts, or deploy ad hoc with --to USER@HOST INSTALLABLE"
+            ))
         }
+        inventory::InventoryError::Nix(n) => Error::Nix(n),
         other => Error::Usage(other.to_string()),
     }
 }
@@ -320,10 +310,7 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
             .iter()
             .map(|s| {
                 let file = s.image.rsplit('/').next().unwrap_or_default();
-                let action = s
-                    .action
-                    .map(|a| format!("{a:?}").to_lowercase())
-                    .unwrap_or_default();
+                let action = format!("{:?}", s.action).to_lowercase();
                 let upload = if s.upload { "upload" } else { "no upload" };
                 if dry_run {
                     format!("{file} ({upload}, {action})")
@@ -448,8 +435,10 @@ pub fn status(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
             });
         }
         let mut out = BTreeMap::new();
-        while let Some(Ok((n, r))) = set.join_next().await {
-            out.insert(n, r);
+        while let Some(joined) = set.join_next().await {
+            if let Ok((n, r)) = joined {
+                out.insert(n, r);
+            }
         }
         out
     });
@@ -575,8 +564,7 @@ pub fn rollback(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
     let r: Result<String, deploy::DeployError> = rt.block_on(async {
         let remote = Remote::connect(&name, &dest, &opts, elev).await?;
         let prev = deploy::read_previous(&remote, &args.service).await?;
-        let listing = remote.run(deploy::LIST_ATTACHED, "reading attached images").await?;
-        let current = parse_attached(&listing.stdout, &args.service).image;
+        let current = deploy::attached_image(&remote, &args.service).await?;
         let Some(prev) = prev.filter(|p| Some(p) != current.as_ref()) else {
             return Err(deploy::DeployError::Step {
                 host: name.clone(),
@@ -610,10 +598,7 @@ pub fn detach(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
     let rt = runtime()?;
     let r: Result<String, deploy::DeployError> = rt.block_on(async {
         let remote = Remote::connect(&name, &dest, &opts, elev).await?;
-        let listing = remote
-            .run(deploy::LIST_ATTACHED, "reading attached images")
-            .await?;
-        let Some(image) = parse_attached(&listing.stdout, &args.service).image else {
+        let Some(image) = deploy::attached_image(&remote, &args.service).await? else {
             return Err(deploy::DeployError::Step {
                 host: name.clone(),
                 doing: "detach".into(),

@@ -218,7 +218,6 @@ pub fn select(
     };
     let mut keep = vec![false; hosts.len()];
     for sel in selectors {
-        let before = keep.iter().filter(|k| **k).count();
         let mut matched = false;
         for (i, h) in hosts.iter().enumerate() {
             let hit = match sel.strip_prefix('@') {
@@ -230,7 +229,7 @@ pub fn select(
                 matched = true;
             }
         }
-        if !matched && before == keep.iter().filter(|k| **k).count() {
+        if !matched {
             return Err(unknown(sel, &hosts));
         }
     }

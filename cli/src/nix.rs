@@ -160,19 +160,12 @@ impl Nix {
 
     /// Evaluates the installable just enough to know what it is.
     pub fn describe(&self, inst: &Installable) -> Result<Described, NixError> {
-        let mut c = self.command("eval");
-        c.arg("--json")
-            .args(inst.args())
-            .args(["--apply", DESCRIBE])
-            .args(&self.extra_args);
-        let out = self.run(c)?;
-        if !out.status.success() {
-            return Err(eval_error(inst, &out.stderr));
-        }
         let d: Described =
-            serde_json::from_slice(&out.stdout).map_err(|e| NixError::Unexpected {
-                what: "nix eval --json",
-                detail: e.to_string(),
+            serde_json::from_value(self.eval_json(inst, DESCRIBE)?).map_err(|e| {
+                NixError::Unexpected {
+                    what: "nix eval --json",
+                    detail: e.to_string(),
+                }
             })?;
         if !d.derivation {
             return Err(NixError::NotADerivation {

@@ -68,7 +68,6 @@ pub struct SshOptions {
     pub config_file: Option<PathBuf>,
     /// Accept unknown host keys (never changed ones).
     pub accept_new_host_keys: bool,
-    pub connect_timeout: Option<Duration>,
 }
 
 /// Who runs commands on the host.
@@ -177,7 +176,7 @@ impl Remote {
             } else {
                 KnownHosts::Strict
             })
-            .connect_timeout(opts.connect_timeout.unwrap_or(Duration::from_secs(15)))
+            .connect_timeout(Duration::from_secs(15))
             .server_alive_interval(Duration::from_secs(10));
         if let Some(f) = &opts.config_file {
             b.config_file(f);
@@ -312,18 +311,13 @@ impl Remote {
             source,
         };
         let mut file = tokio::fs::File::open(local).await.map_err(local_io)?;
-        let mut stdin = child.stdin().take().ok_or_else(|| RemoteError::Lost {
-            host: self.name.clone(),
-            doing: "uploading".into(),
-            reason: "no stdin".into(),
-        })?;
+        let mut stdin = child
+            .stdin()
+            .take()
+            .ok_or_else(|| self.lost("uploading", "no stdin"))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut sent = 0u64;
-        let io_lost = |e: std::io::Error| RemoteError::Lost {
-            host: self.name.clone(),
-            doing: "uploading".into(),
-            reason: e.to_string(),
-        };
+        let io_lost = |e: std::io::Error| self.lost("uploading", e);
         loop {
             let n = file.read(&mut buf).await.map_err(local_io)?;
             if n == 0 {
@@ -340,16 +334,12 @@ impl Remote {
             .await
             .map_err(|e| self.lost("uploading", &e))?;
         if !out.status.success() {
-            return Err(RemoteError::Lost {
-                host: self.name.clone(),
-                doing: "uploading".into(),
-                reason: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-            });
+            return Err(self.lost("uploading", String::from_utf8_lossy(&out.stderr).trim()));
         }
         Ok(sent)
     }
 
-    fn lost(&self, doing: &str, e: &openssh::Error) -> RemoteError {
+    fn lost(&self, doing: &str, e: impl std::fmt::Display) -> RemoteError {
         RemoteError::Lost {
             host: self.name.clone(),
             doing: doing.to_owned(),

@@ -22,10 +22,10 @@ pub const PORTABLES: &str = "/var/lib/portables";
 mod scripts;
 
 use scripts::{
-    activation_script, check_script, judge, lock_script, preflight_script, prune_candidates,
-    units_to_check,
+    activation_script, check_script, judge, lock_script, parse_attached, preflight_script,
+    prune_candidates, units_to_check,
 };
-pub use scripts::{dropin_image, parse_attached, parse_show, show_script, LIST_ATTACHED};
+pub use scripts::{dropin_image, parse_show, show_script, LIST_ATTACHED};
 
 /// One image to run on a host.
 #[derive(Debug, Clone)]
@@ -140,7 +140,7 @@ pub struct ServiceReport {
     pub image: String,
     pub sha256: String,
     pub upload: bool,
-    pub action: Option<Action>,
+    pub action: Action,
     pub previous: Option<String>,
 }
 
@@ -410,7 +410,7 @@ async fn run_locked(
             image: target.clone(),
             sha256: svc.sha256.clone(),
             upload,
-            action: Some(action),
+            action,
             previous: attached.image.clone(),
         });
         todos.push(Todo {
@@ -496,7 +496,6 @@ async fn run_locked(
         }
         if let Some(e) = failure {
             if !settings.rollback {
-                r.error = Some(e.to_string());
                 return Err(e);
             }
             let t = timer(r, view, host, Stage::Rollback);
@@ -534,6 +533,12 @@ async fn run_locked(
         view.note(host, &format!("pruning old images failed: {e}"));
     }
     Ok(Outcome::Healthy)
+}
+
+/// The image `service` is attached from on the host, if any.
+pub async fn attached_image(remote: &Remote, service: &str) -> Result<Option<String>, DeployError> {
+    let listing = step(remote, LIST_ATTACHED, "reading attached images").await?;
+    Ok(parse_attached(&listing.stdout, service).image)
 }
 
 pub async fn remote_sha256(remote: &Remote, path: &str) -> Result<Option<String>, DeployError> {
@@ -590,7 +595,7 @@ async fn push(
     step(
         remote,
         &format!(
-            "chmod 0644 {t} && mv -f {t} {f} && sync -f {f} 2>/dev/null; true",
+            "chmod 0644 {t} && mv -f {t} {f} && {{ sync -f {f} 2>/dev/null || true; }}",
             t = q(&tmp),
             f = q(target)
         ),

@@ -2,15 +2,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Component, Path, PathBuf};
 
 use backhand::{FilesystemReader, InnerNode, Node, SquashfsFileReader};
-use sha2::{Digest, Sha256};
 
 use super::error::ImageError;
 use super::layout::{parse_os_release, BASE_DIRS, EMPTY_FILES};
+use super::sqfs::{self, SUPERBLOCK_SIZE};
 use crate::spec::{unit_matches_prefix, UNIT_SUFFIXES};
 
 /// What [`inspect`] found in an image.
@@ -60,27 +60,18 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let mut magic = [0u8; 4];
-    if size < 96 || file.read_exact(&mut magic).is_err() || &magic != b"hsqs" {
+    if size < SUPERBLOCK_SIZE as u64
+        || file.read_exact(&mut magic).is_err()
+        || magic != sqfs::MAGIC.to_le_bytes()
+    {
         return Err(ImageError::NotSquashfs {
             path: path.to_owned(),
         });
     }
-    let sha256 = {
-        let mut f = File::open(path).map_err(read_err)?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = f.read(&mut buf).map_err(read_err)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-        }
-        hex::encode(hasher.finalize())
-    };
+    let sha256 = super::pack::hash_file(&file, size).map_err(read_err)?;
 
+    file.rewind().map_err(read_err)?;
     let opened = panic::catch_unwind(AssertUnwindSafe(|| {
-        let file = File::open(path).map_err(read_err)?;
         FilesystemReader::from_reader(BufReader::new(file)).map_err(|e| corrupt(e.to_string()))
     }));
     let fs = match opened {

@@ -204,7 +204,7 @@ impl Tracker<'_> {
 /// the digest cannot be computed as the bytes go out: SHA-256 cannot take a
 /// prefix afterwards. The image is read back once, from the page cache
 /// (about 30 ms for a 40 MB image).
-fn hash_file(file: &File, len: u64) -> io::Result<String> {
+pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<String> {
     use std::os::unix::fs::FileExt;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -20,6 +20,8 @@ use super::compress::{compress_block, Codec, Compression};
 use super::error::ImageError;
 
 pub(crate) const SUPERBLOCK_SIZE: usize = 96;
+/// The superblock's first word: "hsqs" on disk.
+pub(crate) const MAGIC: u32 = 0x7371_7368;
 pub(crate) const METADATA_SIZE: usize = 8192;
 /// Bit of a data block size: stored uncompressed.
 pub(crate) const DATA_UNCOMPRESSED: u32 = 1 << 24;
@@ -86,7 +88,7 @@ impl SuperBlock {
     pub(crate) fn to_bytes(self, codec: &Codec) -> [u8; SUPERBLOCK_SIZE] {
         let (id, _) = compressor_id_and_options(codec);
         let mut b = Vec::with_capacity(SUPERBLOCK_SIZE);
-        b.extend_from_slice(&0x7371_7368u32.to_le_bytes()); // "hsqs"
+        b.extend_from_slice(&MAGIC.to_le_bytes());
         b.extend_from_slice(&self.inode_count.to_le_bytes());
         b.extend_from_slice(&0u32.to_le_bytes()); // mtime
         b.extend_from_slice(&codec.block_size.to_le_bytes());

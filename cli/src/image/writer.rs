@@ -271,9 +271,10 @@ fn write_data(
     // progress bar block by block instead of jumping at its end.
     let mut reported = 0u64;
     let lost = || ImageError::Writer("a compression thread stopped".into());
+    // Batches unpacked in place; `Vec::new()` allocates nothing.
     let messages = order.into_iter().flat_map(|msg| match msg {
-        Msg::Batch(batch) => batch,
-        msg => vec![msg],
+        Msg::Batch(batch) => batch.into_iter().chain(None),
+        msg => Vec::new().into_iter().chain(Some(msg)),
     });
     for msg in messages {
         let placed = match msg {
