@@ -129,13 +129,7 @@ fn unchanged_closure_returns_the_existing_image() {
 #[test]
 fn path_flake_ref_of_a_copy() {
     let copy = tmp();
-    let status = std::process::Command::new("cp")
-        .arg("-rL")
-        .arg(repo().join("examples/demo"))
-        .arg(copy.path().join("demo"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    copy_demo(&copy.path().join("demo"));
     let r = format!("path:{}#demo-v2", copy.path().join("demo").display());
     let (_, j) = build_json(&[&r]);
     assert_eq!(j["name"], "demo");

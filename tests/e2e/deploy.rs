@@ -18,9 +18,7 @@ struct Target {
 }
 
 fn target(guest: Guest, name: &str) -> Target {
-    let host = shared()
-        .host(guest, name)
-        .unwrap_or_else(|e| panic!("lab: {e}"));
+    let host = lab_host(guest, name);
     let cache = tempfile::tempdir().unwrap();
     let config = host.ssh_config_path();
     Target {
@@ -251,14 +249,7 @@ fn socket_activated_service_with_template() {
 fn inventory(hosts_nix: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().join("demo");
-    let ok = std::process::Command::new("cp")
-        .arg("-rL")
-        .arg(repo().join("examples/demo"))
-        .arg(&demo)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+    copy_demo(&demo);
     std::fs::write(demo.join("hosts.nix"), hosts_nix).unwrap();
     let flake = format!("path:{}", demo.display());
     (dir, flake)

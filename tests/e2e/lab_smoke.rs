@@ -1,7 +1,9 @@
 //! The lab itself: each guest boots with systemd as PID 1, runs the expected
 //! systemd, and attaches, runs and detaches a hand-made portable service.
 
-use attache_lab::{busybox_portable_image, shared, Guest};
+use attache_lab::{busybox_portable_image, Guest};
+
+use crate::support::lab_host;
 
 const SMOKE_UNIT: &str = "[Unit]
 Description=lab smoke service
@@ -11,9 +13,7 @@ ExecStart=/bin/busybox httpd -f -p 127.0.0.1:8080 -h /etc
 ";
 
 fn smoke(guest: Guest) {
-    let host = shared()
-        .host(guest, &format!("smoke-{guest}"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let host = lab_host(guest, &format!("smoke-{guest}"));
 
     let state = host.ssh("systemctl is-system-running --wait");
     let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
@@ -83,9 +83,7 @@ fn trixie_runs_a_portable_service() {
 /// full disk fails writes, killed connections come back.
 #[test]
 fn lab_faults_work() {
-    let host = shared()
-        .host(Guest::Bookworm, "faults")
-        .unwrap_or_else(|e| panic!("{e}"));
+    let host = lab_host(Guest::Bookworm, "faults");
     // A fresh connection, bypassing the helpers' shared one.
     let fresh = || {
         std::process::Command::new("ssh")

@@ -13,6 +13,26 @@ pub fn repo() -> PathBuf {
         .to_owned()
 }
 
+/// Copies the demo flake to `dest` with its symlinks followed (a `path:`
+/// flake cannot follow the links into the repository), for `path:DEST`.
+pub fn copy_demo(dest: &Path) {
+    let status = Command::new("cp")
+        .arg("-rL")
+        .arg(repo().join("examples/demo"))
+        .arg(dest)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cp -rL examples/demo: {status}");
+}
+
+/// A host from the shared lab; the test fails with the lab's error if it
+/// cannot be had.
+pub fn lab_host(guest: attache_lab::Guest, name: &str) -> attache_lab::Host {
+    attache_lab::shared()
+        .host(guest, name)
+        .unwrap_or_else(|e| panic!("lab: {e}"))
+}
+
 pub fn attache_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_attache"))
 }

@@ -234,11 +234,6 @@ impl Host {
         )
     }
 
-    /// Writes an SSH config with this host's block for `user`.
-    pub fn write_ssh_config_as(&self, user: &str, path: &Path) -> Result<()> {
-        fs::write(path, self.ssh_config_as(user)).context(|| format!("writing {}", path.display()))
-    }
-
     fn write_known_hosts(&self, host_key: &str) -> Result<()> {
         let key: Vec<&str> = host_key.split_whitespace().take(2).collect();
         fs::write(
@@ -474,15 +469,6 @@ impl Host {
         }
         Ok(out)
     }
-
-    /// The guest's serial console since the host started.
-    pub fn serial_log(&self) -> String {
-        String::from_utf8_lossy(&fs::read(self.run_dir.join("serial.log")).unwrap_or_default())
-            .into_owned()
-    }
-
-    /// Stops the host now (what dropping it does).
-    pub fn stop(self) {}
 
     fn wait_ssh(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;

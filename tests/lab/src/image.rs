@@ -286,13 +286,10 @@ fn run_script(name: &str, text: &str, work: &Path, args: &[&str]) -> Result<()> 
         .context(|| format!("running {name}"))?;
     let _ = fs::remove_file(&script);
     if !status.success() {
-        let out = fs::read_to_string(&log).unwrap_or_default();
-        let tail: Vec<&str> = out.lines().rev().take(30).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
         return Err(Error::new(format!(
             "{name} failed ({status}); log {}:\n{}",
             log.display(),
-            tail.join("\n")
+            vm::tail(&log, 30)
         )));
     }
     let _ = fs::remove_file(&log);
