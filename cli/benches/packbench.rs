@@ -13,6 +13,9 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 #[allow(dead_code)]
+#[path = "../src/names.rs"]
+mod names;
+#[allow(dead_code)]
 #[path = "../src/spec.rs"]
 mod spec;
 

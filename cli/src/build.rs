@@ -29,6 +29,9 @@ pub struct Built {
     /// The units in the image, and whether attach enables them.
     #[serde(default)]
     pub units: Vec<BuiltUnit>,
+    /// The unit prefixes the image declares (`PORTABLE_PREFIXES`).
+    #[serde(default)]
+    pub prefixes: Vec<String>,
 }
 
 /// A unit of a built image: what the deploy health check needs to know.
@@ -377,8 +380,9 @@ pub fn build_image(
     dry_run: bool,
     ui: &Ui,
 ) -> Result<Built, Error> {
-    let (spec, hints, out, _gcroot) = resolve(source, ui)?;
+    let (mut spec, hints, out, _gcroot) = resolve(source, ui)?;
     spec::validate(&spec)?;
+    spec::declare_unit_prefixes(&mut spec);
     let opts = pack_options(pack, &hints);
     let file_name = format!("{}_{}.raw", spec.name, spec.version);
     if dry_run {
@@ -392,6 +396,7 @@ pub fn build_image(
             ),
         );
         let units = built_units(&spec);
+        let prefixes = spec::portable_prefixes(&spec);
         return Ok(Built {
             path: out_dir.join(&file_name),
             name: spec.name,
@@ -401,6 +406,7 @@ pub fn build_image(
             cached: false,
             store_path: out,
             units,
+            prefixes,
         });
     }
     std::fs::create_dir_all(out_dir)
@@ -416,6 +422,7 @@ pub fn build_image(
             cached: true,
             store_path: out,
             units: built_units(&spec),
+            prefixes: spec::portable_prefixes(&spec),
             ..hit
         });
     }
@@ -430,6 +437,7 @@ pub fn build_image(
         cached: false,
         store_path: out,
         units: built_units(&spec),
+        prefixes: spec::portable_prefixes(&spec),
     };
     cache.store(&key, &built);
     Ok(built)

@@ -8,16 +8,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Serialize;
 use serde_json::json;
 
 use crate::build::{self, Built};
 use crate::cli::{DeployArgs, HostServiceArgs, PackArgs, SourceArgs, SshArgs, StatusArgs};
-use crate::deploy::{self, parse_show, HostPlan, HostReport, Outcome, ServicePlan, Settings};
+use crate::deploy::{self, HostPlan, HostReport, HostSession, Outcome, ServicePlan, Settings};
 use crate::error::Error;
 use crate::inventory::{self, Host};
 use crate::nix::{Installable, Nix, NixError};
-use crate::remote::{Destination, Elevation, Remote, SshOptions};
+use crate::remote::{Destination, Elevation, SshOptions};
 use crate::ui::{DeployView, Ui};
 
 fn ssh_options(a: &SshArgs) -> SshOptions {
@@ -97,6 +96,7 @@ fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
         sha256: b.sha256.clone(),
         size: b.size,
         units: b.units.clone(),
+        prefixes: b.prefixes.clone(),
         checks,
     }
 }
@@ -233,15 +233,7 @@ fn good(o: Outcome) -> bool {
 }
 
 fn skipped(host: &str, why: &str) -> HostReport {
-    HostReport {
-        host: host.to_owned(),
-        outcome: Outcome::Skipped,
-        stages: Vec::new(),
-        bytes_sent: 0,
-        services: Vec::new(),
-        error: Some(why.to_owned()),
-        rollback_error: None,
-    }
+    HostReport::skipped(host, why)
 }
 
 async fn run_batch(
@@ -363,17 +355,6 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     })
 }
 
-/// One attached image, as `attache status` shows it.
-#[derive(Debug, Serialize)]
-struct ServiceStatus {
-    name: String,
-    version: String,
-    image: String,
-    sha256: String,
-    /// Unit -> "ACTIVE (SUB)", or "template".
-    units: BTreeMap<String, String>,
-}
-
 /// Hosts named on the command line: inventory names and @tags when the
 /// flake has an inventory, else SSH destinations.
 fn resolve_hosts(
@@ -486,63 +467,11 @@ async fn host_status(
     dest: &Destination,
     opts: &SshOptions,
     elev: Elevation,
-) -> Result<Vec<ServiceStatus>, deploy::DeployError> {
-    let remote = Remote::connect(name, dest, opts, elev).await?;
-    let listing = remote
-        .run(deploy::LIST_ATTACHED, "reading attached images")
-        .await?;
-    // Group units by the image their drop-in names.
-    let mut by_image: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for line in listing.stdout.lines() {
-        if let Some((unit, img)) = line
-            .split_once('\t')
-            .and_then(|(u, first)| Some((u, deploy::dropin_image(first)?)))
-        {
-            by_image
-                .entry(img.to_owned())
-                .or_default()
-                .push(unit.to_owned());
-        }
-    }
-    let mut services = Vec::new();
-    for (image, units) in by_image {
-        let file = image.rsplit('/').next().unwrap_or(&image).to_owned();
-        let stem = file.strip_suffix(".raw").unwrap_or(&file);
-        let (svc, version) = stem.split_once('_').unwrap_or((stem, ""));
-        let sha = deploy::remote_sha256(&remote, &image)
-            .await?
-            .unwrap_or_default();
-        let real: Vec<String> = units
-            .iter()
-            .filter(|u| !u.contains("@."))
-            .cloned()
-            .collect();
-        let states = parse_show(
-            &remote
-                .run(&deploy::show_script(&real), "reading unit states")
-                .await?
-                .stdout,
-        );
-        let units = units
-            .iter()
-            .map(|u| {
-                let s = states
-                    .get(u)
-                    .map(|s| format!("{} ({})", s.active, s.sub))
-                    .unwrap_or_else(|| "template".into());
-                (u.clone(), s)
-            })
-            .collect();
-        services.push(ServiceStatus {
-            name: svc.to_owned(),
-            version: version.to_owned(),
-            image,
-            sha256: sha,
-            units,
-        });
-    }
-    remote.close().await;
-    Ok(services)
+) -> Result<Vec<deploy::ServiceStatus>, deploy::HostError> {
+    let s = HostSession::connect(name, dest, opts, elev).await?;
+    let r = deploy::host_status(&s).await;
+    s.close().await;
+    r
 }
 
 fn one_host(args: &HostServiceArgs) -> Result<(String, Destination, Elevation), Error> {
@@ -561,30 +490,17 @@ pub fn rollback(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
     let (name, dest, elev) = one_host(args)?;
     let opts = ssh_options(&args.ssh);
     let rt = runtime()?;
-    let r: Result<String, deploy::DeployError> = rt.block_on(async {
-        let remote = Remote::connect(&name, &dest, &opts, elev).await?;
-        let prev = deploy::read_previous(&remote, &args.service).await?;
-        let current = deploy::attached_image(&remote, &args.service).await?;
-        let Some(prev) = prev.filter(|p| Some(p) != current.as_ref()) else {
-            return Err(deploy::DeployError::Step {
-                host: name.clone(),
-                doing: "rollback".into(),
-                output: format!(
-                    "no earlier image of {} is recorded on this host; deploy the version you want instead",
-                    args.service
-                ),
-            });
-        };
-        ui.status("Rolling back", format!("{name}: {} -> {prev}", current.clone().unwrap_or_default()));
-        deploy::activate(&remote, "reattach", &prev, &args.profile, &args.service).await?;
-        // The image we left becomes the one to go back to.
-        if current.is_some() {
-            deploy::record_previous(&remote, &args.service, current.as_deref()).await;
-        }
-        remote.close().await;
-        Ok(prev)
+    let r = rt.block_on(async {
+        let mut s = HostSession::connect(&name, &dest, &opts, elev).await?;
+        let r = deploy::rollback_service(&mut s, &args.service, &args.profile).await;
+        s.close().await;
+        r
     });
-    let prev = r.map_err(|e| Error::Remote(e.to_string()))?;
+    let (left, prev) = r.map_err(host_error)?;
+    ui.status(
+        "Rolled back",
+        format!("{name}: {} -> {prev}", left.unwrap_or_default()),
+    );
     ui.result(
         &json!({"host": name, "service": args.service, "image": prev}),
         &format!("{name}: {} now runs {prev}", args.service),
@@ -596,24 +512,24 @@ pub fn detach(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
     let (name, dest, elev) = one_host(args)?;
     let opts = ssh_options(&args.ssh);
     let rt = runtime()?;
-    let r: Result<String, deploy::DeployError> = rt.block_on(async {
-        let remote = Remote::connect(&name, &dest, &opts, elev).await?;
-        let Some(image) = deploy::attached_image(&remote, &args.service).await? else {
-            return Err(deploy::DeployError::Step {
-                host: name.clone(),
-                doing: "detach".into(),
-                output: format!("{} is not attached on this host", args.service),
-            });
-        };
-        ui.status("Detaching", format!("{name}: {image}"));
-        deploy::detach(&remote, &args.service, &image).await?;
-        remote.close().await;
-        Ok(image)
+    let r = rt.block_on(async {
+        let mut s = HostSession::connect(&name, &dest, &opts, elev).await?;
+        let r = deploy::detach_service(&mut s, &args.service).await;
+        s.close().await;
+        r
     });
-    let image = r.map_err(|e| Error::Remote(e.to_string()))?;
+    let image = r.map_err(host_error)?;
     ui.result(
         &json!({"host": name, "service": args.service, "detached": image}),
         &format!("{name}: detached {image}"),
     );
     Ok(())
+}
+
+fn host_error(e: deploy::HostError) -> Error {
+    if e.is_user_error() {
+        Error::Usage(e.to_string())
+    } else {
+        Error::Remote(e.to_string())
+    }
 }

@@ -15,6 +15,7 @@ mod fleet;
 mod image;
 mod inspect;
 mod inventory;
+mod names;
 mod nix;
 mod remote;
 mod spec;

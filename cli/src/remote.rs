@@ -85,27 +85,27 @@ pub enum RemoteError {
         "'{destination}' is not a valid SSH destination: use HOST, USER@HOST or USER@HOST:PORT"
     )]
     BadDestination { destination: String },
-    #[error("{host}: the host key has changed (the host now offers {fingerprint}). If the host was reinstalled, remove the old key with `ssh-keygen -R {host}`; otherwise someone may be intercepting the connection")]
+    #[error("the host key has changed (the host now offers {fingerprint}). If the host was reinstalled, remove the old key with `ssh-keygen -R {host}`; otherwise someone may be intercepting the connection")]
     HostKeyChanged { host: String, fingerprint: String },
-    #[error("{host}: the host key is unknown ({fingerprint}). Check it, then add it with `ssh {host} true` or rerun with --accept-new-host-keys")]
+    #[error("the host key is unknown ({fingerprint}). Check it, then add it with `ssh {host} true` or rerun with --accept-new-host-keys")]
     HostKeyUnknown { host: String, fingerprint: String },
-    #[error("{host}: cannot connect over SSH: {reason}. Check that the host is up and that `ssh {host} true` works")]
+    #[error("cannot connect over SSH: {reason}. Check that the host is up and that `ssh {host} true` works")]
     Unreachable { host: String, reason: String },
-    #[error("{host}: sudo needs a password for user {user}; attache runs sudo non-interactively. Allow passwordless sudo for that user (NOPASSWD), or deploy as root")]
+    #[error("sudo needs a password for user {user}; attache runs sudo non-interactively. Allow passwordless sudo for that user (NOPASSWD), or deploy as root")]
     SudoPassword { host: String, user: String },
-    #[error("{host}: user {user} may not run commands as root with sudo ({says}); deploy as root, or give {user} passwordless sudo")]
+    #[error("user {user} may not run commands as root with sudo ({says}); deploy as root, or give {user} passwordless sudo")]
     NoSudo {
         host: String,
         user: String,
         says: String,
     },
-    #[error("{host}: the SSH connection was lost while {doing}: {reason}. The host keeps its previous state; run the command again")]
+    #[error("the SSH connection was lost while {doing}: {reason}. The host keeps its previous state; run the command again")]
     Lost {
         host: String,
         doing: String,
         reason: String,
     },
-    #[error("{host}: could not read {path}: {source}")]
+    #[error("could not read {path}: {source}")]
     LocalIo {
         host: String,
         path: String,

@@ -142,6 +142,21 @@ pub fn validate(spec: &ImageSpec) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// Declares the stems of the image's own units as its `PORTABLE_PREFIXES`
+/// when the user declared none. With the image name as prefix, portabled
+/// would match another service's units too (`shop` matches
+/// `shop-admin-web.service`); with the stems, attach, reattach and detach
+/// touch this image's units only. Call after [`validate`], which holds the
+/// units to the image name.
+pub fn declare_unit_prefixes(spec: &mut ImageSpec) {
+    if spec.os_release.contains_key("PORTABLE_PREFIXES") {
+        return;
+    }
+    let stems = crate::names::unit_prefixes(spec.units.iter().map(|u| u.name.as_str()));
+    spec.os_release
+        .insert("PORTABLE_PREFIXES".into(), stems.join(" "));
+}
+
 /// The prefixes units must start with: `PORTABLE_PREFIXES=` when set, else
 /// the image name.
 pub fn portable_prefixes(spec: &ImageSpec) -> Vec<String> {
@@ -313,11 +328,11 @@ pub fn os_release(input: &OsReleaseInput<'_>) -> BTreeMap<String, String> {
         "PORTABLE_PRETTY_NAME".into(),
         pretty.unwrap_or(input.name).into(),
     );
-    let prefixes = match input.prefixes {
-        Some(p) if !p.is_empty() => p.join(" "),
-        _ => input.name.into(),
-    };
-    m.insert("PORTABLE_PREFIXES".into(), prefixes);
+    // Left out by default: `declare_unit_prefixes` fills it in once the
+    // units are known and checked against the image name.
+    if let Some(p) = input.prefixes.filter(|p| !p.is_empty()) {
+        m.insert("PORTABLE_PREFIXES".into(), p.join(" "));
+    }
     m.insert("IMAGE_ID".into(), input.name.into());
     m.insert("IMAGE_VERSION".into(), input.version.into());
     if let Some(h) = input.homepage.filter(|s| !s.is_empty()) {
@@ -513,7 +528,7 @@ mod tests {
             extra: &extra,
         });
         assert_eq!(m["ID"], "debian");
-        assert_eq!(m["PORTABLE_PREFIXES"], "demo");
+        assert!(!m.contains_key("PORTABLE_PREFIXES"));
         assert_eq!(m["PORTABLE_PRETTY_NAME"], "Demo web server");
         assert_eq!(m["PRETTY_NAME"], "Demo web server 1.0");
         assert_eq!(m["VERSION_ID"], "1.0");

@@ -242,3 +242,16 @@ impl DeployView {
         }
     }
 }
+
+impl crate::deploy::Events for DeployView {
+    fn emit(&self, host: &str, event: crate::deploy::Event<'_>) {
+        use crate::deploy::Event;
+        match event {
+            Event::Stage(s) => self.stage(host, s),
+            Event::Note(n) => self.note(host, n),
+            Event::PushStarted { bytes } => self.push_started(host, bytes),
+            Event::PushProgress { sent } => self.push_progress(host, sent),
+            Event::Done { outcome, error } => self.done(host, outcome, error),
+        }
+    }
+}

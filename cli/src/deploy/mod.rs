@@ -1,42 +1,56 @@
-//! `attache deploy`: per host, preflight -> push -> activate -> health ->
-//! (rollback) -> prune, for many hosts at once.
+//! `attache deploy` on one host, as one transaction over every service it
+//! changes: connect -> lock -> read the host -> plan -> push -> arm the
+//! host's own revert -> activate all -> check all -> confirm, or put all back.
 //!
 //! The truth about what is attached comes from the units' drop-ins
-//! (`system.attached/UNIT.d/20-portable.conf`), never from `portablectl
-//! list`, which on systemd 252 reports every image of a prefix as attached.
+//! (`system.attached/UNIT.d/20-portable.conf`), told apart by image file,
+//! never from unit prefixes nor `portablectl list`.
+//!
+//! - `ops`: the remote protocol (every script, and its parser);
+//! - `plan`: what to do, as a pure function of the host's facts;
+//! - `health`: is it running;
+//! - `manage`: `status`, `rollback` and `detach` of one service;
+//! - `session`: the connection and the host's lock;
+//! - `report`, `error`: what a host ends with.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
 use crate::build::BuiltUnit;
 use crate::inventory::Check;
-use crate::remote::{q, Destination, Elevation, Remote, RemoteError, SshOptions};
-use crate::ui::DeployView;
+use crate::names::basename;
+use crate::remote::{Destination, Elevation, SshOptions};
 
-pub const PORTABLES: &str = "/var/lib/portables";
+mod error;
+mod health;
+mod manage;
+mod ops;
+mod plan;
+mod report;
+mod session;
 
-mod scripts;
+pub use error::{Cause, HostError};
+pub use manage::{detach_service, host_status, rollback_service, ServiceStatus};
+pub use plan::Action;
+pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage, StageTime};
+pub use session::HostSession;
 
-use scripts::{
-    activation_script, check_script, judge, lock_script, parse_attached, preflight_script,
-    prune_candidates, units_to_check,
-};
-pub use scripts::{dropin_image, parse_show, show_script, LIST_ATTACHED};
+use ops::{Disarmed, HostFacts, PortableCall};
+use plan::{Plan, Step};
 
 /// One image to run on a host.
 #[derive(Debug, Clone)]
 pub struct ServicePlan {
-    /// Unit prefix: the image name.
+    /// The image name, which is the service's name.
     pub name: String,
     pub version: String,
     pub local: PathBuf,
     pub sha256: String,
     pub size: u64,
     pub units: Vec<BuiltUnit>,
+    /// The unit prefixes the image declares (`PORTABLE_PREFIXES`).
+    pub prefixes: Vec<String>,
     pub checks: Vec<Check>,
 }
 
@@ -63,173 +77,47 @@ pub struct Settings {
     pub rollback_after: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Stage {
-    Connect,
-    Lock,
-    Preflight,
-    Push,
-    Activate,
-    Health,
-    Rollback,
-    Prune,
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Stage::Connect => "connecting",
-            Stage::Lock => "locking",
-            Stage::Preflight => "preflight",
-            Stage::Push => "pushing",
-            Stage::Activate => "activating",
-            Stage::Health => "health check",
-            Stage::Rollback => "rolling back",
-            Stage::Prune => "pruning",
-        })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Outcome {
-    /// Every service runs the new version and passed its checks.
-    Healthy,
-    /// The new version failed; the previous one is back (or none was there
-    /// and the new one was detached).
-    RolledBack,
-    /// Failed, and the host may not be in its previous state.
-    Failed,
-    /// Not attempted (a canary failed, or a failure stopped the run).
-    Skipped,
-    /// `--dry-run`: the plan only.
-    Planned,
-}
-
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Outcome::Healthy => "healthy",
-            Outcome::RolledBack => "rolled-back",
-            Outcome::Failed => "failed",
-            Outcome::Skipped => "skipped",
-            Outcome::Planned => "planned",
-        })
-    }
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StageTime {
-    pub stage: Stage,
-    pub ms: u128,
-    pub ok: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Action {
-    Attach,
-    Reattach,
-    Unchanged,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceReport {
-    pub name: String,
-    pub image: String,
-    pub sha256: String,
-    pub upload: bool,
-    pub action: Action,
-    pub previous: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct HostReport {
-    pub host: String,
-    pub outcome: Outcome,
-    pub stages: Vec<StageTime>,
-    pub bytes_sent: u64,
-    pub services: Vec<ServiceReport>,
-    pub error: Option<String>,
-    pub rollback_error: Option<String>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DeployError {
-    #[error(transparent)]
-    Remote(#[from] RemoteError),
-    #[error("{host}: another attache is deploying to this host ({holder}); wait for it to finish")]
-    Locked { host: String, holder: String },
-    #[error("{host}: portablectl is missing; install systemd-container on the host (apt install systemd-container)")]
-    NoPortablectl { host: String },
-    #[error("{host}: systemd {version} is too old; attache needs systemd 248 or newer (portablectl reattach)")]
-    OldSystemd { host: String, version: u32 },
-    #[error("{host}: not enough space in {PORTABLES}: {free_mb} MB free, {need_mb} MB needed; free some space (old images: attache prunes to --keep)")]
-    NoSpace {
-        host: String,
-        free_mb: u64,
-        need_mb: u64,
-    },
-    #[error("{host}: the uploaded {image} has sha256 {got}, expected {want}; the upload was corrupted, nothing was changed. Run the command again")]
-    Corrupt {
-        host: String,
-        image: String,
-        got: String,
-        want: String,
-    },
-    #[error("{host}: portablectl {verb} {image} failed:\n{output}")]
-    Activate {
-        host: String,
-        verb: &'static str,
-        image: String,
-        output: String,
-    },
-    #[error("{host}: {image} is not healthy: {reason}")]
-    Unhealthy {
-        host: String,
-        image: String,
-        reason: String,
-    },
-    #[error("{host}: a remote step failed ({doing}): {output}")]
-    Step {
-        host: String,
-        doing: String,
-        output: String,
-    },
-}
-
 /// Runs the whole pipeline on one host. Never panics; always returns a
 /// report saying where the host ended.
-pub async fn deploy_host(plan: HostPlan, settings: Arc<Settings>, view: DeployView) -> HostReport {
-    let mut r = HostReport {
-        host: plan.name.clone(),
-        outcome: Outcome::Failed,
-        stages: Vec::new(),
-        bytes_sent: 0,
-        services: Vec::new(),
-        error: None,
-        rollback_error: None,
+pub async fn deploy_host<E: Events>(plan: HostPlan, settings: Arc<Settings>, ev: E) -> HostReport {
+    let mut r = HostReport::new(&plan.name);
+    let run = Run {
+        plan: &plan,
+        settings: &settings,
+        ev: &ev,
     };
-    match run_host(&plan, &settings, &view, &mut r).await {
+    match run.host(&mut r).await {
         Ok(outcome) => r.outcome = outcome,
-        Err(e) => {
-            r.error = Some(e.to_string());
-        }
+        Err(e) => r.error = Some(e.to_string()),
     }
-    view.done(&plan.name, r.outcome, r.error.as_deref());
+    if r.outcome == Outcome::Failed {
+        r.set_changed(Outcome::Failed);
+    }
+    ev.emit(
+        &plan.name,
+        Event::Done {
+            outcome: r.outcome,
+            error: r.error.as_deref(),
+        },
+    );
     r
 }
 
-struct Timer<'a> {
-    stage: Stage,
-    start: Instant,
-    report: &'a mut HostReport,
+struct Run<'a, E> {
+    plan: &'a HostPlan,
+    settings: &'a Settings,
+    ev: &'a E,
 }
 
-impl Timer<'_> {
-    fn end(self, ok: bool) {
-        self.report.stages.push(StageTime {
+/// Times a stage into the report.
+struct Timer {
+    stage: Stage,
+    start: Instant,
+}
+
+impl Timer {
+    fn end(self, r: &mut HostReport, ok: bool) {
+        r.stages.push(StageTime {
             stage: self.stage,
             ms: self.start.elapsed().as_millis(),
             ok,
@@ -237,641 +125,372 @@ impl Timer<'_> {
     }
 }
 
-fn timer<'a>(r: &'a mut HostReport, view: &DeployView, host: &str, stage: Stage) -> Timer<'a> {
-    view.stage(host, stage);
-    Timer {
-        stage,
-        start: Instant::now(),
-        report: r,
-    }
-}
-
-async fn run_host(
-    plan: &HostPlan,
-    settings: &Settings,
-    view: &DeployView,
-    r: &mut HostReport,
-) -> Result<Outcome, DeployError> {
-    let host = plan.name.as_str();
-    let t = timer(r, view, host, Stage::Connect);
-    let remote = Remote::connect(host, &plan.destination, &settings.ssh, plan.elevation).await;
-    t.end(remote.is_ok());
-    let remote = remote?;
-
-    let t = timer(r, view, host, Stage::Lock);
-    let holder = format!(
-        "{}@{} pid {} since {}",
-        std::env::var("USER").unwrap_or_else(|_| "?".into()),
-        hostname(),
-        std::process::id(),
-        unix_now()
-    );
-    let mut lock = remote.spawn_held(&lock_script(&holder)).await?;
-    let first = read_first_line(&mut lock).await;
-    t.end(first.starts_with("LOCKED"));
-    if !first.starts_with("LOCKED") {
-        let rest = lock
-            .wait_with_output()
-            .await
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default();
-        return Err(DeployError::Locked {
-            host: host.to_owned(),
-            holder: if rest.is_empty() {
-                "holder unknown".into()
-            } else {
-                rest
-            },
-        });
+impl<E: Events> Run<'_, E> {
+    fn host_name(&self) -> &str {
+        &self.plan.name
     }
 
-    let result = run_locked(&remote, plan, settings, view, r).await;
-    // Closing stdin ends `cat` and with it the lock.
-    drop(lock.stdin().take());
-    let _ = lock.wait().await;
-    remote.close().await;
-    result
-}
-
-async fn read_first_line(child: &mut openssh::Child<Arc<openssh::Session>>) -> String {
-    use tokio::io::AsyncReadExt;
-    let Some(out) = child.stdout().as_mut() else {
-        return String::new();
-    };
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 4096 {
-        match out.read(&mut byte).await {
-            Ok(1) if byte[0] == b'\n' => break,
-            Ok(1) => line.push(byte[0]),
-            _ => break,
+    fn stage(&self, stage: Stage) -> Timer {
+        self.ev.emit(self.host_name(), Event::Stage(stage));
+        Timer {
+            stage,
+            start: Instant::now(),
         }
     }
-    String::from_utf8_lossy(&line).into_owned()
-}
 
-async fn step(
-    remote: &Remote,
-    script: &str,
-    doing: &str,
-) -> Result<crate::remote::RemoteOutput, DeployError> {
-    let out = remote.run(script, doing).await?;
-    if !out.success() {
-        return Err(DeployError::Step {
-            host: remote.name.clone(),
-            doing: doing.to_owned(),
-            output: out.tail(),
-        });
-    }
-    Ok(out)
-}
-
-async fn run_locked(
-    remote: &Remote,
-    plan: &HostPlan,
-    settings: &Settings,
-    view: &DeployView,
-    r: &mut HostReport,
-) -> Result<Outcome, DeployError> {
-    let host = plan.name.as_str();
-    let t = timer(r, view, host, Stage::Preflight);
-    let pre = step(remote, &preflight_script(), "preflight").await;
-    t.end(pre.is_ok());
-    let pre = pre?;
-    let facts: BTreeMap<&str, &str> = pre
-        .stdout
-        .lines()
-        .filter_map(|l| l.split_once('='))
-        .collect();
-    if facts.get("portablectl").is_none_or(|p| p.is_empty()) {
-        return Err(DeployError::NoPortablectl {
-            host: host.to_owned(),
-        });
-    }
-    let version: u32 = facts
-        .get("systemd")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    if version < 248 {
-        return Err(DeployError::OldSystemd {
-            host: host.to_owned(),
-            version,
-        });
-    }
-    let free_kb: u64 = facts
-        .get("free_kb")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(u64::MAX);
-    let listing = step(remote, LIST_ATTACHED, "reading attached images").await?;
-
-    // Plan each service: which file, upload or not, attach or reattach.
-    struct Todo<'a> {
-        svc: &'a ServicePlan,
-        target: String,
-        upload: bool,
-        action: Action,
-        previous: Option<String>,
-    }
-    let mut todos = Vec::new();
-    let mut need_kb = 0u64;
-    for svc in &plan.services {
-        let attached = parse_attached(&listing.stdout, &svc.name);
-        let base = format!("{}_{}", svc.name, svc.version);
-        let mut target = format!("{PORTABLES}/{base}.raw");
-        let mut remote_sha = remote_sha256(remote, &target).await?;
-        // Same name, other content, and attached: portabled cannot
-        // reattach the same name, and overwriting an attached image is
-        // picked up silently at the next restart. Give the new content
-        // its own name instead.
-        if remote_sha.as_deref().is_some_and(|s| s != svc.sha256)
-            && attached.image.as_deref() == Some(target.as_str())
-        {
-            target = format!("{PORTABLES}/{base}-{}.raw", &svc.sha256[..8]);
-            remote_sha = remote_sha256(remote, &target).await?;
-            view.note(
-                host,
-                &format!(
-                    "{base}.raw is attached with other content; deploying it as {} (bump the version next time)",
-                    target.rsplit('/').next().unwrap_or_default()
-                ),
-            );
-        }
-        let upload = remote_sha.as_deref() != Some(svc.sha256.as_str());
-        if upload {
-            need_kb += svc.size / 1024 + 1;
-        }
-        let action = match attached.image.as_deref() {
-            None => Action::Attach,
-            Some(img) if img == target && !upload => Action::Unchanged,
-            Some(_) => Action::Reattach,
-        };
-        r.services.push(ServiceReport {
-            name: svc.name.clone(),
-            image: target.clone(),
-            sha256: svc.sha256.clone(),
-            upload,
-            action,
-            previous: attached.image.clone(),
-        });
-        todos.push(Todo {
-            svc,
-            target,
-            upload,
-            action,
-            previous: attached.image,
-        });
-    }
-    // Keep 5% and 16 MiB in reserve: a full /var breaks more than us.
-    let margin_kb = need_kb / 20 + 16 * 1024;
-    if need_kb > 0 && free_kb < need_kb + margin_kb {
-        return Err(DeployError::NoSpace {
-            host: host.to_owned(),
-            free_mb: free_kb / 1024,
-            need_mb: (need_kb + margin_kb) / 1024,
-        });
-    }
-    if settings.dry_run {
-        return Ok(Outcome::Planned);
+    fn note(&self, msg: &str) {
+        self.ev.emit(self.host_name(), Event::Note(msg));
     }
 
-    let t = timer(r, view, host, Stage::Push);
-    let mut push_result = Ok(());
-    let mut sent_total = 0;
-    for todo in todos.iter().filter(|t| t.upload) {
-        match push(remote, todo.svc, &todo.target, view).await {
-            Ok(sent) => sent_total += sent,
-            Err(e) => {
-                push_result = Err(e);
-                break;
+    async fn host(&self, r: &mut HostReport) -> Result<Outcome, HostError> {
+        let p = self.plan;
+        let t = self.stage(Stage::Connect);
+        let s =
+            HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
+        t.end(r, s.is_ok());
+        let mut s = s?;
+        let t = self.stage(Stage::Lock);
+        let locked = s.lock().await;
+        t.end(r, locked.is_ok());
+        locked?;
+        let result = self.locked(&s, r).await;
+        s.close().await;
+        result
+    }
+
+    async fn facts(&self, s: &HostSession, stage: Stage) -> Result<HostFacts, HostError> {
+        let out = s
+            .step(&ops::facts(&plan::files_to_hash(self.plan), false), stage)
+            .await?;
+        Ok(ops::parse_facts(&out.stdout))
+    }
+
+    async fn locked(&self, s: &HostSession, r: &mut HostReport) -> Result<Outcome, HostError> {
+        let t = self.stage(Stage::Preflight);
+        let prepared = self.prepare(s).await;
+        t.end(r, prepared.is_ok());
+        let plan = prepared?;
+        for step in &plan.steps {
+            let svc = &self.plan.services[step.service];
+            if let Some(n) = &step.note {
+                self.note(n);
             }
+            r.services.push(ServiceReport {
+                name: svc.name.clone(),
+                image: step.target.clone(),
+                sha256: svc.sha256.clone(),
+                upload: step.upload,
+                action: step.action,
+                previous: step.previous.clone(),
+                outcome: Outcome::Planned,
+            });
         }
-    }
-    t.report.bytes_sent = sent_total;
-    t.end(push_result.is_ok());
-    push_result?;
+        if self.settings.dry_run {
+            return Ok(Outcome::Planned);
+        }
 
-    for todo in &todos {
-        if todo.action == Action::Unchanged {
-            // Nothing to change, but the answer must still be true: check.
-            let t = timer(r, view, host, Stage::Health);
-            let h = health(remote, todo.svc, &todo.target, settings).await;
-            t.end(h.is_ok());
-            h?;
-            continue;
-        }
-        let t = timer(r, view, host, Stage::Activate);
-        let verb = match todo.action {
-            Action::Attach => "attach",
-            _ => "reattach",
-        };
-        // If we lose the host from here on, it goes back by itself.
-        let deadman = if settings.rollback {
-            Some(
-                arm_deadman(
-                    remote,
-                    &todo.svc.name,
-                    todo.previous.as_deref(),
-                    &todo.target,
-                    &plan.profile,
-                    settings.rollback_after,
+        let t = self.stage(Stage::Push);
+        let pushed = self.push_all(s, &plan).await;
+        r.bytes_sent = *pushed.as_ref().unwrap_or(&0);
+        t.end(r, pushed.is_ok());
+        pushed?;
+
+        let changes: Vec<&Step> = plan.changes().collect();
+        let reverts: Vec<ops::Revert> = changes.iter().filter_map(|c| c.revert.clone()).collect();
+        let armed = self.settings.rollback && !changes.is_empty();
+        if armed {
+            let t = self.stage(Stage::Activate);
+            let a = s
+                .step(
+                    &ops::arm(&reverts, self.settings.rollback_after),
+                    Stage::Activate,
                 )
-                .await?,
-            )
-        } else {
-            None
-        };
-        let activated = activate(remote, verb, &todo.target, &plan.profile, &todo.svc.name).await;
-        t.end(activated.is_ok());
-        let failure = match activated {
-            Ok(()) => {
-                let t = timer(r, view, host, Stage::Health);
-                let h = health(remote, todo.svc, &todo.target, settings).await;
-                t.end(h.is_ok());
-                h.err()
-            }
-            Err(e) => Some(e),
-        };
-        if let Some(unit) = &deadman {
-            disarm_deadman(remote, unit).await?;
+                .await;
+            t.end(r, a.is_ok());
+            a?;
         }
-        if let Some(e) = failure {
-            if !settings.rollback {
-                return Err(e);
+        let failure = self.activate_and_check(s, &plan, r).await.err();
+        match failure {
+            None => self.confirm(s, &plan, armed, r).await,
+            Some(e) if changes.is_empty() || !self.settings.rollback => {
+                r.set_changed(Outcome::Failed);
+                Err(e)
             }
-            let t = timer(r, view, host, Stage::Rollback);
-            let rb = rollback(
-                remote,
-                todo.previous.as_deref(),
-                &todo.target,
-                &plan.profile,
-                todo.svc,
-                settings,
-            )
-            .await;
-            t.end(rb.is_ok());
-            r.error = Some(e.to_string());
-            return match rb {
-                Ok(()) => Ok(Outcome::RolledBack),
-                Err(rb_err) => {
-                    r.rollback_error = Some(rb_err.to_string());
-                    Ok(Outcome::Failed)
+            Some(e) => {
+                r.error = Some(e.to_string());
+                test_pause("before-rollback").await;
+                let t = self.stage(Stage::Rollback);
+                let back = self.roll_back(s, &changes).await;
+                t.end(r, back.is_ok());
+                match back {
+                    Ok(()) => {
+                        // Only now: a connection lost before this point is
+                        // still covered by the host's own revert.
+                        let _ = s.run(&ops::disarm(), Stage::Rollback).await;
+                        r.set_changed(Outcome::RolledBack);
+                        Ok(Outcome::RolledBack)
+                    }
+                    Err(rb) => {
+                        let mut msg = rb.to_string();
+                        if armed {
+                            msg += &format!(
+                                "; the host will try again by itself within {} s",
+                                self.settings.rollback_after.as_secs()
+                            );
+                        }
+                        r.rollback_error = Some(msg);
+                        Ok(Outcome::Failed)
+                    }
                 }
-            };
-        }
-        record_previous(remote, &todo.svc.name, todo.previous.as_deref()).await;
-    }
-
-    let t = timer(r, view, host, Stage::Prune);
-    let mut pruned = Ok(());
-    for todo in &todos {
-        if let Err(e) = prune(remote, &todo.svc.name, &todo.target, settings.keep).await {
-            pruned = Err(e);
+            }
         }
     }
-    t.end(pruned.is_ok());
-    if let Err(e) = pruned {
-        view.note(host, &format!("pruning old images failed: {e}"));
+
+    /// Reads the host and plans; finishes first an earlier deploy that was
+    /// never confirmed, so the plan starts from the host's last good state.
+    async fn prepare(&self, s: &HostSession) -> Result<Plan, HostError> {
+        let mut facts = self.facts(s, Stage::Preflight).await?;
+        if facts.revert_pending && !self.settings.dry_run {
+            self.note("an earlier deploy was never confirmed; putting back what it replaced first");
+            s.step(&ops::run_pending_revert(), Stage::Preflight).await?;
+            facts = self.facts(s, Stage::Preflight).await?;
+        }
+        plan::plan(&facts, self.plan, self.settings)
+            .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))
     }
-    Ok(Outcome::Healthy)
-}
 
-/// The image `service` is attached from on the host, if any.
-pub async fn attached_image(remote: &Remote, service: &str) -> Result<Option<String>, DeployError> {
-    let listing = step(remote, LIST_ATTACHED, "reading attached images").await?;
-    Ok(parse_attached(&listing.stdout, service).image)
-}
+    async fn push_all(&self, s: &HostSession, plan: &Plan) -> Result<u64, HostError> {
+        let mut sent = 0;
+        for step in plan.steps.iter().filter(|st| st.upload) {
+            sent += self
+                .push(s, &self.plan.services[step.service], &step.target)
+                .await?;
+        }
+        Ok(sent)
+    }
 
-pub async fn remote_sha256(remote: &Remote, path: &str) -> Result<Option<String>, DeployError> {
-    let out = remote
-        .run(
-            &format!("[ -f {p} ] && sha256sum {p} || true", p = q(path)),
-            "hashing the image on the host",
-        )
-        .await?;
-    Ok(out
-        .stdout
-        .split_whitespace()
-        .next()
-        .filter(|s| s.len() == 64)
-        .map(str::to_owned))
-}
+    /// Uploads under a temporary name, checks its sha256 on the host, then
+    /// renames it into place.
+    async fn push(
+        &self,
+        s: &HostSession,
+        svc: &ServicePlan,
+        target: &str,
+    ) -> Result<u64, HostError> {
+        let tmp = ops::partial_path(target);
+        s.step(&ops::clear_partials(), Stage::Push).await?;
+        self.ev
+            .emit(self.host_name(), Event::PushStarted { bytes: svc.size });
+        let progress = |sent: u64| self.ev.emit(self.host_name(), Event::PushProgress { sent });
+        let sent = s
+            .remote
+            .upload(&svc.local, &ops::receive(&tmp).text, &progress)
+            .await
+            .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
+        let got = ops::parse_sha256(&s.step(&ops::sha256(&tmp), Stage::Push).await?.stdout)
+            .unwrap_or_default();
+        if got != svc.sha256 {
+            let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
+            return Err(Cause::Corrupt {
+                image: basename(target).to_owned(),
+                got,
+                want: svc.sha256.clone(),
+            }
+            .at(s.host(), Stage::Push));
+        }
+        s.step(&ops::place(&tmp, target, &svc.prefixes), Stage::Push)
+            .await?;
+        Ok(sent)
+    }
 
-/// Uploads under a temporary name that portabled never looks at (not
-/// `.raw`), checks its sha256 on the host, then renames it into place.
-async fn push(
-    remote: &Remote,
-    svc: &ServicePlan,
-    target: &str,
-    view: &DeployView,
-) -> Result<u64, DeployError> {
-    let file = target.rsplit('/').next().unwrap_or_default();
-    let tmp = format!("{PORTABLES}/.{file}.attache-partial");
-    // Leftovers of an interrupted upload (we hold the host's lock).
-    step(
-        remote,
-        &format!("rm -f {PORTABLES}/.*.attache-partial"),
-        "removing partial uploads",
-    )
-    .await?;
-    view.push_started(&remote.name, svc.size);
-    let host = remote.name.clone();
-    let progress = {
-        let view = view.clone();
-        move |n: u64| view.push_progress(&host, n)
-    };
-    let sent = remote.upload(&svc.local, &tmp, &progress).await?;
-    let got = remote_sha256(remote, &tmp).await?.unwrap_or_default();
-    if got != svc.sha256 {
-        let _ = remote
-            .run(&format!("rm -f {}", q(&tmp)), "cleaning up")
+    async fn activate_and_check(
+        &self,
+        s: &HostSession,
+        plan: &Plan,
+        r: &mut HostReport,
+    ) -> Result<(), HostError> {
+        for step in plan.changes() {
+            let t = self.stage(Stage::Activate);
+            let mut done = Ok(());
+            for call in &step.activate {
+                done = portablectl(s, call, &self.plan.services[step.service].name).await;
+                if done.is_err() {
+                    break;
+                }
+            }
+            t.end(r, done.is_ok());
+            done?;
+        }
+        test_pause("after-activate").await;
+        for step in &plan.steps {
+            let t = self.stage(Stage::Health);
+            let h = health::health(
+                s,
+                &self.plan.services[step.service],
+                &step.target,
+                self.settings.settle,
+            )
             .await;
-        return Err(DeployError::Corrupt {
-            host: remote.name.clone(),
-            image: file.to_owned(),
-            got,
-            want: svc.sha256.clone(),
-        });
-    }
-    step(
-        remote,
-        &format!(
-            "chmod 0644 {t} && mv -f {t} {f} && {{ sync -f {f} 2>/dev/null || true; }}",
-            t = q(&tmp),
-            f = q(target)
-        ),
-        "moving the image into place",
-    )
-    .await?;
-    Ok(sent)
-}
-
-pub async fn activate(
-    remote: &Remote,
-    verb: &'static str,
-    image: &str,
-    profile: &str,
-    name: &str,
-) -> Result<(), DeployError> {
-    let id = format!("{name}-{}", unix_now());
-    let args: Vec<String> = [
-        "portablectl",
-        verb,
-        "--enable",
-        "--now",
-        "--profile",
-        profile,
-        image,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    let out = remote
-        .run(&activation_script(&id, &args), "activating")
-        .await?;
-    if !out.success() {
-        return Err(DeployError::Activate {
-            host: remote.name.clone(),
-            verb,
-            image: image.to_owned(),
-            output: strip_harmless(&out.tail()),
-        });
-    }
-    Ok(())
-}
-
-/// portablectl reports that it cannot start template units directly; that
-/// is expected and not worth showing as a failure.
-fn strip_harmless(s: &str) -> String {
-    s.lines()
-        .filter(|l| !l.contains("is missing the instance name"))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-async fn health(
-    remote: &Remote,
-    svc: &ServicePlan,
-    image: &str,
-    settings: &Settings,
-) -> Result<(), DeployError> {
-    let units = units_to_check(&svc.units);
-    let unhealthy = |reason: String| DeployError::Unhealthy {
-        host: remote.name.clone(),
-        image: image.rsplit('/').next().unwrap_or(image).to_owned(),
-        reason,
-    };
-    if !units.is_empty() {
-        let script = show_script(&units);
-        let before = parse_show(&step(remote, &script, "reading unit states").await?.stdout);
-        tokio::time::sleep(settings.settle).await;
-        let after = parse_show(&step(remote, &script, "reading unit states").await?.stdout);
-        judge(&units, &before, &after, image).map_err(unhealthy)?;
-    }
-    for check in &svc.checks {
-        let (script, _timeout, retries) = check_script(check);
-        let mut last = String::new();
-        let mut ok = false;
-        for attempt in 0..retries.max(1) {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-            let out = remote.run(&script, "running a health check").await?;
-            if out.success() {
-                ok = true;
-                break;
-            }
-            last = out.tail();
+            t.end(r, h.is_ok());
+            h?;
         }
-        if !ok {
-            let what = match check {
-                Check::Http { url, .. } => format!("HTTP check {url} failed"),
-                Check::Command { command, .. } => format!("check `{command}` failed"),
-            };
-            return Err(unhealthy(if last.is_empty() {
-                what
-            } else {
-                format!("{what}: {last}")
-            }));
-        }
-    }
-    Ok(())
-}
-
-/// Puts the previous image back, or detaches the new one when there was
-/// none, and checks the result.
-async fn rollback(
-    remote: &Remote,
-    previous: Option<&str>,
-    failed: &str,
-    profile: &str,
-    svc: &ServicePlan,
-    settings: &Settings,
-) -> Result<(), DeployError> {
-    match previous {
-        Some(prev) if prev != failed => {
-            activate(remote, "reattach", prev, profile, &svc.name).await?;
-            let units: Vec<String> = units_to_check(&svc.units);
-            if units.is_empty() {
-                return Ok(());
-            }
-            tokio::time::sleep(settings.settle.min(Duration::from_secs(3))).await;
-            let shown = parse_show(
-                &step(remote, &show_script(&units), "reading unit states")
-                    .await?
-                    .stdout,
-            );
-            // Units the old image does not have show up as inactive with no
-            // root image; only judge those it runs.
-            let theirs: Vec<String> = units
-                .into_iter()
-                .filter(|u| {
-                    shown
-                        .get(u)
-                        .is_some_and(|s| s.root_image == prev || !u.ends_with(".service"))
-                })
-                .collect();
-            judge(&theirs, &shown, &shown, prev).map_err(|reason| DeployError::Unhealthy {
-                host: remote.name.clone(),
-                image: prev.rsplit('/').next().unwrap_or(prev).to_owned(),
-                reason,
-            })
-        }
-        _ => detach(remote, &svc.name, failed).await,
-    }
-}
-
-/// `portablectl detach --enable --now IMAGE`, as safely as an activation.
-pub async fn detach(remote: &Remote, name: &str, image: &str) -> Result<(), DeployError> {
-    let id = format!("{name}-detach-{}", unix_now());
-    let args: Vec<String> = ["portablectl", "detach", "--enable", "--now", image]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    let out = remote
-        .run(&activation_script(&id, &args), "detaching")
-        .await?;
-    if out.success() {
         Ok(())
-    } else {
-        Err(DeployError::Activate {
-            host: remote.name.clone(),
-            verb: "detach",
-            image: image.to_owned(),
-            output: out.tail(),
-        })
+    }
+
+    /// Everything passed: disarm the host's revert, make sure it never ran,
+    /// then record what `attache rollback` goes back to and prune.
+    async fn confirm(
+        &self,
+        s: &HostSession,
+        plan: &Plan,
+        armed: bool,
+        r: &mut HostReport,
+    ) -> Result<Outcome, HostError> {
+        if armed {
+            let out = s.step(&ops::disarm(), Stage::Health).await?;
+            if let Disarmed::AlreadyReverted(_) = ops::parse_disarm(&out.stdout) {
+                r.set_changed(Outcome::RolledBack);
+                r.error = Some(
+                    Cause::RevertedByHost
+                        .at(s.host(), Stage::Health)
+                        .to_string(),
+                );
+                return Ok(Outcome::RolledBack);
+            }
+            // The timer is gone; check nothing moved since the checks.
+            let facts = self.facts(s, Stage::Health).await?;
+            for step in plan.changes() {
+                let svc = &self.plan.services[step.service];
+                let now = facts.attached_image(&svc.name);
+                if now != Some(step.target.as_str()) {
+                    return Err(Cause::Unhealthy {
+                        image: basename(&step.target).to_owned(),
+                        reason: format!(
+                            "after the checks, {} has {} attached",
+                            svc.name,
+                            now.unwrap_or("nothing")
+                        ),
+                    }
+                    .at(s.host(), Stage::Health));
+                }
+            }
+        }
+        for sr in &mut r.services {
+            sr.outcome = if sr.action == Action::Unchanged {
+                Outcome::Unchanged
+            } else {
+                Outcome::Healthy
+            };
+        }
+        let t = self.stage(Stage::Prune);
+        let mut failed = Vec::new();
+        for step in plan.changes() {
+            let svc = &self.plan.services[step.service];
+            let rec = ops::record_previous(&svc.name, step.previous.as_deref());
+            if let Err(e) = s.step(&rec, Stage::Prune).await {
+                failed.push(format!(
+                    "recording the previous image of {} failed, so `attache rollback` will not find it: {e}",
+                    svc.name
+                ));
+                continue;
+            }
+            if let Err(e) = self.prune(s, svc, step).await {
+                failed.push(format!("pruning old images failed: {e}"));
+            }
+        }
+        t.end(r, failed.is_empty());
+        for f in failed {
+            self.note(&f);
+        }
+        Ok(Outcome::Healthy)
+    }
+
+    async fn prune(
+        &self,
+        s: &HostSession,
+        svc: &ServicePlan,
+        step: &Step,
+    ) -> Result<(), HostError> {
+        let facts = self.facts(s, Stage::Prune).await?;
+        let images = facts.images_of(&svc.name);
+        let doomed = ops::prune_candidates(
+            &images,
+            self.settings.keep,
+            Some(&step.target),
+            step.previous.as_deref(),
+        );
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        s.step(&ops::prune(&doomed), Stage::Prune).await.map(|_| ())
+    }
+
+    /// Puts every changed service back, last first, and checks each.
+    async fn roll_back(&self, s: &HostSession, changes: &[&Step]) -> Result<(), HostError> {
+        let facts = self.facts(s, Stage::Rollback).await?;
+        let reverts: Vec<&ops::Revert> = changes.iter().filter_map(|c| c.revert.as_ref()).collect();
+        let mut first_err = None;
+        for (service, calls) in plan::rollback_calls(&facts, &reverts) {
+            let mut done = Ok(());
+            for call in &calls {
+                done = portablectl(s, call, &service).await;
+                if done.is_err() {
+                    break;
+                }
+            }
+            if done.is_ok() {
+                let step = changes
+                    .iter()
+                    .find(|c| self.plan.services[c.service].name == service);
+                if let Some(prev) = step.and_then(|st| st.previous.as_deref()) {
+                    let svc = &self.plan.services[step.map(|st| st.service).unwrap_or(0)];
+                    done = health::verify_back(s, &svc.units, prev, self.settings.settle).await;
+                }
+            }
+            if let Err(e) = done {
+                first_err.get_or_insert(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
     }
 }
 
-/// Arms a timer on the host that puts the previous image back (or detaches
-/// the new one) after `after`, unless [`disarm_deadman`] stops it first: a
-/// deploy that loses its connection mid-activation cannot leave an
-/// unchecked version running. Returns the timer's unit name.
-async fn arm_deadman(
-    remote: &Remote,
-    name: &str,
-    previous: Option<&str>,
-    new: &str,
-    profile: &str,
-    after: Duration,
-) -> Result<String, DeployError> {
-    let unit = format!("attache-deadman-{name}");
-    let revert: Vec<&str> = match previous {
-        Some(prev) if prev != new => vec![
-            "portablectl",
-            "reattach",
-            "--enable",
-            "--now",
-            "--profile",
-            profile,
-            prev,
-        ],
-        _ => vec!["portablectl", "detach", "--enable", "--now", new],
+/// One portablectl call, in a unit of its own on the host.
+pub(crate) async fn portablectl(
+    s: &HostSession,
+    call: &PortableCall,
+    service: &str,
+) -> Result<(), HostError> {
+    let id = format!("{service}-{}-{}", call.verb.as_str(), session::unix_now());
+    let stage = if call.verb == ops::Verb::Detach {
+        Stage::Rollback
+    } else {
+        Stage::Activate
     };
-    let revert = revert.iter().map(|a| q(a)).collect::<Vec<_>>().join(" ");
-    let script = format!(
-        "systemctl stop {u}.timer {u}.service 2>/dev/null; systemctl reset-failed {u}.timer {u}.service 2>/dev/null; \
-         systemd-run --quiet --unit={u} --on-active={secs} --timer-property=AccuracySec=1s /bin/sh -c {revert}",
-        u = q(&unit),
-        secs = after.as_secs().max(1),
-        revert = q(&revert)
-    );
-    step(remote, &script, "arming the automatic rollback").await?;
-    Ok(unit)
-}
-
-async fn disarm_deadman(remote: &Remote, unit: &str) -> Result<(), DeployError> {
-    step(
-        remote,
-        &format!("systemctl stop {}.timer", q(unit)),
-        "disarming the automatic rollback",
-    )
-    .await
-    .map(|_| ())
-}
-
-fn previous_file(name: &str) -> String {
-    format!("/var/lib/attache/{name}.previous")
-}
-
-/// The image recorded as attached before the last deploy of `name`, if any.
-pub async fn read_previous(remote: &Remote, name: &str) -> Result<Option<String>, DeployError> {
-    let out = remote
-        .run(
-            &format!("cat {} 2>/dev/null || true", q(&previous_file(name))),
-            "reading the previous image",
-        )
-        .await?;
-    let p = out.stdout.trim();
-    Ok((!p.is_empty()).then(|| p.to_owned()))
-}
-
-/// Remembers the image that was attached before, for `attache rollback`.
-pub async fn record_previous(remote: &Remote, name: &str, previous: Option<&str>) {
-    let file = previous_file(name);
-    let script = match previous {
-        Some(p) => format!("mkdir -p /var/lib/attache && echo {} > {}", q(p), q(&file)),
-        None => format!("rm -f {}", q(&file)),
-    };
-    let _ = remote.run(&script, "recording the previous image").await;
-}
-
-async fn prune(
-    remote: &Remote,
-    name: &str,
-    attached: &str,
-    keep: usize,
-) -> Result<(), DeployError> {
-    let previous = read_previous(remote, name).await?;
-    let listing = step(
-        remote,
-        &format!(
-            "for f in {PORTABLES}/{}_*.raw; do [ -f \"$f\" ] && stat -c '%Y %n' \"$f\"; done; true",
-            q(name)
-        ),
-        "listing images",
-    )
-    .await?;
-    let doomed: Vec<String> = prune_candidates(&listing.stdout, keep.max(1), Some(attached), name)
-        .into_iter()
-        .filter(|p| Some(p) != previous.as_ref() || keep < 2)
-        .collect();
-    if doomed.is_empty() {
+    let out = s.run(&ops::portablectl(&id, call), stage).await?;
+    if out.success() {
         return Ok(());
     }
-    let list = doomed.iter().map(|p| q(p)).collect::<Vec<_>>().join(" ");
-    step(remote, &format!("rm -f {list}"), "removing old images").await?;
-    Ok(())
+    Err(Cause::Portablectl {
+        verb: call.verb.as_str(),
+        image: call.image.clone(),
+        output: ops::strip_harmless(&out.tail()),
+    }
+    .at(s.host(), stage))
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "?".into())
+/// A test-only hook: `ATTACHE_TEST_PAUSE=STEP` stops here for
+/// `ATTACHE_TEST_PAUSE_SECS` (30) seconds, so the e2e suite can cut the
+/// connection or reboot the host between two steps.
+#[allow(clippy::print_stderr)]
+async fn test_pause(step: &str) {
+    if std::env::var("ATTACHE_TEST_PAUSE").ok().as_deref() != Some(step) {
+        return;
+    }
+    let secs = std::env::var("ATTACHE_TEST_PAUSE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    eprintln!("attache-test: paused at {step}");
+    tokio::time::sleep(Duration::from_secs(secs)).await;
 }

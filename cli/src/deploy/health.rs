@@ -1,0 +1,147 @@
+//! Is a service healthy: its enabled units active and not restarting over a
+//! settle time, running from the image we meant, and the inventory's checks
+//! passing.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::error::{Cause, HostError};
+use super::ops::{self, UnitState};
+use super::report::Stage;
+use super::session::HostSession;
+use super::ServicePlan;
+use crate::build::BuiltUnit;
+use crate::inventory::Check;
+use crate::names::basename;
+
+/// The units whose state proves the service runs: those attach enables
+/// (they have an `[Install]` section), never templates, which cannot run
+/// by themselves.
+pub fn units_to_check(units: &[BuiltUnit]) -> Vec<String> {
+    units
+        .iter()
+        .filter(|u| u.install && !u.name.contains("@."))
+        .map(|u| u.name.clone())
+        .collect()
+}
+
+/// Judges two samples taken a settle time apart.
+pub fn judge(
+    units: &[String],
+    before: &BTreeMap<String, UnitState>,
+    after: &BTreeMap<String, UnitState>,
+    image: &str,
+) -> Result<(), String> {
+    for u in units {
+        let (Some(b), Some(a)) = (before.get(u), after.get(u)) else {
+            return Err(format!("{u} is not known to systemd"));
+        };
+        let oneshot_done = a.kind == "oneshot" && a.result == "success";
+        if a.active != "active" && !oneshot_done {
+            return Err(format!(
+                "{u} is {} ({}, result {})",
+                a.active, a.sub, a.result
+            ));
+        }
+        if u.ends_with(".service") && a.kind != "oneshot" {
+            if b.restarts != a.restarts || b.since != a.since {
+                return Err(format!(
+                    "{u} restarted during the settle time (restarts {} -> {})",
+                    b.restarts, a.restarts
+                ));
+            }
+            if !a.root_image.is_empty() && a.root_image != image {
+                return Err(format!("{u} runs {} instead of {image}", a.root_image));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unhealthy(s: &HostSession, image: &str, reason: String) -> HostError {
+    Cause::Unhealthy {
+        image: basename(image).to_owned(),
+        reason,
+    }
+    .at(s.host(), Stage::Health)
+}
+
+pub async fn health(
+    s: &HostSession,
+    svc: &ServicePlan,
+    image: &str,
+    settle: Duration,
+) -> Result<(), HostError> {
+    let units = units_to_check(&svc.units);
+    if !units.is_empty() {
+        let show = ops::show(&units);
+        let before = ops::parse_show(&s.step(&show, Stage::Health).await?.stdout);
+        tokio::time::sleep(settle).await;
+        let after = ops::parse_show(&s.step(&show, Stage::Health).await?.stdout);
+        judge(&units, &before, &after, image).map_err(|r| unhealthy(s, image, r))?;
+    }
+    for check in &svc.checks {
+        run_check(s, check, image).await?;
+    }
+    Ok(())
+}
+
+async fn run_check(s: &HostSession, check: &Check, image: &str) -> Result<(), HostError> {
+    let script = ops::check(check);
+    let mut last = String::new();
+    for attempt in 0..ops::check_retries(check) {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let out = s.run(&script, Stage::Health).await?;
+        if out.success() {
+            return Ok(());
+        }
+        last = out.tail();
+    }
+    let what = match check {
+        Check::Http { url, .. } => format!("HTTP check {url} failed"),
+        Check::Command { command, .. } => format!("check `{command}` failed"),
+    };
+    Err(unhealthy(
+        s,
+        image,
+        if last.is_empty() {
+            what
+        } else {
+            format!("{what}: {last}")
+        },
+    ))
+}
+
+/// After a rollback: the units the old image runs are up and run from it.
+/// Units the old image does not have show up as inactive with no root
+/// image; only those it runs are judged.
+pub async fn verify_back(
+    s: &HostSession,
+    units: &[BuiltUnit],
+    image: &str,
+    settle: Duration,
+) -> Result<(), HostError> {
+    let units = units_to_check(units);
+    if units.is_empty() {
+        return Ok(());
+    }
+    tokio::time::sleep(settle.min(Duration::from_secs(3))).await;
+    let shown = ops::parse_show(&s.step(&ops::show(&units), Stage::Rollback).await?.stdout);
+    let theirs: Vec<String> = units
+        .into_iter()
+        .filter(|u| {
+            shown
+                .get(u)
+                .is_some_and(|st| st.root_image == image || !u.ends_with(".service"))
+        })
+        .collect();
+    judge(&theirs, &shown, &shown, image).map_err(|reason| {
+        Cause::Unhealthy {
+            image: basename(image).to_owned(),
+            reason,
+        }
+        .at(s.host(), Stage::Rollback)
+    })
+}

@@ -1,0 +1,716 @@
+//! The remote protocol: every thing attache does on a host, as a [`Script`]
+//! rendered here (quoting too, in [`words`] and [`quote`]) next to the
+//! parser of what it prints. Pure functions of their arguments, so they are
+//! unit-tested here and checked by shellcheck; the e2e suite runs them on
+//! real hosts.
+//!
+//! Host-side state, all of it attache's own:
+//! - `/var/lib/portables/NAME_VERSION.raw`: the images;
+//! - `/var/lib/attache/prefixes/FILE.raw`: the unit prefixes an image
+//!   declares (images from before these files declare their name);
+//! - `/var/lib/attache/NAME.previous`: what `attache rollback` goes back to;
+//! - `/var/lib/attache/revert.sh` (+ `run-revert`, the boot unit
+//!   `attache-revert.service` and the timer `attache-revert-now.timer`): the
+//!   dead-man revert of a deploy that was never confirmed;
+//! - `/run/attache/lock`: the per-host lock, held while our SSH session is.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::inventory::Check;
+use crate::names::{ImageFile, PORTABLES};
+
+pub const STATE_DIR: &str = "/var/lib/attache";
+
+/// A script to run as root on a host, and what it is for (the error says
+/// "the connection was lost while {doing}").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Script {
+    pub text: String,
+    pub doing: &'static str,
+}
+
+impl Script {
+    fn new(doing: &'static str, text: impl Into<String>) -> Self {
+        Script {
+            text: text.into(),
+            doing,
+        }
+    }
+}
+
+/// Single-quotes `s` for sh.
+pub fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Quotes each word and joins them: a command line for sh.
+pub fn words<S: AsRef<str>>(args: &[S]) -> String {
+    args.iter()
+        .map(|a| quote(a.as_ref()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+// ---- the lock -------------------------------------------------------------
+
+/// Takes the per-host lock and holds it while our stdin stays open: the lock
+/// ends with the connection, so a killed attache never leaves it behind.
+pub fn lock(holder: &str) -> Script {
+    Script::new(
+        "taking the deploy lock",
+        format!(
+            r#"mkdir -p /run/attache
+command -v flock >/dev/null || {{ echo NOFLOCK; exit 69; }}
+exec 9>>/run/attache/lock
+if ! flock -n 9; then echo BUSY; cat /run/attache/lock.holder 2>/dev/null; exit 75; fi
+echo {holder} > /run/attache/lock.holder
+echo LOCKED
+exec cat >/dev/null"#,
+            holder = quote(holder)
+        ),
+    )
+}
+
+// ---- what the host has ----------------------------------------------------
+
+/// One attached unit and the image its portable drop-in names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedUnit {
+    pub unit: String,
+    pub image: String,
+}
+
+/// Everything planning needs to know about a host, read in one round trip.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostFacts {
+    pub systemd: u32,
+    pub portablectl: bool,
+    pub free_kb: u64,
+    pub attached: Vec<AttachedUnit>,
+    /// Images in /var/lib/portables: path -> mtime.
+    pub images: BTreeMap<String, u64>,
+    /// sha256 of the files asked for that exist.
+    pub sha256: BTreeMap<String, String>,
+    /// Image file name -> prefixes it declares (attache's record).
+    pub prefixes: BTreeMap<String, Vec<String>>,
+    /// Service -> image `attache rollback` goes back to.
+    pub previous: BTreeMap<String, String>,
+    /// A dead-man revert of an earlier deploy is still armed.
+    pub revert_pending: bool,
+}
+
+impl HostFacts {
+    /// The image `service` has attached: the one its units' drop-ins name,
+    /// told apart by file name, never by unit prefix.
+    pub fn attached_image(&self, service: &str) -> Option<&str> {
+        self.attached
+            .iter()
+            .find(|a| ImageFile::parse(&a.image).is_some_and(|f| f.name() == service))
+            .map(|a| a.image.as_str())
+    }
+
+    /// Units attached from `image`.
+    pub fn units_of(&self, image: &str) -> Vec<&str> {
+        let mut u: Vec<&str> = self
+            .attached
+            .iter()
+            .filter(|a| a.image == image)
+            .map(|a| a.unit.as_str())
+            .collect();
+        u.sort();
+        u.dedup();
+        u
+    }
+
+    /// The prefixes `image` declares: attache's record, else its name, which
+    /// is what every image attache built before the record existed declares.
+    pub fn declared_prefixes(&self, image: &str) -> Vec<String> {
+        let file = crate::names::basename(image);
+        match self.prefixes.get(file) {
+            Some(p) if !p.is_empty() => p.clone(),
+            _ => ImageFile::parse(image)
+                .map(|f| vec![f.name().to_owned()])
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Units of other services that `prefixes` would match: portabled would
+    /// stop or detach them along with `service`.
+    pub fn others_matching(&self, service: &str, prefixes: &[String]) -> Vec<&AttachedUnit> {
+        self.attached
+            .iter()
+            .filter(|a| ImageFile::parse(&a.image).is_none_or(|f| f.name() != service))
+            .filter(|a| {
+                prefixes
+                    .iter()
+                    .any(|p| crate::names::unit_matches_prefix(&a.unit, p))
+            })
+            .collect()
+    }
+
+    /// Image files of `service` on the host, newest first.
+    pub fn images_of(&self, service: &str) -> Vec<&str> {
+        let mut v: Vec<(&u64, &String)> = self
+            .images
+            .iter()
+            .filter(|(p, _)| ImageFile::parse(p).is_some_and(|f| f.name() == service))
+            .map(|(p, t)| (t, p))
+            .collect();
+        v.sort_by(|a, b| b.0.cmp(a.0).then_with(|| b.1.cmp(a.1)));
+        v.into_iter().map(|(_, p)| p.as_str()).collect()
+    }
+}
+
+/// Reads the host's facts; hashes `hash` (paths) where they exist, and every
+/// attached image too when `hash_attached`.
+pub fn facts(hash: &[String], hash_attached: bool) -> Script {
+    let hash_list = words(hash);
+    let attached_hash = if hash_attached {
+        r#"printf '%s\n' "$img" >>"$tmp""#
+    } else {
+        ":"
+    };
+    Script::new(
+        "reading the host's state",
+        format!(
+            r#"set -u
+tmp=$(mktemp)
+mkdir -p {PORTABLES} {STATE_DIR}/prefixes 2>/dev/null
+printf 'systemd\t%s\n' "$(systemctl --version | head -n1 | awk '{{print $2}}')"
+p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
+printf 'portablectl\t%s\n' "$p"
+d={PORTABLES}; [ -d $d ] || d=/var/lib
+printf 'free_kb\t%s\n' "$(df -Pk $d | awk 'NR==2 {{print $4}}')"
+for f in /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; do
+  [ -f "$f" ] || continue
+  d=${{f%/20-portable.conf}}; u=${{d##*/}}; u=${{u%.d}}
+  img=$(head -n1 "$f" | sed -n "s/^# Drop-in created for image '\(.*\)', do not edit\.$/\1/p")
+  [ -n "$img" ] || continue
+  printf 'attached\t%s\t%s\n' "$u" "$img"
+  {attached_hash}
+done
+for f in {PORTABLES}/*.raw; do [ -f "$f" ] && printf 'image\t%s\t%s\n' "$(stat -c %Y "$f")" "$f"; done
+for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\n' "${{f##*/}}" "$(cat "$f")"; done
+for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
+[ -e {STATE_DIR}/revert.sh ] && printf 'revert\tpending\n'
+for f in {hash_list}; do printf '%s\n' "$f" >>"$tmp"; done
+sort -u "$tmp" | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
+rm -f "$tmp"
+true"#,
+        ),
+    )
+}
+
+pub fn parse_facts(out: &str) -> HostFacts {
+    let mut f = HostFacts::default();
+    for line in out.lines() {
+        let mut parts = line.splitn(3, '\t');
+        let (Some(key), Some(a)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let b = parts.next().unwrap_or("");
+        match key {
+            "systemd" => f.systemd = a.trim().parse().unwrap_or(0),
+            "portablectl" => f.portablectl = !a.trim().is_empty(),
+            "free_kb" => f.free_kb = a.trim().parse().unwrap_or(u64::MAX),
+            "attached" => f.attached.push(AttachedUnit {
+                unit: a.to_owned(),
+                image: b.to_owned(),
+            }),
+            "image" => {
+                f.images.insert(b.to_owned(), a.parse().unwrap_or(0));
+            }
+            "prefixes" => {
+                f.prefixes.insert(
+                    a.to_owned(),
+                    b.split_whitespace().map(str::to_owned).collect(),
+                );
+            }
+            "previous" if !b.trim().is_empty() => {
+                f.previous.insert(a.to_owned(), b.trim().to_owned());
+            }
+            "revert" => f.revert_pending = true,
+            "sha256" => {
+                if let Some((hash, path)) = a.split_once("  ") {
+                    if hash.len() == 64 {
+                        f.sha256.insert(path.to_owned(), hash.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    f
+}
+
+// ---- images ---------------------------------------------------------------
+
+/// Where an upload goes before it is checked: a name portabled never looks
+/// at (not `.raw`).
+pub fn partial_path(target: &str) -> String {
+    format!(
+        "{PORTABLES}/.{}.attache-partial",
+        crate::names::basename(target)
+    )
+}
+
+/// Leftovers of an interrupted upload (we hold the host's lock).
+pub fn clear_partials() -> Script {
+    Script::new(
+        "removing partial uploads",
+        format!("rm -f {PORTABLES}/.*.attache-partial"),
+    )
+}
+
+/// Streams stdin into `tmp`.
+pub fn receive(tmp: &str) -> Script {
+    Script::new("uploading", format!("umask 077; exec cat > {}", quote(tmp)))
+}
+
+pub fn sha256(path: &str) -> Script {
+    Script::new(
+        "hashing the image on the host",
+        format!("[ -f {p} ] && sha256sum {p} || true", p = quote(path)),
+    )
+}
+
+pub fn parse_sha256(out: &str) -> Option<String> {
+    out.split_whitespace()
+        .next()
+        .filter(|s| s.len() == 64)
+        .map(str::to_owned)
+}
+
+pub fn remove(paths: &[String]) -> Script {
+    Script::new("cleaning up", format!("rm -f {}", words(paths)))
+}
+
+/// Moves a checked upload into place and records the prefixes the image
+/// declares, so that later runs can pass them to portablectl.
+pub fn place(tmp: &str, target: &str, prefixes: &[String]) -> Script {
+    let record = format!("{STATE_DIR}/prefixes/{}", crate::names::basename(target));
+    Script::new(
+        "moving the image into place",
+        format!(
+            "mkdir -p {STATE_DIR}/prefixes && printf '%s\\n' {p} > {r}.tmp && mv -f {r}.tmp {r} && \
+             chmod 0644 {t} && mv -f {t} {f} && {{ sync -f {f} 2>/dev/null || true; }}",
+            p = quote(&prefixes.join(" ")),
+            r = quote(&record),
+            t = quote(tmp),
+            f = quote(target)
+        ),
+    )
+}
+
+/// Deletes images with their prefix records.
+pub fn prune(images: &[String]) -> Script {
+    let mut paths = images.to_vec();
+    paths.extend(
+        images
+            .iter()
+            .map(|i| format!("{STATE_DIR}/prefixes/{}", crate::names::basename(i))),
+    );
+    Script::new("removing old images", format!("rm -f {}", words(&paths)))
+}
+
+/// Which images of a service to delete: all but the `keep` newest, and never
+/// the attached one nor the one `.previous` names. `images` is newest first.
+pub fn prune_candidates(
+    images: &[&str],
+    keep: usize,
+    attached: Option<&str>,
+    previous: Option<&str>,
+) -> Vec<String> {
+    images
+        .iter()
+        .enumerate()
+        .filter(|(i, p)| *i >= keep.max(1) && Some(**p) != attached && Some(**p) != previous)
+        .map(|(_, p)| (*p).to_owned())
+        .collect()
+}
+
+// ---- portablectl ----------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Attach,
+    Reattach,
+    Detach,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Attach => "attach",
+            Verb::Reattach => "reattach",
+            Verb::Detach => "detach",
+        }
+    }
+}
+
+/// One portablectl call, always by full path and with the image's own unit
+/// prefixes spelled out: without them portabled matches every unit that
+/// starts with the image's name, another service's too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortableCall {
+    pub verb: Verb,
+    pub image: String,
+    pub prefixes: Vec<String>,
+    /// Attach and reattach only.
+    pub profile: Option<String>,
+}
+
+impl PortableCall {
+    pub fn argv(&self) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            "portablectl".into(),
+            self.verb.as_str().into(),
+            "--enable".into(),
+            "--now".into(),
+        ];
+        if let (Some(p), false) = (&self.profile, self.verb == Verb::Detach) {
+            v.push("--profile".into());
+            v.push(p.clone());
+        }
+        v.push(self.image.clone());
+        v.extend(self.prefixes.iter().cloned());
+        v
+    }
+}
+
+/// Runs portablectl in a transient unit, so a dropped SSH connection cannot
+/// cut an attach or reattach in half; waits for it and prints its output and
+/// exit code.
+pub fn portablectl(id: &str, call: &PortableCall) -> Script {
+    let log = format!("/run/attache/{id}.log");
+    let rc = format!("/run/attache/{id}.rc");
+    let inner = format!(
+        "{cmd} >{log} 2>&1; echo $? >{rc}",
+        cmd = words(&call.argv()),
+        log = quote(&log),
+        rc = quote(&rc)
+    );
+    Script::new(
+        match call.verb {
+            Verb::Detach => "detaching",
+            _ => "activating",
+        },
+        format!(
+            r#"mkdir -p /run/attache
+rm -f {log} {rc}
+systemd-run --quiet --collect --wait --unit={unit} /bin/sh -c {inner} >/dev/null 2>&1
+cat {log} 2>/dev/null
+exit "$(cat {rc} 2>/dev/null || echo 1)""#,
+            log = quote(&log),
+            rc = quote(&rc),
+            unit = quote(&format!("attache-{id}")),
+            inner = quote(&inner)
+        ),
+    )
+}
+
+/// portablectl reports that it cannot start template units directly; that
+/// is expected and not worth showing as a failure.
+pub fn strip_harmless(s: &str) -> String {
+    s.lines()
+        .filter(|l| !l.contains("is missing the instance name"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---- the dead-man revert --------------------------------------------------
+
+/// How one service goes back to what it ran before a deploy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revert {
+    pub service: String,
+    /// The image to end attached, or `None` to end with nothing attached.
+    pub previous: Option<String>,
+    /// The image the deploy attached.
+    pub new: String,
+    /// The calls, in order, that get there from `new`.
+    pub calls: Vec<PortableCall>,
+}
+
+const ATTACHED_FN: &str = r#"attached() { grep -qsF "image '$1'" /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; }"#;
+
+/// The shell that puts each service back, last changed first. Each step
+/// looks first, so running it twice, or after attache's own rollback, does
+/// nothing more.
+pub fn revert_body(reverts: &[Revert]) -> String {
+    let mut s = format!("{ATTACHED_FN}\nrc=0\n");
+    for r in reverts.iter().rev() {
+        let calls = r
+            .calls
+            .iter()
+            .map(|c| {
+                let cmd = words(&c.argv());
+                if c.verb == Verb::Detach {
+                    format!(
+                        "  if attached {}; then {cmd} || rc=1; fi\n",
+                        quote(&c.image)
+                    )
+                } else {
+                    format!("  {cmd} || rc=1\n")
+                }
+            })
+            .collect::<String>();
+        match &r.previous {
+            Some(p) => {
+                s += &format!(
+                    "# {}: back to {p}\nif ! attached {}; then\n  :\n{calls}fi\n",
+                    r.service,
+                    quote(p)
+                );
+            }
+            None => s += &format!("# {}: remove {}\n{calls}", r.service, r.new),
+        }
+    }
+    s += "exit $rc\n";
+    s
+}
+
+const REVERT_UNIT: &str = "[Unit]
+Description=attache: put back the services of a deploy that was never confirmed
+ConditionPathExists=/var/lib/attache/revert.sh
+After=dbus.service network.target
+
+[Service]
+Type=oneshot
+ExecStart=/bin/sh /var/lib/attache/run-revert
+
+[Install]
+WantedBy=multi-user.target
+";
+
+/// Claims `revert.sh` by renaming it, so the timer, the boot unit and
+/// attache's disarm can race and exactly one wins.
+const RUN_REVERT: &str = "d=/var/lib/attache
+mv -f $d/revert.sh $d/revert.running 2>/dev/null || exit 0
+/bin/sh $d/revert.running >$d/revert.log 2>&1
+rc=$?
+mv -f $d/revert.running $d/revert.done
+exit $rc
+";
+
+/// Arms the dead-man revert: it runs after `after` unless [`disarm`] comes
+/// first, and at the next boot if the host restarts before either. Written
+/// and synced before any image changes.
+pub fn arm(reverts: &[Revert], after: Duration) -> Script {
+    Script::new(
+        "arming the automatic rollback",
+        format!(
+            r#"set -e
+d={STATE_DIR}
+mkdir -p $d /etc/systemd/system/multi-user.target.wants
+rm -f $d/revert.done $d/revert.disarmed $d/revert.log
+cat > $d/run-revert <<'ATTACHE_EOF'
+{RUN_REVERT}ATTACHE_EOF
+cat > $d/revert.sh.tmp <<'ATTACHE_EOF'
+{body}ATTACHE_EOF
+cat > /etc/systemd/system/attache-revert.service.tmp <<'ATTACHE_EOF'
+{REVERT_UNIT}ATTACHE_EOF
+mv -f /etc/systemd/system/attache-revert.service.tmp /etc/systemd/system/attache-revert.service
+ln -sf /etc/systemd/system/attache-revert.service /etc/systemd/system/multi-user.target.wants/attache-revert.service
+mv -f $d/revert.sh.tmp $d/revert.sh
+sync
+systemctl stop attache-revert-now.timer 2>/dev/null || true
+systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true
+systemd-run --quiet --unit=attache-revert-now --on-active={secs} --timer-property=AccuracySec=1s /bin/sh $d/run-revert"#,
+            body = revert_body(reverts),
+            secs = after.as_secs().max(1),
+        ),
+    )
+}
+
+/// What [`disarm`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disarmed {
+    /// attache got there first: the revert will never run.
+    InTime,
+    /// The host's revert ran (or was running and has ended); its log.
+    AlreadyReverted(String),
+}
+
+/// Stops the revert, or, if it has started, waits for it to end.
+pub fn disarm() -> Script {
+    Script::new(
+        "disarming the automatic rollback",
+        format!(
+            r#"d={STATE_DIR}
+if mv -f $d/revert.sh $d/revert.disarmed 2>/dev/null; then
+  systemctl stop attache-revert-now.timer 2>/dev/null || true
+  echo DISARMED
+else
+  i=0
+  while [ -e $d/revert.running ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
+  echo REVERTED
+  cat $d/revert.log 2>/dev/null || true
+fi"#
+        ),
+    )
+}
+
+pub fn parse_disarm(out: &str) -> Disarmed {
+    let mut lines = out.lines();
+    if lines.next().map(str::trim) == Some("DISARMED") {
+        Disarmed::InTime
+    } else {
+        Disarmed::AlreadyReverted(lines.collect::<Vec<_>>().join("\n"))
+    }
+}
+
+/// Runs an armed revert now (an earlier deploy never confirmed it), and
+/// waits for it.
+pub fn run_pending_revert() -> Script {
+    Script::new(
+        "finishing an earlier unconfirmed deploy",
+        format!(
+            "systemctl stop attache-revert-now.timer 2>/dev/null || true; /bin/sh {STATE_DIR}/run-revert; \
+             i=0; while [ -e {STATE_DIR}/revert.running ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done; \
+             cat {STATE_DIR}/revert.log 2>/dev/null || true"
+        ),
+    )
+}
+
+// ---- what rollback goes back to -------------------------------------------
+
+fn previous_file(service: &str) -> String {
+    format!("{STATE_DIR}/{service}.previous")
+}
+
+/// Records (atomically) the image `attache rollback` goes back to.
+pub fn record_previous(service: &str, previous: Option<&str>) -> Script {
+    let file = previous_file(service);
+    let text = match previous {
+        Some(p) => format!(
+            "mkdir -p {STATE_DIR} && printf '%s\\n' {p} > {f}.tmp && mv -f {f}.tmp {f} && {{ sync -f {f} 2>/dev/null || true; }}",
+            p = quote(p),
+            f = quote(&file)
+        ),
+        None => format!("rm -f {}", quote(&file)),
+    };
+    Script::new("recording the previous image", text)
+}
+
+// ---- health ---------------------------------------------------------------
+
+/// `systemctl show` of the properties health needs, one block per unit.
+pub fn show(units: &[String]) -> Script {
+    Script::new(
+        "reading unit states",
+        format!(
+            "for u in {}; do echo \"@unit=$u\"; systemctl show -p ActiveState -p SubState -p NRestarts -p Result -p Type -p RootImage -p ActiveEnterTimestampMonotonic \"$u\"; done",
+            words(units)
+        ),
+    )
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UnitState {
+    pub active: String,
+    pub sub: String,
+    pub restarts: String,
+    pub result: String,
+    pub kind: String,
+    pub root_image: String,
+    pub since: String,
+}
+
+pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
+    let mut m = BTreeMap::new();
+    let mut cur: Option<(String, UnitState)> = None;
+    for line in out.lines() {
+        if let Some(u) = line.strip_prefix("@unit=") {
+            if let Some((n, s)) = cur.take() {
+                m.insert(n, s);
+            }
+            cur = Some((u.to_owned(), UnitState::default()));
+            continue;
+        }
+        let Some((_, s)) = cur.as_mut() else { continue };
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let v = v.to_owned();
+        match k {
+            "ActiveState" => s.active = v,
+            "SubState" => s.sub = v,
+            "NRestarts" => s.restarts = v,
+            "Result" => s.result = v,
+            "Type" => s.kind = v,
+            "RootImage" => s.root_image = v,
+            "ActiveEnterTimestampMonotonic" => s.since = v,
+            _ => {}
+        }
+    }
+    if let Some((n, s)) = cur {
+        m.insert(n, s);
+    }
+    m
+}
+
+/// A check from the inventory as a script that exits 0 when healthy. The
+/// URL's parts are passed as arguments, so no `%` or quote in it is ever
+/// read by the shell; HTTP goes through bash's /dev/tcp when there is no
+/// curl.
+pub fn check(c: &Check) -> Script {
+    let text = match c {
+        Check::Command {
+            command, timeout, ..
+        } => format!("timeout {} sh -c {}", timeout.unwrap_or(10), quote(command)),
+        Check::Http { url, timeout, .. } => {
+            let t = timeout.unwrap_or(10);
+            let (host, port, path) = split_url(url);
+            let tcp = r#"exec 3<>"/dev/tcp/$1/$2" && printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$1" >&3 && head -n1 <&3 | grep -q ' [23][0-9][0-9] '"#;
+            format!(
+                "if command -v curl >/dev/null; then curl -fsS -o /dev/null --max-time {t} {url}; else timeout {t} bash -c {tcp} sh {args}; fi",
+                url = quote(url),
+                tcp = quote(tcp),
+                args = words(&[host, port.to_string(), path]),
+            )
+        }
+    };
+    Script::new("running a health check", text)
+}
+
+/// How long a check may take at most, counting its retries: the dead-man
+/// timer must outlast it.
+pub fn check_budget(c: &Check) -> Duration {
+    let (timeout, retries) = match c {
+        Check::Command {
+            timeout, retries, ..
+        }
+        | Check::Http {
+            timeout, retries, ..
+        } => (timeout.unwrap_or(10), retries.unwrap_or(5).max(1)),
+    };
+    // One second between tries, and a second for the round trip.
+    Duration::from_secs(u64::from(retries) * (timeout + 2))
+}
+
+pub fn check_retries(c: &Check) -> u32 {
+    match c {
+        Check::Command { retries, .. } | Check::Http { retries, .. } => retries.unwrap_or(5).max(1),
+    }
+}
+
+fn split_url(url: &str) -> (String, u16, String) {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .unwrap_or(url);
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], rest[i..].to_owned()),
+        None => (rest, "/".to_owned()),
+    };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(80)),
+        None => (hostport.to_owned(), 80),
+    };
+    (host, port, path)
+}
+
+#[cfg(test)]
+mod tests;

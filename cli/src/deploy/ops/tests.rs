@@ -1,0 +1,257 @@
+use super::*;
+
+const DROPIN: &str = "# Drop-in created for image";
+
+#[test]
+fn facts_tell_services_apart_by_image_file() {
+    let out = format!(
+        "systemd\t252\nportablectl\t/usr/bin/portablectl\nfree_kb\t1000\n\
+         attached\tshop-web.service\t/var/lib/portables/shop_1.0.raw\n\
+         attached\tshop-admin-web.service\t/var/lib/portables/shop-admin_1.0.raw\n\
+         image\t100\t/var/lib/portables/shop_1.0.raw\n\
+         image\t50\t/var/lib/portables/shop_0.9.raw\n\
+         image\t70\t/var/lib/portables/shop-admin_1.0.raw\n\
+         prefixes\tshop-admin_1.0.raw\tshop-admin-web\n\
+         previous\tshop\t/var/lib/portables/shop_0.9.raw\n\
+         sha256\t{}  /var/lib/portables/shop_1.0.raw\n",
+        "a".repeat(64)
+    );
+    let f = parse_facts(&out);
+    assert_eq!((f.systemd, f.portablectl, f.free_kb), (252, true, 1000));
+    assert_eq!(
+        f.attached_image("shop"),
+        Some("/var/lib/portables/shop_1.0.raw")
+    );
+    assert_eq!(
+        f.attached_image("shop-admin"),
+        Some("/var/lib/portables/shop-admin_1.0.raw")
+    );
+    assert_eq!(f.attached_image("sho"), None);
+    assert_eq!(
+        f.units_of("/var/lib/portables/shop_1.0.raw"),
+        ["shop-web.service"]
+    );
+    // No record: an image from before records declares its name.
+    assert_eq!(
+        f.declared_prefixes("/var/lib/portables/shop_1.0.raw"),
+        ["shop"]
+    );
+    assert_eq!(
+        f.declared_prefixes("/var/lib/portables/shop-admin_1.0.raw"),
+        ["shop-admin-web"]
+    );
+    let hit = f.others_matching("shop", &["shop".into()]);
+    assert_eq!(hit.len(), 1);
+    assert_eq!(hit[0].unit, "shop-admin-web.service");
+    assert!(f.others_matching("shop", &["shop-web".into()]).is_empty());
+    assert_eq!(
+        f.images_of("shop"),
+        [
+            "/var/lib/portables/shop_1.0.raw",
+            "/var/lib/portables/shop_0.9.raw"
+        ]
+    );
+    assert_eq!(f.previous["shop"], "/var/lib/portables/shop_0.9.raw");
+    assert_eq!(f.sha256["/var/lib/portables/shop_1.0.raw"], "a".repeat(64));
+    assert!(!f.revert_pending);
+    assert!(parse_facts("revert\tpending\n").revert_pending);
+}
+
+#[test]
+fn facts_script_reads_the_dropin_marker() {
+    let s = facts(&["/var/lib/portables/a b.raw".into()], false).text;
+    assert!(s.contains("'/var/lib/portables/a b.raw'"));
+    assert!(s.contains(&DROPIN[2..]));
+}
+
+#[test]
+fn portablectl_calls_pass_path_and_prefixes() {
+    let c = PortableCall {
+        verb: Verb::Reattach,
+        image: "/var/lib/portables/shop_2.0.raw".into(),
+        prefixes: vec!["shop-web".into()],
+        profile: Some("default".into()),
+    };
+    assert_eq!(
+        c.argv().join(" "),
+        "portablectl reattach --enable --now --profile default /var/lib/portables/shop_2.0.raw shop-web"
+    );
+    let d = PortableCall {
+        verb: Verb::Detach,
+        profile: Some("default".into()),
+        ..c.clone()
+    };
+    assert_eq!(
+        d.argv().join(" "),
+        "portablectl detach --enable --now /var/lib/portables/shop_2.0.raw shop-web"
+    );
+    let s = portablectl("shop-1", &c).text;
+    assert!(s.contains("systemd-run --quiet --collect --wait --unit='attache-shop-1'"));
+    assert!(s.contains("shop-web"));
+}
+
+#[test]
+fn revert_looks_before_it_acts_and_goes_last_first() {
+    let back = Revert {
+        service: "shop".into(),
+        previous: Some("/var/lib/portables/shop_1.0.raw".into()),
+        new: "/var/lib/portables/shop_2.0.raw".into(),
+        calls: vec![PortableCall {
+            verb: Verb::Reattach,
+            image: "/var/lib/portables/shop_1.0.raw".into(),
+            prefixes: vec!["shop-web".into()],
+            profile: Some("default".into()),
+        }],
+    };
+    let gone = Revert {
+        service: "new".into(),
+        previous: None,
+        new: "/var/lib/portables/new_1.raw".into(),
+        calls: vec![PortableCall {
+            verb: Verb::Detach,
+            image: "/var/lib/portables/new_1.raw".into(),
+            prefixes: vec!["new".into()],
+            profile: None,
+        }],
+    };
+    let body = revert_body(&[back, gone]);
+    let shop = body.find("# shop").unwrap();
+    let new = body.find("# new").unwrap();
+    assert!(new < shop, "{body}");
+    assert!(body.contains("if ! attached '/var/lib/portables/shop_1.0.raw'; then"));
+    assert!(
+        body.contains("if attached '/var/lib/portables/new_1.raw'; then 'portablectl' 'detach'")
+    );
+    let armed = arm(&[], Duration::from_secs(90)).text;
+    assert!(armed.contains("--on-active=90"));
+    assert!(armed.contains("WantedBy=multi-user.target"));
+    assert!(armed.find("mv -f $d/revert.sh.tmp").unwrap() < armed.find("systemd-run").unwrap());
+}
+
+#[test]
+fn disarm_tells_whether_the_host_went_first() {
+    assert_eq!(parse_disarm("DISARMED\n"), Disarmed::InTime);
+    assert_eq!(
+        parse_disarm("REVERTED\nlog line\n"),
+        Disarmed::AlreadyReverted("log line".into())
+    );
+}
+
+#[test]
+fn pruning_keeps_newest_attached_and_previous() {
+    let imgs = ["/p/demo_3.raw", "/p/demo_2.raw", "/p/demo_1.raw"];
+    assert_eq!(
+        prune_candidates(&imgs, 1, Some("/p/demo_3.raw"), Some("/p/demo_1.raw")),
+        ["/p/demo_2.raw"]
+    );
+    assert_eq!(
+        prune_candidates(&imgs, 2, Some("/p/demo_3.raw"), None),
+        ["/p/demo_1.raw"]
+    );
+    assert!(prune(&["/p/demo_1.raw".into()])
+        .text
+        .contains("/var/lib/attache/prefixes/demo_1.raw"));
+}
+
+#[test]
+fn checks_pass_url_parts_as_arguments() {
+    let c = Check::Http {
+        url: "http://127.0.0.1:8080/a%20b'c".into(),
+        timeout: None,
+        retries: Some(2),
+    };
+    let s = check(&c).text;
+    assert!(s.contains(r#""/dev/tcp/$1/$2""#), "{s}");
+    assert!(s.contains("'127.0.0.1' '8080'"), "{s}");
+    assert_eq!(check_retries(&c), 2);
+    assert_eq!(check_budget(&c), Duration::from_secs(24));
+    assert!(lock("me; rm -rf /").text.contains("'me; rm -rf /'"));
+    assert_eq!(quote("it's"), r"'it'\''s'");
+}
+
+#[test]
+fn show_parsing() {
+    let out = "@unit=demo.service\nActiveState=active\nSubState=running\nRootImage=/x.raw\n@unit=echo.socket\nActiveState=active\n";
+    let s = parse_show(out);
+    assert_eq!(s["demo.service"].root_image, "/x.raw");
+    assert_eq!(s["echo.socket"].active, "active");
+}
+
+/// Every script passes shellcheck where it is installed (CI installs it).
+#[test]
+fn scripts_pass_shellcheck() {
+    if std::process::Command::new("shellcheck")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        return;
+    }
+    let revert = Revert {
+        service: "shop".into(),
+        previous: Some("/var/lib/portables/shop_1.0.raw".into()),
+        new: "/var/lib/portables/shop_2.0.raw".into(),
+        calls: vec![],
+    };
+    let c = PortableCall {
+        verb: Verb::Attach,
+        image: "/x.raw".into(),
+        prefixes: vec!["x".into()],
+        profile: Some("default".into()),
+    };
+    let scripts = [
+        lock("me"),
+        facts(&["/a.raw".into()], true),
+        clear_partials(),
+        receive("/a"),
+        sha256("/a"),
+        place("/a", "/b.raw", &["b".into()]),
+        prune(&["/b.raw".into()]),
+        portablectl("x-1", &c),
+        arm(std::slice::from_ref(&revert), Duration::from_secs(60)),
+        disarm(),
+        run_pending_revert(),
+        record_previous("x", Some("/x.raw")),
+        record_previous("x", None),
+        show(&["a.service".into()]),
+        check(&Check::Http {
+            url: "http://h/x".into(),
+            timeout: None,
+            retries: None,
+        }),
+    ];
+    for s in scripts.iter() {
+        let out = std::process::Command::new("shellcheck")
+            .args([
+                "-s",
+                "sh",
+                "-S",
+                "warning",
+                "-e",
+                "SC2016,SC3025,SC2012,SC2041",
+                "-",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(s.text.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}:\n{}\n{}",
+            s.doing,
+            s.text,
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let body = revert_body(&[revert]);
+    let out = std::process::Command::new("sh")
+        .args(["-n", "-c", &body])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}

@@ -1,0 +1,334 @@
+//! The deploy planner: from what a host has ([`HostFacts`]) and what should
+//! run there, what to upload, which portablectl calls switch each service,
+//! and which calls put it back. A pure function: every case `--dry-run` can
+//! print, and every refusal, is unit-tested here without a host.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::ops::{self, HostFacts, PortableCall, Revert, Verb};
+use super::{HostPlan, ServicePlan, Settings};
+use crate::names::{basename, ImageFile};
+
+/// What a deploy does to one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    Attach,
+    Reattach,
+    Unchanged,
+}
+
+/// One service's part of a host's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Index into [`HostPlan::services`].
+    pub service: usize,
+    pub target: String,
+    pub upload: bool,
+    pub action: Action,
+    /// What the service had attached before.
+    pub previous: Option<String>,
+    /// The calls that switch it (empty when unchanged).
+    pub activate: Vec<PortableCall>,
+    /// How it goes back (`None` when unchanged).
+    pub revert: Option<Revert>,
+    /// Said to the user before anything happens.
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub need_kb: u64,
+}
+
+impl Plan {
+    pub fn changes(&self) -> impl Iterator<Item = &Step> {
+        self.steps.iter().filter(|s| s.action != Action::Unchanged)
+    }
+}
+
+/// Why a host is refused before anything on it changes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("portablectl is missing; install systemd-container on the host (apt install systemd-container)")]
+    NoPortablectl,
+    #[error(
+        "systemd {version} is too old; attache needs systemd 248 or newer (portablectl reattach)"
+    )]
+    OldSystemd { version: u32 },
+    #[error("not enough space in {}: {free_mb} MB free, {need_mb} MB needed; free some space (old images: attache prunes to --keep)", crate::names::PORTABLES)]
+    NoSpace { free_mb: u64, need_mb: u64 },
+    #[error("{}", .0)]
+    Collision(Box<Collision>),
+    #[error("--rollback-after {after} is too short: activating and checking {what} can take up to {need} s, and the host would put back a deploy that was still being checked; nothing was changed. Pass --rollback-after {suggest} or more, or give the checks fewer retries or a shorter timeout")]
+    TimerTooShort {
+        after: u64,
+        need: u64,
+        suggest: u64,
+        what: String,
+    },
+}
+
+/// A unit prefix that reaches another service's unit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{service}'s unit prefix '{prefix}' also matches {unit} of {other}, so portabled could not {doing} {service} without touching it; nothing was changed. {fix}")]
+pub struct Collision {
+    pub service: String,
+    pub prefix: String,
+    pub unit: String,
+    pub other: String,
+    pub doing: &'static str,
+    pub fix: String,
+}
+
+/// What an activation may take on a slow host, per service: portablectl
+/// reattach took 15 s in a TCG guest under load.
+const ACTIVATION_ALLOWANCE: Duration = Duration::from_secs(30);
+
+/// The image files whose sha256 planning needs: each service's target, and
+/// the name a rebuilt version would get.
+pub fn files_to_hash(host: &HostPlan) -> Vec<String> {
+    host.services
+        .iter()
+        .flat_map(|s| {
+            let f = ImageFile::new(&s.name, &s.version);
+            [f.host_path(), f.with_content_tag(&s.sha256).host_path()]
+        })
+        .collect()
+}
+
+/// The plan for one host, or why it must be left alone.
+pub fn plan(facts: &HostFacts, host: &HostPlan, settings: &Settings) -> Result<Plan, PlanError> {
+    if !facts.portablectl {
+        return Err(PlanError::NoPortablectl);
+    }
+    if facts.systemd < 248 {
+        return Err(PlanError::OldSystemd {
+            version: facts.systemd,
+        });
+    }
+    let mut steps = Vec::new();
+    let mut need_kb = 0u64;
+    for (i, svc) in host.services.iter().enumerate() {
+        let step = plan_service(facts, i, svc, &host.profile)?;
+        if step.upload {
+            need_kb += svc.size / 1024 + 1;
+        }
+        steps.push(step);
+    }
+    // Keep 5% and 16 MiB in reserve: a full /var breaks more than us.
+    let margin_kb = need_kb / 20 + 16 * 1024;
+    if need_kb > 0 && facts.free_kb < need_kb + margin_kb {
+        return Err(PlanError::NoSpace {
+            free_mb: facts.free_kb / 1024,
+            need_mb: (need_kb + margin_kb) / 1024,
+        });
+    }
+    let plan = Plan { steps, need_kb };
+    if settings.rollback {
+        check_timer(&plan, host, settings)?;
+    }
+    Ok(plan)
+}
+
+fn plan_service(
+    facts: &HostFacts,
+    index: usize,
+    svc: &ServicePlan,
+    profile: &str,
+) -> Result<Step, PlanError> {
+    let attached = facts.attached_image(&svc.name).map(str::to_owned);
+    let file = ImageFile::new(&svc.name, &svc.version);
+    let mut target = file.host_path();
+    let mut note = None;
+    // Same name, other content, and attached: portabled cannot reattach the
+    // same name, and overwriting an attached image is picked up silently at
+    // the next restart. Give the new content its own name instead.
+    if facts.sha256.get(&target).is_some_and(|s| *s != svc.sha256)
+        && attached.as_deref() == Some(target.as_str())
+    {
+        let tagged = file.with_content_tag(&svc.sha256);
+        note = Some(format!(
+            "{} is attached with other content; deploying it as {} (bump the version next time)",
+            file.file_name(),
+            tagged.file_name()
+        ));
+        target = tagged.host_path();
+    }
+    let upload = facts.sha256.get(&target) != Some(&svc.sha256);
+    let action = match attached.as_deref() {
+        None => Action::Attach,
+        Some(img) if img == target && !upload => Action::Unchanged,
+        Some(_) => Action::Reattach,
+    };
+    let mut step = Step {
+        service: index,
+        target: target.clone(),
+        upload,
+        action,
+        previous: attached.clone(),
+        activate: Vec::new(),
+        revert: None,
+        note,
+    };
+    if action == Action::Unchanged {
+        return Ok(step);
+    }
+    let new = &svc.prefixes;
+    refuse_collision(facts, &svc.name, new, "replace or detach", || {
+        format!(
+            "Rename {}'s units so that they do not start with another service's name (e.g. {}-web.service under a name no other service starts with)",
+            svc.name, svc.name
+        )
+    })?;
+    let call = |verb, image: &str, prefixes: &[String]| PortableCall {
+        verb,
+        image: image.to_owned(),
+        prefixes: prefixes.to_vec(),
+        profile: (verb != Verb::Detach).then(|| profile.to_owned()),
+    };
+    step.activate = match &attached {
+        None => vec![call(Verb::Attach, &target, new)],
+        Some(prev) => {
+            let before = facts.declared_prefixes(prev);
+            // A reattach detaches only the old units the new prefixes match;
+            // any other unit of the old image would stay behind, attached
+            // from an image that is no longer the service's.
+            let left_behind = facts
+                .units_of(prev)
+                .into_iter()
+                .any(|u| !new.iter().any(|p| crate::names::unit_matches_prefix(u, p)));
+            if left_behind {
+                refuse_collision(facts, &svc.name, &before, "detach the old image of", || {
+                    old_style_fix(&svc.name, prev)
+                })?;
+                vec![
+                    call(Verb::Detach, prev, &before),
+                    call(Verb::Attach, &target, new),
+                ]
+            } else {
+                vec![call(Verb::Reattach, &target, new)]
+            }
+        }
+    };
+    let calls = match &attached {
+        None => vec![call(Verb::Detach, &target, new)],
+        Some(prev) => {
+            let before = facts.declared_prefixes(prev);
+            if facts.others_matching(&svc.name, &before).is_empty() {
+                vec![call(Verb::Reattach, prev, &before)]
+            } else {
+                // The old image's prefix reaches another service: a
+                // reattach would detach that one too. Attach touches only
+                // the image's own units.
+                vec![
+                    call(Verb::Detach, &target, new),
+                    call(Verb::Attach, prev, &before),
+                ]
+            }
+        }
+    };
+    step.revert = Some(Revert {
+        service: svc.name.clone(),
+        previous: attached,
+        new: target,
+        calls,
+    });
+    Ok(step)
+}
+
+/// The calls that put each changed service back, given what the host has
+/// attached now (after a failed step, or a host's own revert): a service
+/// already on its previous image needs none. Last changed goes back first.
+pub fn rollback_calls(facts: &HostFacts, reverts: &[&Revert]) -> Vec<(String, Vec<PortableCall>)> {
+    reverts
+        .iter()
+        .rev()
+        .map(|r| {
+            let now = facts.attached_image(&r.service);
+            let calls = match (now, &r.previous) {
+                (now, prev) if now == prev.as_deref() => Vec::new(),
+                // Nothing attached: the switch failed half-way. Attach the
+                // old image with the call that would have ended the revert.
+                (None, Some(_)) => r
+                    .calls
+                    .last()
+                    .map(|c| PortableCall {
+                        verb: Verb::Attach,
+                        ..c.clone()
+                    })
+                    .into_iter()
+                    .collect(),
+                (Some(_), _) => r.calls.clone(),
+                (None, None) => Vec::new(),
+            };
+            (r.service.clone(), calls)
+        })
+        .collect()
+}
+
+fn old_style_fix(service: &str, image: &str) -> String {
+    format!(
+        "{} was attached before attache recorded unit prefixes; detach the other service first, deploy {service}, then deploy the other service again",
+        basename(image)
+    )
+}
+
+/// Refuses when `prefixes` reach a unit of another service.
+pub fn refuse_collision(
+    facts: &HostFacts,
+    service: &str,
+    prefixes: &[String],
+    doing: &'static str,
+    fix: impl FnOnce() -> String,
+) -> Result<(), PlanError> {
+    let others = facts.others_matching(service, prefixes);
+    let Some(hit) = others.first() else {
+        return Ok(());
+    };
+    let prefix = prefixes
+        .iter()
+        .find(|p| crate::names::unit_matches_prefix(&hit.unit, p))
+        .cloned()
+        .unwrap_or_default();
+    Err(PlanError::Collision(Box::new(Collision {
+        service: service.to_owned(),
+        prefix,
+        unit: hit.unit.clone(),
+        other: basename(&hit.image).to_owned(),
+        doing,
+        fix: fix(),
+    })))
+}
+
+/// The dead-man timer must outlast everything between arming it and
+/// confirming: a timer that fires while attache is still checking would put
+/// back a deploy attache then reports healthy.
+fn check_timer(plan: &Plan, host: &HostPlan, settings: &Settings) -> Result<(), PlanError> {
+    let changed: Vec<&ServicePlan> = plan.changes().map(|s| &host.services[s.service]).collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let need: Duration = changed
+        .iter()
+        .map(|s| {
+            ACTIVATION_ALLOWANCE + settings.settle + s.checks.iter().map(ops::check_budget).sum()
+        })
+        .sum();
+    if need <= settings.rollback_after {
+        return Ok(());
+    }
+    let names: Vec<&str> = changed.iter().map(|s| s.name.as_str()).collect();
+    Err(PlanError::TimerTooShort {
+        after: settings.rollback_after.as_secs(),
+        need: need.as_secs(),
+        suggest: need.as_secs() + 60,
+        what: names.join(", "),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,225 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+use crate::build::BuiltUnit;
+use crate::inventory::Check;
+use crate::remote::{Destination, Elevation, SshOptions};
+
+const P: &str = "/var/lib/portables";
+
+fn svc(name: &str, version: &str, sha: &str, units: &[&str]) -> ServicePlan {
+    ServicePlan {
+        name: name.into(),
+        version: version.into(),
+        local: PathBuf::from("/tmp/x.raw"),
+        sha256: sha.repeat(64),
+        size: 4096,
+        units: units
+            .iter()
+            .map(|u| BuiltUnit {
+                name: (*u).into(),
+                install: true,
+            })
+            .collect(),
+        prefixes: crate::names::unit_prefixes(units.iter().copied()),
+        checks: Vec::new(),
+    }
+}
+
+fn host(services: Vec<ServicePlan>) -> HostPlan {
+    HostPlan {
+        name: "h1".into(),
+        destination: Destination::parse("root@h1").unwrap(),
+        elevation: Elevation::None,
+        profile: "default".into(),
+        services,
+    }
+}
+
+fn settings() -> Settings {
+    Settings {
+        ssh: SshOptions::default(),
+        rollback: true,
+        dry_run: false,
+        keep: 2,
+        settle: Duration::from_secs(3),
+        rollback_after: Duration::from_secs(300),
+    }
+}
+
+fn facts(lines: &str) -> HostFacts {
+    ops::parse_facts(&format!(
+        "systemd\t252\nportablectl\t/usr/bin/portablectl\nfree_kb\t10000000\n{lines}"
+    ))
+}
+
+fn shop_and_admin(shop_prefixes: &str) -> HostFacts {
+    facts(&format!(
+        "attached\tshop-web.service\t{P}/shop_1.0.raw\n\
+         attached\tshop-admin-web.service\t{P}/shop-admin_1.0.raw\n\
+         image\t1\t{P}/shop_1.0.raw\nimage\t1\t{P}/shop-admin_1.0.raw\n\
+         prefixes\tshop-admin_1.0.raw\tshop-admin-web\n{shop_prefixes}"
+    ))
+}
+
+#[test]
+fn first_deploy_attaches_and_reverts_by_detaching() {
+    let h = host(vec![svc("demo", "1.0", "a", &["demo.service"])]);
+    let p = plan(&facts(""), &h, &settings()).unwrap();
+    let s = &p.steps[0];
+    assert_eq!((s.action, s.upload), (Action::Attach, true));
+    assert_eq!(s.target, format!("{P}/demo_1.0.raw"));
+    assert_eq!(s.activate[0].verb, Verb::Attach);
+    assert_eq!(s.activate[0].prefixes, ["demo"]);
+    let r = s.revert.as_ref().unwrap();
+    assert_eq!(r.previous, None);
+    assert_eq!(r.calls[0].verb, Verb::Detach);
+}
+
+#[test]
+fn unchanged_when_the_same_bytes_are_attached() {
+    let h = host(vec![svc("demo", "1.0", "a", &["demo.service"])]);
+    let f = facts(&format!(
+        "attached\tdemo.service\t{P}/demo_1.0.raw\nsha256\t{}  {P}/demo_1.0.raw\n",
+        "a".repeat(64)
+    ));
+    let p = plan(&f, &h, &settings()).unwrap();
+    assert_eq!(
+        (p.steps[0].action, p.steps[0].upload),
+        (Action::Unchanged, false)
+    );
+    assert!(p.steps[0].revert.is_none());
+    assert_eq!(p.changes().count(), 0);
+}
+
+#[test]
+fn same_version_other_content_gets_its_own_name() {
+    let h = host(vec![svc("demo", "1.0", "b", &["demo.service"])]);
+    let f = facts(&format!(
+        "attached\tdemo.service\t{P}/demo_1.0.raw\nsha256\t{}  {P}/demo_1.0.raw\n",
+        "a".repeat(64)
+    ));
+    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
+    assert_eq!(s.target, format!("{P}/demo_1.0-bbbbbbbb.raw"));
+    assert_eq!(s.action, Action::Reattach);
+    assert!(s.note.as_ref().unwrap().contains("bump the version"));
+}
+
+#[test]
+fn shared_prefix_upgrade_touches_only_its_own_units() {
+    let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
+    // shop 1.0 is new-style: its record says shop-web.
+    let f = shop_and_admin("prefixes\tshop_1.0.raw\tshop-web\n");
+    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
+    assert_eq!(s.previous.as_deref(), Some(&*format!("{P}/shop_1.0.raw")));
+    assert_eq!(s.activate.len(), 1);
+    assert_eq!(s.activate[0].verb, Verb::Reattach);
+    assert_eq!(s.activate[0].prefixes, ["shop-web"]);
+    let r = s.revert.as_ref().unwrap();
+    assert_eq!(r.calls[0].verb, Verb::Reattach);
+    assert_eq!(r.calls[0].image, format!("{P}/shop_1.0.raw"));
+    assert_eq!(r.calls[0].prefixes, ["shop-web"]);
+}
+
+#[test]
+fn old_style_previous_with_a_sibling_goes_back_by_detach_and_attach() {
+    let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
+    let f = shop_and_admin("");
+    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
+    assert_eq!(s.activate[0].verb, Verb::Reattach);
+    let r = s.revert.as_ref().unwrap();
+    let verbs: Vec<Verb> = r.calls.iter().map(|c| c.verb).collect();
+    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
+    assert_eq!(r.calls[0].prefixes, ["shop-web"]);
+    assert_eq!(r.calls[1].prefixes, ["shop"]);
+}
+
+#[test]
+fn a_prefix_that_reaches_another_service_is_refused() {
+    // shop's own unit is shop.service: its stem 'shop' matches shop-admin's.
+    let h = host(vec![svc("shop", "2.0", "b", &["shop.service"])]);
+    let e = plan(&shop_and_admin(""), &h, &settings()).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, PlanError::Collision(_)), "{msg}");
+    assert!(
+        msg.contains("shop-admin-web.service of shop-admin_1.0.raw"),
+        "{msg}"
+    );
+    assert!(msg.contains("nothing was changed"), "{msg}");
+}
+
+#[test]
+fn old_units_the_new_prefixes_miss_are_detached_first() {
+    let h = host(vec![svc("demo", "2.0", "b", &["demo-web.service"])]);
+    let f = facts(&format!(
+        "attached\tdemo-web.service\t{P}/demo_1.0.raw\nattached\tdemo-cron.timer\t{P}/demo_1.0.raw\n"
+    ));
+    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
+    let verbs: Vec<Verb> = s.activate.iter().map(|c| c.verb).collect();
+    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
+    assert_eq!(s.activate[0].prefixes, ["demo"]);
+}
+
+#[test]
+fn a_timer_shorter_than_the_checks_is_refused() {
+    let mut s = svc("demo", "1.0", "a", &["demo.service"]);
+    s.checks.push(Check::Http {
+        url: "http://127.0.0.1/".into(),
+        timeout: Some(10),
+        retries: Some(5),
+    });
+    let h = host(vec![s]);
+    let mut st = settings();
+    st.rollback_after = Duration::from_secs(5);
+    let e = plan(&facts(""), &h, &st).unwrap_err();
+    assert!(
+        e.to_string().starts_with("--rollback-after 5 is too short"),
+        "{e}"
+    );
+    // 30 s activation + 3 s settle + 5 x 12 s checks.
+    assert!(
+        matches!(e, PlanError::TimerTooShort { need: 93, .. }),
+        "{e}"
+    );
+    st.rollback = false;
+    assert!(plan(&facts(""), &h, &st).is_ok());
+}
+
+#[test]
+fn refusals_before_anything_changes() {
+    let h = host(vec![svc("demo", "1.0", "a", &["demo.service"])]);
+    let old = ops::parse_facts("systemd\t247\nportablectl\t/x\n");
+    assert_eq!(
+        plan(&old, &h, &settings()).unwrap_err(),
+        PlanError::OldSystemd { version: 247 }
+    );
+    let none = ops::parse_facts("systemd\t252\nportablectl\t\n");
+    assert_eq!(
+        plan(&none, &h, &settings()).unwrap_err(),
+        PlanError::NoPortablectl
+    );
+    let full = ops::parse_facts("systemd\t252\nportablectl\t/x\nfree_kb\t100\n");
+    assert!(matches!(
+        plan(&full, &h, &settings()).unwrap_err(),
+        PlanError::NoSpace { .. }
+    ));
+}
+
+#[test]
+fn rollback_calls_follow_what_the_host_has_now() {
+    let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
+    let f = shop_and_admin("prefixes\tshop_1.0.raw\tshop-web\n");
+    let p = plan(&f, &h, &settings()).unwrap();
+    let reverts: Vec<&Revert> = p.steps.iter().filter_map(|s| s.revert.as_ref()).collect();
+    // Still on the old image (the switch failed): nothing to do.
+    assert!(rollback_calls(&f, &reverts)[0].1.is_empty());
+    // On the new one: reattach the old.
+    let now = facts(&format!("attached\tshop-web.service\t{P}/shop_2.0.raw\n"));
+    assert_eq!(rollback_calls(&now, &reverts)[0].1[0].verb, Verb::Reattach);
+    // Nothing attached: attach the old.
+    assert_eq!(
+        rollback_calls(&facts(""), &reverts)[0].1[0].verb,
+        Verb::Attach
+    );
+}

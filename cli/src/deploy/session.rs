@@ -1,0 +1,154 @@
+//! A connection to one host, and the host's lock as a guard: every command
+//! that changes a host holds it, and it is released when the guard drops
+//! (or when the connection ends, whatever ends our process).
+
+use std::sync::Arc;
+
+use super::error::{Cause, HostError};
+use super::ops::{self, Script};
+use super::report::Stage;
+use crate::remote::{Destination, Elevation, Remote, RemoteOutput, SshOptions};
+
+pub struct HostSession {
+    pub remote: Remote,
+    lock: Option<HostLock>,
+}
+
+/// Held while the remote `cat` keeps reading our stdin; dropping it closes
+/// that stdin, which ends the lock.
+struct HostLock {
+    child: Option<openssh::Child<Arc<openssh::Session>>>,
+}
+
+impl HostLock {
+    async fn release(mut self) {
+        if let Some(mut child) = self.child.take() {
+            drop(child.stdin().take());
+            let _ = child.wait().await;
+        }
+    }
+}
+
+impl Drop for HostLock {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            drop(child.stdin().take());
+        }
+    }
+}
+
+impl HostSession {
+    pub async fn connect(
+        name: &str,
+        dest: &Destination,
+        ssh: &SshOptions,
+        elevation: Elevation,
+    ) -> Result<Self, HostError> {
+        let remote = Remote::connect(name, dest, ssh, elevation)
+            .await
+            .map_err(|e| Cause::from(e).at(name, Stage::Connect))?;
+        Ok(HostSession { remote, lock: None })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.remote.name
+    }
+
+    /// Takes the host's lock, or says who holds it.
+    pub async fn lock(&mut self) -> Result<(), HostError> {
+        let holder = format!(
+            "{}@{} pid {} since {}",
+            std::env::var("USER").unwrap_or_else(|_| "?".into()),
+            hostname(),
+            std::process::id(),
+            unix_now()
+        );
+        let at = |c: Cause| c.at(&self.remote.name, Stage::Lock);
+        let mut child = self
+            .remote
+            .spawn_held(&ops::lock(&holder).text)
+            .await
+            .map_err(|e| at(e.into()))?;
+        let first = read_first_line(&mut child).await;
+        match first.trim() {
+            "LOCKED" => {
+                self.lock = Some(HostLock { child: Some(child) });
+                Ok(())
+            }
+            "NOFLOCK" => Err(at(Cause::NoFlock)),
+            _ => {
+                let rest = child
+                    .wait_with_output()
+                    .await
+                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                    .unwrap_or_default();
+                Err(at(Cause::Locked {
+                    holder: if rest.is_empty() {
+                        "holder unknown".into()
+                    } else {
+                        rest
+                    },
+                }))
+            }
+        }
+    }
+
+    /// Runs a script; its exit code is the caller's to read.
+    pub async fn run(&self, s: &Script, stage: Stage) -> Result<RemoteOutput, HostError> {
+        self.remote
+            .run(&s.text, s.doing)
+            .await
+            .map_err(|e| Cause::from(e).at(&self.remote.name, stage))
+    }
+
+    /// Runs a script that must succeed.
+    pub async fn step(&self, s: &Script, stage: Stage) -> Result<RemoteOutput, HostError> {
+        let out = self.run(s, stage).await?;
+        if !out.success() {
+            return Err(Cause::Step {
+                doing: s.doing.to_owned(),
+                output: out.tail(),
+            }
+            .at(&self.remote.name, stage));
+        }
+        Ok(out)
+    }
+
+    /// Releases the lock and closes the connection.
+    pub async fn close(mut self) {
+        if let Some(lock) = self.lock.take() {
+            lock.release().await;
+        }
+        self.remote.close().await;
+    }
+}
+
+async fn read_first_line(child: &mut openssh::Child<Arc<openssh::Session>>) -> String {
+    use tokio::io::AsyncReadExt;
+    let Some(out) = child.stdout().as_mut() else {
+        return String::new();
+    };
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 4096 {
+        match out.read(&mut byte).await {
+            Ok(1) if byte[0] == b'\n' => break,
+            Ok(1) => line.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&line).into_owned()
+}
+
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
