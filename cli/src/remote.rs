@@ -285,20 +285,19 @@ impl Remote {
             .map_err(|e| self.lost("taking the deploy lock", &e))
     }
 
-    /// Streams `local` into `remote_path` (written by root), calling
+    /// Streams `local` into the stdin of `script` (run as root), calling
     /// `progress` with the bytes sent so far. Returns the bytes sent.
     pub async fn upload(
         &self,
         local: &Path,
-        remote_path: &str,
+        script: &str,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, RemoteError> {
-        let script = format!("umask 077; exec cat > {}", q(remote_path));
         let mut child = self
             .session
             .command("sh")
             .arg("-c")
-            .arg(self.as_root(&script))
+            .arg(self.as_root(script))
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
