@@ -12,7 +12,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../src/names.rs"]
 mod names;
 #[allow(dead_code)]

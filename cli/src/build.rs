@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::cli::{BuildArgs, CompressionArg, PackArgs, SourceArgs};
+use crate::cli::{CompressionArg, PackArgs, SourceArgs};
 use crate::error::Error;
 use crate::image::{self, Compression, PackEvent, PackOptions};
 use crate::nix::{Described, Installable, Nix};
@@ -366,10 +366,6 @@ pub fn pack_options(args: &PackArgs, hints: &PackHints) -> PackOptions {
         block_size: args.block_size.or(hints.block_size).unwrap_or(1 << 20),
         threads: 0,
     }
-}
-
-pub fn run(args: &BuildArgs, ui: &Ui) -> Result<Built, Error> {
-    build_image(&args.source, &args.pack, &args.out_dir, args.dry_run, ui)
 }
 
 /// The whole build stage, shared by `build` and `deploy`.

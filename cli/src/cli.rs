@@ -214,7 +214,8 @@ pub struct DeployArgs {
     /// Show the plan per host (upload or skip, attach or reattach); change nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Images kept per service on each host (the attached one always is).
+    /// Images kept per service on each host, newest first; the attached one
+    /// and the one `attache rollback` would go back to are kept on top.
     #[arg(long, default_value_t = 2, value_name = "N")]
     pub keep: usize,
     /// Seconds a unit must stay up after activation to count as healthy.
@@ -277,9 +278,9 @@ pub struct HostServiceArgs {
     pub flake: String,
     #[command(flatten)]
     pub ssh: SshArgs,
-    /// portabled profile for the reattach.
-    #[arg(long, default_value = "default", value_name = "PROFILE")]
-    pub profile: String,
+    /// portabled profile for the reattach [default: the inventory's, else default].
+    #[arg(long, value_name = "PROFILE")]
+    pub profile: Option<String>,
     /// The nix binary to use.
     #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
     pub nix: PathBuf,

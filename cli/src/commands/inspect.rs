@@ -1,4 +1,5 @@
-//! `attache inspect IMAGE`: what is inside an image, read offline.
+//! `attache inspect IMAGE`: what is inside an image, read offline (the
+//! reading itself is `image::inspect`).
 
 use serde_json::json;
 

@@ -1,0 +1,268 @@
+//! `attache deploy`: build what the hosts run (each installable once), plan
+//! each host, run the plans on many hosts at once, and report.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::hosts::{self, elevation, ssh_options, Policy, Ran};
+use crate::build::{self, Built};
+use crate::cli::{DeployArgs, PackArgs, SourceArgs};
+use crate::deploy::{self, HostPlan, HostReport, Outcome, ServicePlan, Settings};
+use crate::error::Error;
+use crate::inventory::{self, Host};
+use crate::nix::{Installable, Nix, NixError};
+use crate::remote::Destination;
+use crate::ui::{DeployView, Ui};
+
+/// Where deploy keeps the images it builds.
+fn image_dir() -> PathBuf {
+    build::cache_dir()
+        .unwrap_or_else(|| std::env::temp_dir().join("attache"))
+        .join("images")
+}
+
+fn source(inst: &Installable, nix: &Path, nix_args: &[String]) -> SourceArgs {
+    let (installable, file, expr) = match inst {
+        Installable::Flake(r) => (Some(r.clone()), None, None),
+        Installable::File { file, attr } => (Some(attr.clone()), Some(file.clone()), None),
+        Installable::Expr(e) => (None, None, Some(e.clone())),
+    };
+    SourceArgs {
+        installable,
+        file,
+        expr,
+        impure: false,
+        name: None,
+        image_version: None,
+        nix: nix.to_owned(),
+        nix_args: nix_args.to_vec(),
+    }
+}
+
+/// Builds each distinct installable once, even when many hosts run it.
+fn build_all(
+    wanted: &[Installable],
+    pack: &PackArgs,
+    nix: &Path,
+    nix_args: &[String],
+    ui: &Ui,
+) -> Result<BTreeMap<String, Built>, Error> {
+    let dir = image_dir();
+    let mut built = BTreeMap::new();
+    for inst in wanted {
+        let key = inst.to_string();
+        if built.contains_key(&key) {
+            continue;
+        }
+        let b = build::build_image(&source(inst, nix, nix_args), pack, &dir, false, ui)?;
+        built.insert(key, b);
+    }
+    Ok(built)
+}
+
+fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
+    ServicePlan {
+        name: b.name.clone(),
+        version: b.version.clone(),
+        local: b.path.clone(),
+        sha256: b.sha256.clone(),
+        size: b.size,
+        units: b.units.clone(),
+        prefixes: b.prefixes.clone(),
+        checks,
+    }
+}
+
+pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
+    let nix_path = args.nix.clone();
+    let plans: Vec<HostPlan> = if let Some(to) = &args.to {
+        let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
+        let wanted: Vec<Installable> = if args.targets.is_empty() {
+            vec![Installable::Flake(".".into())]
+        } else {
+            args.targets
+                .iter()
+                .map(|t| Installable::Flake(t.clone()))
+                .collect()
+        };
+        let built = build_all(&wanted, &args.pack, &nix_path, &args.nix_args, ui)?;
+        vec![HostPlan {
+            name: to.clone(),
+            destination: dest,
+            elevation: elevation(args.ssh.sudo),
+            profile: args.profile.clone().unwrap_or_else(|| "default".into()),
+            services: wanted
+                .iter()
+                .map(|w| plan_service(&built[&w.to_string()], Vec::new()))
+                .collect(),
+        }]
+    } else {
+        let nix = Nix::new(nix_path.clone(), args.nix_args.clone());
+        nix.version()?;
+        ui.status("Reading", format!("{}#attache.hosts", args.flake));
+        let hosts =
+            inventory::load(&nix, &args.flake).map_err(|e| inventory_error(e, &args.flake))?;
+        let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
+            .map_err(|e| Error::Usage(e.to_string()))?;
+        inventory::share_builds(&nix, &args.flake, &mut hosts);
+        let wanted: Vec<Installable> = hosts
+            .iter()
+            .flat_map(|h| h.services.iter().map(|s| s.installable.clone()))
+            .collect();
+        let built = build_all(&wanted, &args.pack, &nix_path, &args.nix_args, ui)?;
+        hosts
+            .into_iter()
+            .map(|h| host_plan(h, &built, args))
+            .collect()
+    };
+    if plans.is_empty() {
+        return Err(Error::Usage("no hosts selected".into()));
+    }
+    let settings = Arc::new(Settings {
+        ssh: ssh_options(&args.ssh),
+        rollback: !args.no_rollback,
+        dry_run: args.dry_run,
+        keep: args.keep.max(1),
+        settle: Duration::from_secs(args.settle),
+        rollback_after: Duration::from_secs(args.rollback_after),
+    });
+    let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
+    let view = DeployView::new(ui, &names);
+    let policy = Policy {
+        jobs: args.jobs.max(1),
+        canary: args.canary.unwrap_or(0),
+        keep_going: args.keep_going,
+    };
+    let ran = hosts::runtime()?.block_on(hosts::on_hosts(
+        plans,
+        policy,
+        |r: &HostReport| good(r.outcome),
+        |plan| deploy::deploy_host(plan, settings.clone(), view.clone()),
+    ));
+    let reports: Vec<HostReport> = ran
+        .into_iter()
+        .zip(&names)
+        .map(|(r, host)| match r {
+            Ran::Done(report) => report,
+            Ran::Skipped(why) => skipped(host, why),
+        })
+        .collect();
+    view.clear();
+    report(ui, &reports, args.dry_run)
+}
+
+fn inventory_error(e: inventory::InventoryError, flake: &str) -> Error {
+    match e {
+        inventory::InventoryError::Nix(NixError::MissingAttribute { nix_says, .. })
+            if nix_says.contains("does not provide attribute") =>
+        {
+            Error::Usage(format!(
+                "{flake} has no attache.hosts inventory: add one with attache.lib.hosts, or deploy ad hoc with --to USER@HOST INSTALLABLE"
+            ))
+        }
+        inventory::InventoryError::Nix(n) => Error::Nix(n),
+        other => Error::Usage(other.to_string()),
+    }
+}
+
+fn host_plan(h: Host, built: &BTreeMap<String, Built>, args: &DeployArgs) -> HostPlan {
+    let services = h
+        .services
+        .iter()
+        .map(|s| {
+            let b = &built[&s.installable.to_string()];
+            plan_service(b, h.checks.get(&s.name).cloned().unwrap_or_default())
+        })
+        .collect();
+    HostPlan {
+        name: h.name,
+        destination: h.destination,
+        elevation: elevation(h.sudo || args.ssh.sudo),
+        profile: args.profile.clone().unwrap_or(h.profile),
+        services,
+    }
+}
+
+fn good(o: Outcome) -> bool {
+    matches!(o, Outcome::Healthy | Outcome::Planned)
+}
+
+fn skipped(host: &str, why: &str) -> HostReport {
+    HostReport::skipped(host, why)
+}
+
+fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
+    let ok = reports.iter().all(|r| good(r.outcome));
+    let mut human = String::new();
+    let width = reports
+        .iter()
+        .map(|r| r.host.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    human += &format!(
+        "{:width$}  {:<11}  {:>10}  services\n",
+        "host", "result", "sent"
+    );
+    for r in reports {
+        let services = r
+            .services
+            .iter()
+            .map(|s| {
+                let file = s.image.rsplit('/').next().unwrap_or_default();
+                let action = format!("{:?}", s.action).to_lowercase();
+                let upload = if s.upload { "upload" } else { "no upload" };
+                if dry_run {
+                    format!("{file} ({upload}, {action})")
+                } else {
+                    format!("{file} ({action})")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        human += &format!(
+            "{:width$}  {:<11}  {:>10}  {}\n",
+            r.host,
+            r.outcome.to_string(),
+            r.bytes_sent,
+            services
+        );
+    }
+    for r in reports {
+        if let Some(e) = &r.error {
+            if r.outcome != Outcome::Skipped {
+                // Errors from the host pipeline already name the host.
+                if e.starts_with(&format!("{}:", r.host)) {
+                    human += &format!("\n{e}\n");
+                } else {
+                    human += &format!("\n{}: {e}\n", r.host);
+                }
+            }
+        }
+        if let Some(e) = &r.rollback_error {
+            human += &format!("{}: rollback failed too: {e}\n", r.host);
+        }
+    }
+    let json = json!({ "ok": ok, "dry_run": dry_run, "hosts": reports });
+    ui.result(&json, &human);
+    if ok {
+        return Ok(());
+    }
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !good(r.outcome))
+        .map(|r| format!("{} ({})", r.host, r.outcome))
+        .collect();
+    Err(Error::Deploy {
+        summary: format!(
+            "{} of {} hosts did not end healthy on the new version: {} (details above)",
+            failed.len(),
+            reports.len(),
+            failed.join(", "),
+        ),
+    })
+}

@@ -1,0 +1,43 @@
+//! One file per command. A command turns validated arguments into calls of
+//! the stages (`build`, `image`, `deploy`, …) and hands their results to the
+//! UI; it parses nothing and owns no stage logic. The clap types of `cli`
+//! stop here: nothing below a command takes them.
+
+mod build;
+mod deploy;
+mod detach;
+mod hosts;
+mod inspect;
+mod rollback;
+mod status;
+
+use clap::CommandFactory;
+
+use crate::cli::{Cli, Command};
+use crate::error::Error;
+use crate::ui::Ui;
+
+pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
+    match command {
+        Command::Build(args) => build::run(&args, ui),
+        Command::Deploy(args) => deploy::run(&args, ui),
+        Command::Status(args) => status::run(&args, ui),
+        Command::Rollback(args) => rollback::run(&args, ui),
+        Command::Detach(args) => detach::run(&args, ui),
+        Command::Inspect(args) => inspect::run(&args, ui),
+        Command::Completions(args) => {
+            let mut buf = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "attache", &mut buf);
+            ui.raw(&buf);
+            Ok(())
+        }
+        Command::Man(_) => {
+            let mut buf = Vec::new();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut buf)
+                .map_err(|e| Error::io("rendering the man page", e))?;
+            ui.raw(&buf);
+            Ok(())
+        }
+    }
+}
