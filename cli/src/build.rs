@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::cli::{CompressionArg, PackArgs, SourceArgs};
 use crate::error::Error;
 use crate::image::{self, Compression, PackEvent, PackOptions};
 use crate::nix::{Described, Installable, Nix};
@@ -105,55 +104,70 @@ pub struct PackHints {
     pub block_size: Option<u32>,
 }
 
-pub fn installable(src: &SourceArgs) -> Result<Installable, Error> {
-    match (&src.file, &src.expr) {
-        (Some(file), None) => Ok(Installable::File {
-            file: file.clone(),
-            attr: src.installable.clone().unwrap_or_default(),
-        }),
-        (None, Some(expr)) => {
-            if src.installable.is_some() {
-                return Err(Error::Usage(
-                    "--expr takes no INSTALLABLE: put the attribute inside the expression".into(),
-                ));
-            }
-            Ok(Installable::Expr(expr.clone()))
+/// What to build and with which nix, resolved from the command line or the
+/// inventory: all that the stages need to know about Nix.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub installable: Installable,
+    /// The user's nix binary.
+    pub nix: PathBuf,
+    /// Passed to every nix call.
+    pub nix_args: Vec<String>,
+    pub impure: bool,
+    /// Image name instead of the derivation's `pname`.
+    pub name: Option<String>,
+    /// Image version instead of the derivation's `version`.
+    pub version: Option<String>,
+}
+
+impl Source {
+    /// An installable built as it is: pure, with the derivation's own name.
+    pub fn new(installable: Installable, nix: PathBuf, nix_args: Vec<String>) -> Self {
+        Source {
+            installable,
+            nix,
+            nix_args,
+            impure: false,
+            name: None,
+            version: None,
         }
-        (None, None) => Ok(Installable::Flake(
-            src.installable.clone().unwrap_or_else(|| ".".into()),
-        )),
-        (Some(_), Some(_)) => Err(Error::Usage(
-            "use either -f FILE or --expr, not both".into(),
-        )),
+    }
+
+    fn nix(&self) -> Nix {
+        let mut extra = Vec::new();
+        if self.impure {
+            extra.push("--impure".to_owned());
+        }
+        extra.extend(self.nix_args.iter().cloned());
+        Nix::new(self.nix.clone(), extra)
     }
 }
 
-pub fn nix_for(src: &SourceArgs) -> Nix {
-    let mut extra = Vec::new();
-    if src.impure {
-        extra.push("--impure".to_owned());
-    }
-    extra.extend(src.nix_args.iter().cloned());
-    Nix::new(src.nix.clone(), extra)
+/// Packing choices made on the command line; each wins over the spec's hint.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PackChoice {
+    pub compression: Option<Compression>,
+    pub level: Option<u32>,
+    pub block_size: Option<u32>,
 }
 
 /// Evaluates and builds the installable, and turns its output into a spec.
 /// The returned tempdir holds the GC root: keep it alive while packing.
 pub fn resolve(
-    src: &SourceArgs,
+    src: &Source,
     ui: &Ui,
 ) -> Result<(ImageSpec, PackHints, PathBuf, tempfile::TempDir), Error> {
-    let inst = installable(src)?;
-    let nix = nix_for(src);
+    let inst = &src.installable;
+    let nix = src.nix();
     nix.version()?;
-    ui.status("Evaluating", &inst);
-    let described = nix.describe(&inst)?;
+    ui.status("Evaluating", inst);
+    let described = nix.describe(inst)?;
     let gcroot = tempfile::Builder::new()
         .prefix("attache-gcroot-")
         .tempdir()
         .map_err(|e| Error::io("creating a temporary directory", e))?;
-    ui.status("Building", &inst);
-    let out = nix.build(&inst, &gcroot.path().join("result"))?;
+    ui.status("Building", inst);
+    let out = nix.build(inst, &gcroot.path().join("result"))?;
     ui.verbose(format!("built {}", out.display()));
     let closure = nix.closure(&out)?;
     let (spec, hints) = if out.is_file() {
@@ -173,7 +187,7 @@ pub fn resolve(
 fn from_spec_file(
     out: &Path,
     closure: Vec<PathBuf>,
-    src: &SourceArgs,
+    src: &Source,
 ) -> Result<(ImageSpec, PackHints), Error> {
     let text =
         std::fs::read(out).map_err(|e| Error::io(format!("reading {}", out.display()), e))?;
@@ -185,7 +199,7 @@ fn from_spec_file(
     })?;
     let name = src.name.clone().or(ns.pname.clone()).unwrap_or_default();
     let version = src
-        .image_version
+        .version
         .clone()
         .or(ns.version.clone())
         .unwrap_or_default();
@@ -236,12 +250,12 @@ fn from_package(
     out: &Path,
     d: &Described,
     closure: Vec<PathBuf>,
-    src: &SourceArgs,
+    src: &Source,
 ) -> Result<(ImageSpec, Vec<String>), Error> {
     let (guess_name, guess_version) = split_name(d.name.as_deref().unwrap_or(""));
     let name = src.name.clone().or(d.pname.clone()).unwrap_or(guess_name);
     let version = src
-        .image_version
+        .version
         .clone()
         .or(d.version.clone())
         .unwrap_or(guess_version);
@@ -344,13 +358,11 @@ pub fn parse_hints(
     Ok(hints)
 }
 
-pub fn pack_options(args: &PackArgs, hints: &PackHints) -> PackOptions {
-    let compression = match args.compression {
-        Some(CompressionArg::Zstd) => Compression::Zstd,
-        Some(CompressionArg::Xz) => Compression::Xz,
-        Some(CompressionArg::Gzip) => Compression::Gzip,
-        None => hints.compression.unwrap_or(Compression::Zstd),
-    };
+pub fn pack_options(args: &PackChoice, hints: &PackHints) -> PackOptions {
+    let compression = args
+        .compression
+        .or(hints.compression)
+        .unwrap_or(Compression::Zstd);
     // A level only carries over when the compressor did too.
     let level = args.level.or(if Some(compression) == hints.compression {
         hints.level
@@ -367,8 +379,8 @@ pub fn pack_options(args: &PackArgs, hints: &PackHints) -> PackOptions {
 
 /// The whole build stage, shared by `build` and `deploy`.
 pub fn build_image(
-    source: &SourceArgs,
-    pack: &PackArgs,
+    source: &Source,
+    pack: &PackChoice,
     out_dir: &Path,
     dry_run: bool,
     ui: &Ui,
@@ -598,8 +610,8 @@ mod tests {
             level: Some(9),
             block_size: Some(1 << 17),
         };
-        let args = PackArgs {
-            compression: Some(CompressionArg::Zstd),
+        let args = PackChoice {
+            compression: Some(Compression::Zstd),
             level: None,
             block_size: None,
         };

@@ -5,6 +5,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::build::{PackChoice, Source};
+use crate::error::Error;
+use crate::image::Compression;
+use crate::nix::Installable;
+
 const EXIT_CODES: &str = "\
 Exit codes:
   0  success
@@ -124,13 +129,33 @@ pub struct SourceArgs {
     /// Image version instead of the derivation's `version`.
     #[arg(long = "version", value_name = "VERSION")]
     pub image_version: Option<String>,
+    #[command(flatten)]
+    pub nix: NixArgs,
+}
+
+/// The user's nix binary: every command that evaluates Nix takes it.
+#[derive(Debug, Args)]
+pub struct NixBin {
     /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
+    #[arg(
+        id = "nix",
+        long = "nix",
+        default_value = "nix",
+        env = "ATTACHE_NIX",
+        value_name = "PATH"
+    )]
+    pub path: PathBuf,
+}
+
+/// The nix binary and what to pass it: the commands that build take both.
+#[derive(Debug, Args)]
+pub struct NixArgs {
+    #[command(flatten)]
+    pub bin: NixBin,
     /// Extra arguments for every nix call, after `--`
     /// (e.g. `-- --override-input nixpkgs path:./stub`).
-    #[arg(last = true, value_name = "NIX_ARGS")]
-    pub nix_args: Vec<String>,
+    #[arg(id = "nix_args", last = true, value_name = "NIX_ARGS")]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -151,6 +176,66 @@ pub enum CompressionArg {
     Zstd,
     Xz,
     Gzip,
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::Xz => Compression::Xz,
+            CompressionArg::Gzip => Compression::Gzip,
+        }
+    }
+}
+
+impl PackArgs {
+    pub fn choice(&self) -> PackChoice {
+        PackChoice {
+            compression: self.compression.map(Compression::from),
+            level: self.level,
+            block_size: self.block_size,
+        }
+    }
+}
+
+impl SourceArgs {
+    /// What to build, as the stages take it. Clap cannot express that
+    /// `--expr` takes no INSTALLABLE, so that is refused here.
+    pub fn source(&self) -> Result<Source, Error> {
+        let installable = match (&self.file, &self.expr) {
+            (Some(file), None) => Installable::File {
+                file: file.clone(),
+                attr: self.installable.clone().unwrap_or_default(),
+            },
+            (None, Some(expr)) => {
+                if self.installable.is_some() {
+                    return Err(Error::Usage(
+                        "--expr takes no INSTALLABLE: put the attribute inside the expression"
+                            .into(),
+                    ));
+                }
+                Installable::Expr(expr.clone())
+            }
+            (None, None) => {
+                Installable::Flake(self.installable.clone().unwrap_or_else(|| ".".into()))
+            }
+            (Some(_), Some(_)) => {
+                return Err(Error::Usage(
+                    "use either -f FILE or --expr, not both".into(),
+                ))
+            }
+        };
+        Ok(Source {
+            impure: self.impure,
+            name: self.name.clone(),
+            version: self.image_version.clone(),
+            ..Source::new(
+                installable,
+                self.nix.bin.path.clone(),
+                self.nix.args.clone(),
+            )
+        })
+    }
 }
 
 /// Build, push, attach and health-check portable services on hosts.
@@ -222,12 +307,8 @@ pub struct DeployArgs {
     pub settle: u64,
     #[command(flatten)]
     pub pack: PackArgs,
-    /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
-    /// Extra arguments for every nix call, after `--`.
-    #[arg(last = true, value_name = "NIX_ARGS")]
-    pub nix_args: Vec<String>,
+    #[command(flatten)]
+    pub nix: NixArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -259,9 +340,8 @@ pub struct StatusArgs {
     pub flake: String,
     #[command(flatten)]
     pub ssh: SshArgs,
-    /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
+    #[command(flatten)]
+    pub nix: NixBin,
 }
 
 /// The host and service `rollback` and `detach` act on.
@@ -280,9 +360,8 @@ pub struct HostServiceArgs {
     /// portabled profile for the reattach.
     #[arg(long, default_value = "default", value_name = "PROFILE")]
     pub profile: String,
-    /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
+    #[command(flatten)]
+    pub nix: NixBin,
 }
 
 /// Show what is inside a portable image, offline, and whether portabled would
@@ -366,7 +445,7 @@ mod tests {
         assert_eq!(b.source.image_version.as_deref(), Some("2.0"));
         assert_eq!(b.pack.block_size, Some(128 * 1024));
         assert_eq!(
-            b.source.nix_args,
+            b.source.nix.args,
             ["--override-input", "nixpkgs", "path:./stub"]
         );
     }

@@ -11,7 +11,8 @@ use crate::remote::Remote;
 use crate::ui::Ui;
 
 pub fn run(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
-    let (name, dest, elev) = hosts::resolve_one(&args.host, &args.flake, &args.nix, &args.ssh)?;
+    let (name, dest, elev) =
+        hosts::resolve_one(&args.host, &args.flake, &args.nix.path, &args.ssh)?;
     let opts = ssh_options(&args.ssh);
     let rt = hosts::runtime()?;
     let r: Result<String, deploy::DeployError> = rt.block_on(async {
