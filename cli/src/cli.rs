@@ -9,6 +9,7 @@ use crate::build::{PackChoice, Source};
 use crate::error::Error;
 use crate::image::Compression;
 use crate::nix::Installable;
+use crate::spec::from_nix::{parse_block_size, Naming};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -167,7 +168,7 @@ pub struct PackArgs {
     #[arg(long, value_name = "N")]
     pub level: Option<u32>,
     /// Data block size, e.g. 128K or 1M [default: from the spec, else 1M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
     pub block_size: Option<u32>,
 }
 
@@ -227,8 +228,10 @@ impl SourceArgs {
         };
         Ok(Source {
             impure: self.impure,
-            name: self.name.clone(),
-            version: self.image_version.clone(),
+            naming: Naming {
+                name: self.name.clone(),
+                version: self.image_version.clone(),
+            },
             ..Source::new(
                 installable,
                 self.nix.bin.path.clone(),
@@ -389,27 +392,6 @@ pub struct CompletionsArgs {
 #[derive(Debug, Args)]
 pub struct ManArgs {}
 
-/// Parses `4096`, `128K`, `1M`: a power of two between 4 KiB and 1 MiB, the
-/// range squashfs allows.
-pub fn parse_size(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1024u64),
-        Some('M') => (&t[..t.len() - 1], 1024 * 1024),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: use e.g. 128K or 1M"))?;
-    let bytes = n * mult;
-    if !(4096..=1024 * 1024).contains(&bytes) || !bytes.is_power_of_two() {
-        return Err(format!(
-            "block size '{s}' must be a power of two from 4K to 1M"
-        ));
-    }
-    Ok(bytes as u32)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -448,14 +430,5 @@ mod tests {
             b.source.nix.args,
             ["--override-input", "nixpkgs", "path:./stub"]
         );
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("3K").is_err());
-        assert!(parse_size("2M").is_err());
-        assert!(parse_size("x").is_err());
     }
 }

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::hosts::{self, elevation, ssh_options, Policy, Ran};
 use crate::build::{self, Built, PackChoice, Source};
+use crate::cache;
 use crate::cli::{DeployArgs, NixArgs};
 use crate::deploy::{self, HostPlan, HostReport, Outcome, ServicePlan, Settings};
 use crate::error::Error;
@@ -20,7 +21,7 @@ use crate::ui::{DeployView, Ui};
 
 /// Where deploy keeps the images it builds.
 fn image_dir() -> PathBuf {
-    build::cache_dir()
+    cache::dir()
         .unwrap_or_else(|| std::env::temp_dir().join("attache"))
         .join("images")
 }

@@ -1,8 +1,11 @@
 //! What goes into a portable image, as plain data, and portabled's rules for it.
 //!
-//! `nix` produces an [`ImageSpec`]; `validate` checks it against what
-//! systemd-portabled accepts (see shared notes `portable-services.md`) so that
-//! `image` only ever packs something `portablectl attach` takes first time.
+//! [`from_nix`] turns what Nix built into an [`ImageSpec`]; `validate` checks
+//! it against what systemd-portabled accepts (see shared notes
+//! `portable-services.md`) so that `image` only ever packs something
+//! `portablectl attach` takes first time.
+
+pub mod from_nix;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
