@@ -32,6 +32,8 @@ pub enum FromNixError {
     },
     #[error("{path} is a file but not an attache spec ({reason}): build the result of attache's portableService, or a package with unit files", path = .path.display())]
     NotASpec { path: PathBuf, reason: String },
+    #[error("{path} is an attache spec of schema {found}, but this attache ({ours}) reads only schema {SPEC_SCHEMA}: upgrade attache to the release that goes with the attache Nix library that wrote it", path = .path.display(), ours = env!("CARGO_PKG_VERSION"))]
+    Schema { path: PathBuf, found: u32 },
     #[error("{path} has no unit files in lib/systemd/system or etc/systemd/system: wrap it with attache's portableService and list its units", path = .path.display())]
     NoUnits { path: PathBuf },
     #[error("squash-compression '{value}' uses a compressor attache does not write: use zstd, xz or gzip, or pass --compression")]
@@ -40,12 +42,21 @@ pub enum FromNixError {
     BlockSize(String),
 }
 
-/// The JSON file written by `portableService` in `nix/portable-service.nix`.
+/// The spec file schema this attache reads: `attacheSpec` in
+/// `nix/portable-service.nix`, raised when the file changes meaning.
+pub const SPEC_SCHEMA: u32 = 1;
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Schema {
+    attache_spec: u32,
+}
+
+/// The JSON file written by `portableService` in `nix/portable-service.nix`
+/// (its `attacheSpec` is read first, as [`Schema`]).
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct NixSpec {
-    #[allow(dead_code)]
-    attache_spec: u32,
     pname: Option<String>,
     version: Option<String>,
     description: Option<String>,
@@ -93,10 +104,20 @@ pub fn from_spec_file(
         path: out.to_owned(),
         source,
     })?;
-    let ns: NixSpec = serde_json::from_slice(&text).map_err(|e| FromNixError::NotASpec {
+    let not_a_spec = |e: serde_json::Error| FromNixError::NotASpec {
         path: out.to_owned(),
         reason: e.to_string(),
-    })?;
+    };
+    // The schema first: a newer schema may not parse as this one at all, and
+    // "upgrade attache" helps more than a serde message.
+    let schema: Schema = serde_json::from_slice(&text).map_err(not_a_spec)?;
+    if schema.attache_spec != SPEC_SCHEMA {
+        return Err(FromNixError::Schema {
+            path: out.to_owned(),
+            found: schema.attache_spec,
+        });
+    }
+    let ns: NixSpec = serde_json::from_slice(&text).map_err(not_a_spec)?;
     let name = wanted.name.clone().or(ns.pname.clone()).unwrap_or_default();
     let version = wanted
         .version
@@ -316,5 +337,31 @@ mod tests {
         assert!(parse_block_size("3K").is_err());
         assert!(parse_block_size("2M").is_err());
         assert!(parse_block_size("x").is_err());
+    }
+
+    #[test]
+    fn unknown_spec_schema_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("spec.json");
+        let read = |schema: u32| {
+            let text = json!({ "attacheSpec": schema, "pname": "demo", "version": "1.0" });
+            std::fs::write(&file, text.to_string()).unwrap();
+            from_spec_file(&file, Vec::new(), &Naming::default())
+        };
+        let (spec, _) = read(SPEC_SCHEMA).unwrap();
+        assert_eq!(spec.name, "demo");
+        let e = read(SPEC_SCHEMA + 1).unwrap_err();
+        assert!(matches!(e, FromNixError::Schema { found: 2, .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("reads only schema 1: upgrade attache"),
+            "{e}"
+        );
+        // A newer schema is refused for its number, whatever its fields.
+        std::fs::write(&file, r#"{"attacheSpec": 2, "units": "changed"}"#).unwrap();
+        assert!(matches!(
+            from_spec_file(&file, Vec::new(), &Naming::default()),
+            Err(FromNixError::Schema { .. })
+        ));
     }
 }
