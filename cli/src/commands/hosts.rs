@@ -6,11 +6,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::cli::SshArgs;
+use crate::cli::{HostServiceArgs, SshArgs};
+use crate::deploy::DeployError;
 use crate::error::Error;
 use crate::inventory;
 use crate::nix::Nix;
-use crate::remote::{Destination, Elevation, SshOptions};
+use crate::remote::{Destination, Elevation, Remote, SshOptions};
 
 pub fn ssh_options(a: &SshArgs) -> SshOptions {
     SshOptions {
@@ -87,11 +88,29 @@ pub fn resolve(
 }
 
 /// The one host `rollback` and `detach` act on.
-pub fn resolve_one(host: &str, flake: &str, nix: &Path, ssh: &SshArgs) -> Result<Target, Error> {
+fn resolve_one(host: &str, flake: &str, nix: &Path, ssh: &SshArgs) -> Result<Target, Error> {
     resolve(&[host.to_owned()], flake, nix, ssh)?
         .into_iter()
         .next()
         .ok_or_else(|| Error::Usage(format!("unknown host {host}")))
+}
+
+/// Connects to the one host `rollback` or `detach` names, runs `work` there,
+/// and closes the connection when it succeeded. Returns the host's name.
+pub fn on_one_host<T>(
+    args: &HostServiceArgs,
+    work: impl AsyncFnOnce(&Remote, &str) -> Result<T, DeployError>,
+) -> Result<(String, T), Error> {
+    let (name, dest, elev) = resolve_one(&args.host, &args.flake, &args.nix.path, &args.ssh)?;
+    let opts = ssh_options(&args.ssh);
+    let r: Result<T, DeployError> = runtime()?.block_on(async {
+        let remote = Remote::connect(&name, &dest, &opts, elev).await?;
+        let out = work(&remote, &name).await?;
+        remote.close().await;
+        Ok(out)
+    });
+    r.map(|out| (name, out))
+        .map_err(|e| Error::Remote(e.to_string()))
 }
 
 /// How many hosts at once, and when to stop starting new ones.
