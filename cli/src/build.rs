@@ -108,7 +108,7 @@ pub struct PackChoice {
 
 /// Evaluates and builds the installable, and turns its output into a spec.
 /// The returned tempdir holds the GC root: keep it alive while packing.
-pub fn resolve(
+fn resolve(
     src: &Source,
     ui: &Ui,
 ) -> Result<(ImageSpec, PackHints, PathBuf, tempfile::TempDir), Error> {
@@ -139,7 +139,7 @@ pub fn resolve(
     Ok((spec, hints, out, gcroot))
 }
 
-pub fn pack_options(args: &PackChoice, hints: &PackHints) -> PackOptions {
+fn pack_options(args: &PackChoice, hints: &PackHints) -> PackOptions {
     let compression = args
         .compression
         .or(hints.compression)
@@ -224,7 +224,7 @@ pub fn build_image(
     Ok(built)
 }
 
-pub fn pack_with_progress(
+fn pack_with_progress(
     spec: &ImageSpec,
     opts: &PackOptions,
     out_dir: &Path,

@@ -1,5 +1,7 @@
 //! The command line, defined once: help, completions and the man page are all
-//! generated from these types.
+//! generated from these types. What clap cannot check is checked here, where
+//! the arguments become what the stages take ([`SourceArgs::source`],
+//! [`PackArgs::choice`]).
 
 use std::path::PathBuf;
 
