@@ -1,9 +1,17 @@
 //! The command line, defined once: help, completions and the man page are all
-//! generated from these types.
+//! generated from these types. What clap cannot check is checked here, where
+//! the arguments become what the stages take ([`SourceArgs::source`],
+//! [`PackArgs::choice`]).
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::build::{PackChoice, Source};
+use crate::error::Error;
+use crate::image::Compression;
+use crate::nix::Installable;
+use crate::spec::from_nix::{parse_block_size, Naming};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -124,13 +132,33 @@ pub struct SourceArgs {
     /// Image version instead of the derivation's `version`.
     #[arg(long = "version", value_name = "VERSION")]
     pub image_version: Option<String>,
+    #[command(flatten)]
+    pub nix: NixArgs,
+}
+
+/// The user's nix binary: every command that evaluates Nix takes it.
+#[derive(Debug, Args)]
+pub struct NixBin {
     /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
+    #[arg(
+        id = "nix",
+        long = "nix",
+        default_value = "nix",
+        env = "ATTACHE_NIX",
+        value_name = "PATH"
+    )]
+    pub path: PathBuf,
+}
+
+/// The nix binary and what to pass it: the commands that build take both.
+#[derive(Debug, Args)]
+pub struct NixArgs {
+    #[command(flatten)]
+    pub bin: NixBin,
     /// Extra arguments for every nix call, after `--`
     /// (e.g. `-- --override-input nixpkgs path:./stub`).
-    #[arg(last = true, value_name = "NIX_ARGS")]
-    pub nix_args: Vec<String>,
+    #[arg(id = "nix_args", last = true, value_name = "NIX_ARGS")]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -142,7 +170,7 @@ pub struct PackArgs {
     #[arg(long, value_name = "N")]
     pub level: Option<u32>,
     /// Data block size, e.g. 128K or 1M [default: from the spec, else 1M].
-    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = parse_block_size)]
     pub block_size: Option<u32>,
 }
 
@@ -151,6 +179,68 @@ pub enum CompressionArg {
     Zstd,
     Xz,
     Gzip,
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::Zstd => Compression::Zstd,
+            CompressionArg::Xz => Compression::Xz,
+            CompressionArg::Gzip => Compression::Gzip,
+        }
+    }
+}
+
+impl PackArgs {
+    pub fn choice(&self) -> PackChoice {
+        PackChoice {
+            compression: self.compression.map(Compression::from),
+            level: self.level,
+            block_size: self.block_size,
+        }
+    }
+}
+
+impl SourceArgs {
+    /// What to build, as the stages take it. Clap cannot express that
+    /// `--expr` takes no INSTALLABLE, so that is refused here.
+    pub fn source(&self) -> Result<Source, Error> {
+        let installable = match (&self.file, &self.expr) {
+            (Some(file), None) => Installable::File {
+                file: file.clone(),
+                attr: self.installable.clone().unwrap_or_default(),
+            },
+            (None, Some(expr)) => {
+                if self.installable.is_some() {
+                    return Err(Error::Usage(
+                        "--expr takes no INSTALLABLE: put the attribute inside the expression"
+                            .into(),
+                    ));
+                }
+                Installable::Expr(expr.clone())
+            }
+            (None, None) => {
+                Installable::Flake(self.installable.clone().unwrap_or_else(|| ".".into()))
+            }
+            (Some(_), Some(_)) => {
+                return Err(Error::Usage(
+                    "use either -f FILE or --expr, not both".into(),
+                ))
+            }
+        };
+        Ok(Source {
+            impure: self.impure,
+            naming: Naming {
+                name: self.name.clone(),
+                version: self.image_version.clone(),
+            },
+            ..Source::new(
+                installable,
+                self.nix.bin.path.clone(),
+                self.nix.args.clone(),
+            )
+        })
+    }
 }
 
 /// Build, push, attach and health-check portable services on hosts.
@@ -223,12 +313,8 @@ pub struct DeployArgs {
     pub settle: u64,
     #[command(flatten)]
     pub pack: PackArgs,
-    /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
-    /// Extra arguments for every nix call, after `--`.
-    #[arg(last = true, value_name = "NIX_ARGS")]
-    pub nix_args: Vec<String>,
+    #[command(flatten)]
+    pub nix: NixArgs,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -260,9 +346,8 @@ pub struct StatusArgs {
     pub flake: String,
     #[command(flatten)]
     pub ssh: SshArgs,
-    /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
+    #[command(flatten)]
+    pub nix: NixBin,
 }
 
 /// The host and service `rollback` and `detach` act on.
@@ -281,9 +366,8 @@ pub struct HostServiceArgs {
     /// portabled profile for the reattach [default: the inventory's, else default].
     #[arg(long, value_name = "PROFILE")]
     pub profile: Option<String>,
-    /// The nix binary to use.
-    #[arg(long, default_value = "nix", env = "ATTACHE_NIX", value_name = "PATH")]
-    pub nix: PathBuf,
+    #[command(flatten)]
+    pub nix: NixBin,
 }
 
 /// Show what is inside a portable image, offline, and whether portabled would
@@ -310,27 +394,6 @@ pub struct CompletionsArgs {
 /// Example: attache man | man -l -
 #[derive(Debug, Args)]
 pub struct ManArgs {}
-
-/// Parses `4096`, `128K`, `1M`: a power of two between 4 KiB and 1 MiB, the
-/// range squashfs allows.
-pub fn parse_size(s: &str) -> Result<u32, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1024u64),
-        Some('M') => (&t[..t.len() - 1], 1024 * 1024),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size: use e.g. 128K or 1M"))?;
-    let bytes = n * mult;
-    if !(4096..=1024 * 1024).contains(&bytes) || !bytes.is_power_of_two() {
-        return Err(format!(
-            "block size '{s}' must be a power of two from 4K to 1M"
-        ));
-    }
-    Ok(bytes as u32)
-}
 
 #[cfg(test)]
 mod tests {
@@ -367,17 +430,8 @@ mod tests {
         assert_eq!(b.source.image_version.as_deref(), Some("2.0"));
         assert_eq!(b.pack.block_size, Some(128 * 1024));
         assert_eq!(
-            b.source.nix_args,
+            b.source.nix.args,
             ["--override-input", "nixpkgs", "path:./stub"]
         );
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("1M"), Ok(1 << 20));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("3K").is_err());
-        assert!(parse_size("2M").is_err());
-        assert!(parse_size("x").is_err());
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::image::ImageError;
 use crate::nix::NixError;
+use crate::spec::from_nix::FromNixError;
 use crate::spec::SpecError;
 
 #[derive(Debug, thiserror::Error)]
@@ -10,6 +11,8 @@ pub enum Error {
     Nix(#[from] NixError),
     #[error(transparent)]
     Spec(#[from] SpecError),
+    #[error(transparent)]
+    FromNix(#[from] FromNixError),
     #[error(transparent)]
     Image(#[from] ImageError),
     /// Bad input that is not about Nix or the spec: arguments, files.
@@ -54,7 +57,10 @@ impl Error {
         match self {
             Error::Nix(e) if e.is_user_error() => ExitCode::BadInput,
             Error::Nix(_) => ExitCode::Environment,
-            Error::Spec(_) | Error::Usage(_) | Error::Refused(_) => ExitCode::BadInput,
+            Error::FromNix(FromNixError::Read { .. }) => ExitCode::Environment,
+            Error::Spec(_) | Error::FromNix(_) | Error::Usage(_) | Error::Refused(_) => {
+                ExitCode::BadInput
+            }
             Error::Image(e) if image_error_is_user_error(e) => ExitCode::BadInput,
             Error::Image(_) | Error::Io { .. } | Error::Remote(_) => ExitCode::Environment,
             Error::Deploy { .. } => ExitCode::DeployFailed,

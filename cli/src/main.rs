@@ -9,6 +9,7 @@
 //! to exit codes. This file only parses and dispatches.
 
 mod build;
+mod cache;
 mod cli;
 mod commands;
 mod deploy;

@@ -2,15 +2,16 @@
 //! each host, run the plans on many hosts at once, and report.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
 use super::hosts::{self, elevation, ssh_options, Policy, Ran};
-use crate::build::{self, Built};
-use crate::cli::{DeployArgs, PackArgs, SourceArgs};
+use crate::build::{self, Built, PackChoice, Source};
+use crate::cache;
+use crate::cli::{DeployArgs, NixArgs};
 use crate::deploy::{self, HostPlan, HostReport, Outcome, ServicePlan, Settings};
 use crate::error::Error;
 use crate::inventory::{self, Host};
@@ -20,35 +21,16 @@ use crate::ui::{DeployView, Ui};
 
 /// Where deploy keeps the images it builds.
 fn image_dir() -> PathBuf {
-    build::cache_dir()
+    cache::dir()
         .unwrap_or_else(|| std::env::temp_dir().join("attache"))
         .join("images")
-}
-
-fn source(inst: &Installable, nix: &Path, nix_args: &[String]) -> SourceArgs {
-    let (installable, file, expr) = match inst {
-        Installable::Flake(r) => (Some(r.clone()), None, None),
-        Installable::File { file, attr } => (Some(attr.clone()), Some(file.clone()), None),
-        Installable::Expr(e) => (None, None, Some(e.clone())),
-    };
-    SourceArgs {
-        installable,
-        file,
-        expr,
-        impure: false,
-        name: None,
-        image_version: None,
-        nix: nix.to_owned(),
-        nix_args: nix_args.to_vec(),
-    }
 }
 
 /// Builds each distinct installable once, even when many hosts run it.
 fn build_all(
     wanted: &[Installable],
-    pack: &PackArgs,
-    nix: &Path,
-    nix_args: &[String],
+    pack: &PackChoice,
+    nix: &NixArgs,
     ui: &Ui,
 ) -> Result<BTreeMap<String, Built>, Error> {
     let dir = image_dir();
@@ -58,7 +40,13 @@ fn build_all(
         if built.contains_key(&key) {
             continue;
         }
-        let b = build::build_image(&source(inst, nix, nix_args), pack, &dir, false, ui)?;
+        let b = build::build_image(
+            &Source::new(inst.clone(), nix.bin.path.clone(), nix.args.clone()),
+            pack,
+            &dir,
+            false,
+            ui,
+        )?;
         built.insert(key, b);
     }
     Ok(built)
@@ -78,7 +66,7 @@ fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
 }
 
 pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
-    let nix_path = args.nix.clone();
+    let pack = args.pack.choice();
     let plans: Vec<HostPlan> = if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
         let wanted: Vec<Installable> = if args.targets.is_empty() {
@@ -89,7 +77,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 .map(|t| Installable::Flake(t.clone()))
                 .collect()
         };
-        let built = build_all(&wanted, &args.pack, &nix_path, &args.nix_args, ui)?;
+        let built = build_all(&wanted, &pack, &args.nix, ui)?;
         vec![HostPlan {
             name: to.clone(),
             destination: dest,
@@ -101,7 +89,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 .collect(),
         }]
     } else {
-        let nix = Nix::new(nix_path.clone(), args.nix_args.clone());
+        let nix = Nix::new(args.nix.bin.path.clone(), args.nix.args.clone());
         nix.version()?;
         ui.status("Reading", format!("{}#attache.hosts", args.flake));
         let hosts =
@@ -113,7 +101,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
             .iter()
             .flat_map(|h| h.services.iter().map(|s| s.installable.clone()))
             .collect();
-        let built = build_all(&wanted, &args.pack, &nix_path, &args.nix_args, ui)?;
+        let built = build_all(&wanted, &pack, &args.nix, ui)?;
         hosts
             .into_iter()
             .map(|h| host_plan(h, &built, args))

@@ -11,7 +11,7 @@ use crate::ui::Ui;
 
 pub fn run(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
     let ((name, dest, elev), _) =
-        hosts::resolve_one(&args.host, &args.flake, &args.nix, &args.ssh)?;
+        hosts::resolve_one(&args.host, &args.flake, &args.nix.path, &args.ssh)?;
     let opts = ssh_options(&args.ssh);
     let r = hosts::runtime()?.block_on(async {
         let mut s = HostSession::connect(&name, &dest, &opts, elev).await?;

@@ -12,7 +12,7 @@ use crate::ui::Ui;
 
 pub fn run(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
     let ((name, dest, elev), inventory_profile) =
-        hosts::resolve_one(&args.host, &args.flake, &args.nix, &args.ssh)?;
+        hosts::resolve_one(&args.host, &args.flake, &args.nix.path, &args.ssh)?;
     let profile = args
         .profile
         .clone()

@@ -11,7 +11,7 @@ use crate::remote::{Destination, Elevation, SshOptions};
 use crate::ui::Ui;
 
 pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
-    let hosts = hosts::resolve(&args.hosts, &args.flake, &args.nix, &args.ssh)?;
+    let hosts = hosts::resolve(&args.hosts, &args.flake, &args.nix.path, &args.ssh)?;
     let opts = ssh_options(&args.ssh);
     // Reading is harmless: every host at once, a failure stops nothing.
     let results = hosts::runtime()?.block_on(hosts::on_hosts(

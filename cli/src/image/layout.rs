@@ -10,11 +10,11 @@ use std::ffi::OsString;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::ImageError;
-use crate::spec::ImageSpec;
+use crate::spec::{self, ImageSpec};
 
 /// Longest symlink target the writer takes (backhand panics from 256 bytes).
 pub(crate) const MAX_SYMLINK_TARGET: usize = 255;
@@ -234,27 +234,15 @@ pub(crate) fn plan(spec: &ImageSpec) -> Result<Layout, ImageError> {
     Ok(layout)
 }
 
+/// portabled's name rules, from `spec`: the packer refuses what the spec's
+/// check would, whoever calls it.
 fn check_name(name: &str, version: &str) -> Result<(), ImageError> {
-    let bad = |reason: &str| ImageError::BadName {
-        name: format!("{name}_{version}"),
-        reason: reason.to_owned(),
-    };
-    if name.is_empty() {
-        return Err(bad("the name is empty"));
-    }
-    if name.contains('_') {
-        return Err(bad(
-            "the name contains '_', which portabled reads as the start of the version; use '-'",
-        ));
-    }
-    for part in [name, version] {
-        if part.contains('/') || part.contains('\0') || part == "." || part == ".." {
-            return Err(bad(
-                "name and version must be usable as a file name (no '/')",
-            ));
-        }
-    }
-    Ok(())
+    spec::validate_name(name)
+        .and_then(|()| spec::validate_version(name, version))
+        .map_err(|e| ImageError::BadName {
+            name: format!("{name}_{version}"),
+            reason: e.to_string(),
+        })
 }
 
 fn check_unit_name(name: &str) -> Result<(), ImageError> {
@@ -375,32 +363,12 @@ fn add_spec_symlink(layout: &mut Layout, path: &str, target: &str) -> Result<(),
         path: path.to_owned(),
         reason: reason.to_owned(),
     };
-    if !path.starts_with('/') {
-        return Err(bad(
-            "the path must be absolute inside the image, e.g. /etc/ssl",
-        ));
+    if !spec::symlink_path_ok(path) {
+        return Err(bad(spec::SYMLINK_PATH_RULE));
     }
-    let mut clean = PathBuf::from("/");
-    for c in Path::new(path).components() {
-        match c {
-            Component::RootDir => {}
-            Component::Normal(n) => clean.push(n),
-            Component::CurDir | Component::ParentDir | Component::Prefix(_) => {
-                return Err(bad("the path must not contain '.' or '..' components"))
-            }
-        }
-    }
-    if clean == Path::new("/") || path.split('/').any(|c| c == ".") {
-        return Err(bad(
-            "the path must name something below /, without '.' components",
-        ));
-    }
+    // Nothing left to fold: the rule refuses '.', '..' and empty components.
+    let clean = PathBuf::from(path);
     check_target(path, target.as_bytes())?;
-    if clean.starts_with("/nix/store") {
-        return Err(bad(
-            "the path is inside /nix/store, which holds the closure; link from outside it",
-        ));
-    }
     // Create missing parents; an existing parent must be a directory.
     let parents: Vec<PathBuf> = clean
         .ancestors()
@@ -515,4 +483,41 @@ pub(crate) fn parse_os_release(text: &str) -> BTreeMap<String, String> {
         map.insert(key.trim().to_owned(), value);
     }
     map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_symlink_paths_follow_the_spec_rule() {
+        let mut s = ImageSpec {
+            name: "demo".into(),
+            version: "1.0".into(),
+            units: Vec::new(),
+            symlinks: vec![crate::spec::Symlink {
+                path: "/etc//ssl".into(),
+                target: "/x".into(),
+            }],
+            store_paths: Vec::new(),
+            os_release: BTreeMap::new(),
+        };
+        let e = plan(&s).unwrap_err();
+        assert!(matches!(e, ImageError::BadSymlink { .. }), "{e:?}");
+        assert!(e.to_string().ends_with(spec::SYMLINK_PATH_RULE), "{e}");
+        s.symlinks[0].path = "/etc/ssl".into();
+        plan(&s).unwrap();
+    }
+
+    #[test]
+    fn names_follow_the_spec_rule() {
+        let e = check_name("my_app", "1.0").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(&spec::validate_name("my_app").unwrap_err().to_string()),
+            "{e}"
+        );
+        assert!(check_name("demo", "1 0").is_err());
+        check_name("demo", "1.0-rc1").unwrap();
+    }
 }

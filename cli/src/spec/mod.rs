@@ -1,8 +1,11 @@
 //! What goes into a portable image, as plain data, and portabled's rules for it.
 //!
-//! `nix` produces an [`ImageSpec`]; `validate` checks it against what
-//! systemd-portabled accepts (see shared notes `portable-services.md`) so that
-//! `image` only ever packs something `portablectl attach` takes first time.
+//! [`from_nix`] turns what Nix built into an [`ImageSpec`]; `validate` checks
+//! it against what systemd-portabled accepts (see shared notes
+//! `portable-services.md`) so that `image` only ever packs something
+//! `portablectl attach` takes first time.
+
+pub mod from_nix;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -77,9 +80,7 @@ pub enum SpecError {
     UnitNotAFile { unit: String, source_path: String },
     #[error("unit '{unit}' ({source_path}) is empty: portabled ignores empty unit files")]
     UnitEmpty { unit: String, source_path: String },
-    #[error(
-        "symlink '{path}' must be an absolute path inside the image without '..', e.g. /etc/ssl"
-    )]
+    #[error("symlink '{path}' is refused: {SYMLINK_PATH_RULE}")]
     SymlinkPath { path: String },
     #[error("symlink '{path}' has a target of {len} bytes; squashfs images written by attache allow at most 255: shorten it")]
     SymlinkTooLong { path: String, len: usize },
@@ -246,11 +247,25 @@ pub fn validate_unit_name(unit: &str, prefixes: &[String]) -> Result<(), SpecErr
     })
 }
 
+/// The one wording of [`symlink_path_ok`], for the spec's check and the
+/// packer's.
+pub const SYMLINK_PATH_RULE: &str = "a symlink's path must be absolute, name something below / and outside /nix/store (which holds the closure), and have no '.', '..' or empty components, e.g. /etc/ssl";
+
+/// Where a spec's symlink may be put in the image. Empty components (`//`, a
+/// trailing `/`) are refused rather than folded, so the path written is the
+/// path the user wrote.
+pub fn symlink_path_ok(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    !rest.is_empty()
+        && rest.split('/').all(|c| !matches!(c, "" | "." | ".."))
+        && rest != "nix/store"
+        && !rest.starts_with("nix/store/")
+}
+
 fn validate_symlink(link: &Symlink, store_paths: &[PathBuf]) -> Result<(), SpecError> {
-    let bad_path = !link.path.starts_with('/')
-        || link.path == "/"
-        || link.path.split('/').any(|c| c == ".." || c == ".");
-    if bad_path {
+    if !symlink_path_ok(&link.path) {
         return Err(SpecError::SymlinkPath {
             path: link.path.clone(),
         });
@@ -512,6 +527,38 @@ mod tests {
             validate_symlink(&l("/bin/sh", &long), &store),
             Err(SpecError::SymlinkTooLong { len: 263, .. })
         ));
+    }
+
+    #[test]
+    fn symlink_paths_take_no_empty_components() {
+        for ok in ["/etc/ssl", "/a/b/c", "/nix", "/nix/storex"] {
+            assert!(symlink_path_ok(ok), "{ok}");
+        }
+        for bad in [
+            "/etc//ssl",
+            "//etc/ssl",
+            "/etc/ssl/",
+            "//",
+            "/",
+            "",
+            "etc/ssl",
+            "/etc/./ssl",
+            "/etc/../ssl",
+            "/nix/store",
+            "/nix/store/aaa-busybox/x",
+        ] {
+            assert!(!symlink_path_ok(bad), "{bad}");
+        }
+        let store = vec![PathBuf::from("/nix/store/aaa-busybox")];
+        let link = Symlink {
+            path: "/etc//ssl".into(),
+            target: "/nix/store/aaa-busybox/etc/ssl".into(),
+        };
+        let e = validate_symlink(&link, &store).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("symlink '/etc//ssl' is refused: {SYMLINK_PATH_RULE}")
+        );
     }
 
     #[test]
