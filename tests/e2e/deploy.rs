@@ -3,113 +3,11 @@
 //! ssh: what the service answers, its `RootImage`, the files in
 //! /var/lib/portables.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use attache_lab::{shared, Guest, Host};
+use attache_lab::{shared, Guest};
 
 use crate::support::*;
-
-/// A lab host plus a private build cache and an ssh config for it.
-struct Target {
-    host: Host,
-    cache: tempfile::TempDir,
-    config: PathBuf,
-}
-
-fn target(guest: Guest, name: &str) -> Target {
-    let host = lab_host(guest, name);
-    let cache = tempfile::tempdir().unwrap();
-    let config = host.ssh_config_path();
-    Target {
-        host,
-        cache,
-        config,
-    }
-}
-
-impl Target {
-    fn attache(&self, args: &[&str]) -> Run {
-        let cfg = self.config.display().to_string();
-        let mut full: Vec<&str> = args.to_vec();
-        // Host options go after the subcommand.
-        full.insert(1, "--ssh-config");
-        full.insert(2, &cfg);
-        attache_in(&repo(), self.cache.path(), &full)
-    }
-
-    /// `attache deploy --json --to NAME INSTALLABLE…`
-    fn deploy(&self, installables: &[&str], extra: &[&str]) -> Run {
-        let name = self.host.name().to_owned();
-        let mut args = vec!["deploy", "--json", "--to", &name];
-        args.extend_from_slice(extra);
-        args.extend_from_slice(installables);
-        self.attache(&args)
-    }
-
-    /// The same deploy as [`Target::deploy`], in a thread, for tests that
-    /// act on the host while it runs.
-    fn deploy_in_background(
-        &self,
-        installables: &[&str],
-        extra: &[&str],
-    ) -> std::thread::JoinHandle<Run> {
-        let name = self.host.name().to_owned();
-        let cache = self.cache.path().to_owned();
-        let mut args: Vec<String> = ["deploy", "--ssh-config"]
-            .iter()
-            .map(|s| (*s).to_owned())
-            .collect();
-        args.push(self.config.display().to_string());
-        args.extend(["--json".to_owned(), "--to".to_owned(), name]);
-        args.extend(extra.iter().chain(installables).map(|s| (*s).to_owned()));
-        std::thread::spawn(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            attache_in(&repo(), &cache, &args)
-        })
-    }
-
-    /// What the demo's web server answers on the host.
-    fn page(&self, port: u16) -> String {
-        let out = self.host.ssh(&format!(
-            "for i in $(seq 1 20); do busybox wget -q -O - http://127.0.0.1:{port}/ && exit 0; sleep 0.5; done; exit 1"
-        ));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn root_image(&self, unit: &str) -> String {
-        self.host
-            .ssh_ok(&format!("systemctl show -p RootImage --value {unit}"))
-            .trim()
-            .to_owned()
-    }
-
-    fn portables(&self) -> Vec<String> {
-        let mut v: Vec<String> = self
-            .host
-            .ssh_ok("ls -A /var/lib/portables 2>/dev/null || true")
-            .lines()
-            .map(str::to_owned)
-            .collect();
-        v.sort();
-        v
-    }
-
-    #[track_caller]
-    fn diag(&self, r: &Run, unit: &str) -> String {
-        format!(
-            "attache {}\nstdout:\n{}\nstderr:\n{}\n{}",
-            r.args,
-            r.stdout,
-            r.stderr,
-            self.host.diagnostics(Some(unit))
-        )
-    }
-}
-
-fn host_report(r: &Run) -> serde_json::Value {
-    r.json()["hosts"][0].clone()
-}
 
 /// The main path, on one guest: first deploy, unchanged redeploy, upgrade,
 /// a broken release that rolls back, status, rollback, detach.
@@ -482,17 +380,6 @@ fn through_a_jump_host() {
     assert!(t.page(8080).contains("attache demo 1.0"));
 }
 
-fn wait_for(host: &Host, cmd: &str, limit: Duration) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if host.ssh(cmd).status.success() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
 #[test]
 fn connection_killed_during_upload() {
     let t = target(Guest::Bookworm, "cut");
@@ -517,7 +404,7 @@ fn connection_killed_during_upload() {
         "the upload never started"
     );
     t.host.kill_connections().unwrap();
-    let r = deployer.join().unwrap().fails(3);
+    let r = deployer.join().fails(3);
     let err = host_report(&r)["error"].as_str().unwrap().to_owned();
     assert!(err.contains("the SSH connection was lost"), "{err}");
     // The old service runs; no half-written image is where portabled looks.
@@ -550,7 +437,7 @@ fn concurrent_deploys_to_one_host() {
     .ok();
     let a = t.deploy_in_background(&["./examples/demo#demo"], &[]);
     let b = t.deploy_in_background(&["./examples/demo#demo"], &[]);
-    let (a, b) = (a.join().unwrap(), b.join().unwrap());
+    let (a, b) = (a.join(), b.join());
     let mut codes = [a.code, b.code];
     codes.sort();
     assert_eq!(
@@ -603,7 +490,7 @@ fn connection_lost_during_activation_reverts_by_itself() {
     // lands before it could confirm the new version.
     let deployer = t.deploy_in_background(
         &["./examples/demo#demo-v2"],
-        &["--settle", "90", "--rollback-after", "90"],
+        &["--settle", "90", "--rollback-after", "125"],
     );
     assert!(
         wait_for(
@@ -614,7 +501,7 @@ fn connection_lost_during_activation_reverts_by_itself() {
         "2.0 was never attached"
     );
     t.host.kill_connections().unwrap();
-    let r = deployer.join().unwrap().fails(3);
+    let r = deployer.join().fails(3);
     let err = host_report(&r)["error"].as_str().unwrap().to_owned();
     assert!(err.contains("the SSH connection was lost"), "{err}");
     // Nobody confirmed 2.0: the host's own timer brings 1.0 back.
@@ -625,7 +512,7 @@ fn connection_lost_during_activation_reverts_by_itself() {
             Duration::from_secs(180)
         ),
         "{}",
-        t.host.diagnostics(Some("attache-deadman-demo.service"))
+        t.host.diagnostics(Some("attache-revert-now.service"))
     );
     // The unit's RootImage changes before the reattach restarts it.
     assert!(

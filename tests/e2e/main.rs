@@ -3,6 +3,7 @@
 #![allow(clippy::print_stderr)]
 
 mod build;
+mod busy_host;
 mod deploy;
 mod lab_smoke;
 mod support;

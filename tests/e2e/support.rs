@@ -1,9 +1,14 @@
-//! Shared helpers of the end-to-end suite: run the real `attache` binary and
-//! read images back with the real squashfs tools.
+//! Shared helpers of the end-to-end suite: run the real `attache` binary,
+//! read images back with the real squashfs tools, and look at lab hosts.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use attache_lab::{Guest, Host};
 
 /// The repository root (the e2e suite is compiled as part of `cli/`).
 pub fn repo() -> PathBuf {
@@ -16,13 +21,19 @@ pub fn repo() -> PathBuf {
 /// Copies the demo flake to `dest` with its symlinks followed (a `path:`
 /// flake cannot follow the links into the repository), for `path:DEST`.
 pub fn copy_demo(dest: &Path) {
+    copy_flake("examples/demo", dest);
+}
+
+/// Copies the flake at `src` (relative to the repository) to `dest` with
+/// its symlinks followed, for `path:DEST`.
+pub fn copy_flake(src: &str, dest: &Path) {
     let status = Command::new("cp")
         .arg("-rL")
-        .arg(repo().join("examples/demo"))
+        .arg(repo().join(src))
         .arg(dest)
         .status()
         .unwrap();
-    assert!(status.success(), "cp -rL examples/demo: {status}");
+    assert!(status.success(), "cp -rL {src}: {status}");
 }
 
 /// A host from the shared lab; the test fails with the lab's error if it
@@ -171,4 +182,281 @@ pub fn files_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+impl Run {
+    fn from_parts(code: Option<i32>, stdout: &[u8], stderr: &[u8], args: &str) -> Run {
+        Run {
+            code: code.unwrap_or(-1),
+            stdout: String::from_utf8_lossy(stdout).into_owned(),
+            stderr: String::from_utf8_lossy(stderr).into_owned(),
+            args: args.to_owned(),
+        }
+    }
+}
+
+/// An `attache` running in the background, its output read as it comes:
+/// for tests that act on a host at a given moment of a deploy. Dropping it
+/// kills the process if it still runs, so a failed test leaves no deploy
+/// going on behind it.
+pub struct Background {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    args: String,
+}
+
+/// [`attache_in`], started in the background with extra environment.
+pub fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
+    let mut child = Command::new(attache_bin())
+        .args(args)
+        .current_dir(cwd)
+        .env("XDG_CACHE_HOME", cache)
+        .env_remove("ATTACHE_NIX")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("attache runs");
+    let stdout = Arc::new(Mutex::new(Vec::new()));
+    let stderr = Arc::new(Mutex::new(Vec::new()));
+    let readers = vec![
+        pump(child.stdout.take().unwrap(), stdout.clone()),
+        pump(child.stderr.take().unwrap(), stderr.clone()),
+    ];
+    Background {
+        child,
+        stdout,
+        stderr,
+        readers,
+        args: args.join(" "),
+    }
+}
+
+fn pump(
+    mut from: impl Read + Send + 'static,
+    into: Arc<Mutex<Vec<u8>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            into.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    })
+}
+
+impl Background {
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until attache's stderr contains `needle`: false when attache
+    /// ended, or `limit` passed, first.
+    pub fn wait_stderr(&mut self, needle: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            let ended = self.child.try_wait().ok().flatten().is_some();
+            if ended || start.elapsed() > limit {
+                // The readers may still hold the last lines.
+                std::thread::sleep(Duration::from_millis(200));
+                return self.stderr().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until attache says it paused at `at` (its `ATTACHE_TEST_PAUSE`
+    /// hook); panics with what it printed if it never does.
+    #[track_caller]
+    pub fn expect_pause(&mut self, at: &str) {
+        let line = format!("attache-test: paused at {at}");
+        if !self.wait_stderr(&line, Duration::from_secs(600)) {
+            let _ = self.child.kill();
+            let run = self.finish();
+            panic!(
+                "attache never printed {line:?} (exit code {})\nstdout:\n{}\nstderr:\n{}",
+                run.code, run.stdout, run.stderr
+            );
+        }
+    }
+
+    /// Waits for attache to end.
+    pub fn join(mut self) -> Run {
+        self.finish()
+    }
+
+    fn finish(&mut self) -> Run {
+        let status = self.child.wait().expect("waiting for attache");
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let stdout = self.stdout.lock().unwrap().clone();
+        let stderr = self.stderr.lock().unwrap().clone();
+        Run::from_parts(status.code(), &stdout, &stderr, &self.args)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A lab host plus a private build cache and an ssh config for it.
+pub struct Target {
+    pub host: Host,
+    pub cache: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+pub fn target(guest: Guest, name: &str) -> Target {
+    let host = lab_host(guest, name);
+    let cache = tempfile::tempdir().unwrap();
+    let config = host.ssh_config_path();
+    Target {
+        host,
+        cache,
+        config,
+    }
+}
+
+impl Target {
+    /// `attache ARGS` with this host's ssh config.
+    pub fn attache(&self, args: &[&str]) -> Run {
+        let full = self.args(args);
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        attache_in(&repo(), self.cache.path(), &full)
+    }
+
+    fn args(&self, args: &[&str]) -> Vec<String> {
+        let mut full: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        // Host options go after the subcommand.
+        full.insert(1, "--ssh-config".to_owned());
+        full.insert(2, self.config.display().to_string());
+        // The repository's own flake needs the network to evaluate: host
+        // commands read no inventory from a directory without a flake.
+        if matches!(args.first(), Some(&("status" | "rollback" | "detach"))) {
+            full.insert(3, "--flake".to_owned());
+            full.insert(4, self.cache.path().display().to_string());
+        }
+        full
+    }
+
+    fn deploy_args<'a>(&'a self, installables: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["deploy", "--json", "--to", self.host.name()];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(installables);
+        args
+    }
+
+    /// `attache deploy --json --to NAME EXTRA… INSTALLABLE…`
+    pub fn deploy(&self, installables: &[&str], extra: &[&str]) -> Run {
+        self.attache(&self.deploy_args(installables, extra))
+    }
+
+    /// `attache ARGS` in the background, with extra environment.
+    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Background {
+        let full = self.args(args);
+        let full: Vec<&str> = full.iter().map(String::as_str).collect();
+        attache_spawn(&repo(), self.cache.path(), &full, env)
+    }
+
+    /// The same deploy as [`Target::deploy`], in the background, for tests
+    /// that act on the host while it runs.
+    pub fn deploy_in_background(&self, installables: &[&str], extra: &[&str]) -> Background {
+        self.spawn(&self.deploy_args(installables, extra), &[])
+    }
+
+    /// [`Target::deploy_in_background`], pausing `secs` seconds at the point
+    /// `at` (attache's `ATTACHE_TEST_PAUSE` hook); returns once it paused.
+    pub fn deploy_paused(
+        &self,
+        installables: &[&str],
+        extra: &[&str],
+        at: &str,
+        secs: u64,
+    ) -> Background {
+        let secs = secs.to_string();
+        let mut bg = self.spawn(
+            &self.deploy_args(installables, extra),
+            &[
+                ("ATTACHE_TEST_PAUSE", at),
+                ("ATTACHE_TEST_PAUSE_SECS", &secs),
+            ],
+        );
+        bg.expect_pause(at);
+        bg
+    }
+
+    /// What the web server on `port` answers on the host (empty if nothing
+    /// answers for 10 s).
+    pub fn page(&self, port: u16) -> String {
+        let out = self.host.ssh(&format!(
+            "for i in $(seq 1 20); do busybox wget -q -O - http://127.0.0.1:{port}/ && exit 0; sleep 0.5; done; exit 1"
+        ));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn root_image(&self, unit: &str) -> String {
+        self.host
+            .ssh_ok(&format!("systemctl show -p RootImage --value {unit}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// `systemctl is-active UNIT`: `active`, `failed`, `inactive`, …
+    pub fn unit_state(&self, unit: &str) -> String {
+        let out = self.host.ssh(&format!("systemctl is-active {unit}"));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    pub fn portables(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .host
+            .ssh_ok("ls -A /var/lib/portables 2>/dev/null || true")
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// A failed run's output and the host's state around `unit`.
+    pub fn diag(&self, r: &Run, unit: &str) -> String {
+        format!(
+            "attache {}\nstdout:\n{}\nstderr:\n{}\n{}",
+            r.args,
+            r.stdout,
+            r.stderr,
+            self.host.diagnostics(Some(unit))
+        )
+    }
+}
+
+/// The report of the first (only) host of a deploy run with `--json`.
+pub fn host_report(r: &Run) -> serde_json::Value {
+    r.json()["hosts"][0].clone()
+}
+
+/// Polls `cmd` on the host until it succeeds; false after `limit`.
+pub fn wait_for(host: &Host, cmd: &str, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if host.ssh(cmd).status.success() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
 }

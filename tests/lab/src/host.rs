@@ -456,6 +456,58 @@ impl Host {
         killed.map(drop)
     }
 
+    /// Reboots the guest (`systemctl reboot`: every connection drops, the
+    /// disk is kept) and waits until SSH answers from the new boot. QEMU
+    /// stays up across a guest reboot (the lab never passes `-no-reboot`).
+    pub fn reboot(&mut self) -> Result<()> {
+        let boot_id = |host: &Host| {
+            let out = host.ssh("cat /proc/sys/kernel/random/boot_id");
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        };
+        let before = boot_id(self).ok_or_else(|| {
+            Error::new(format!("rebooting {}: cannot read the boot id", self.name))
+        })?;
+        // Detached and delayed, so this command returns before sshd goes.
+        self.fault(
+            "rebooting",
+            "setsid -f sh -c 'sleep 0.5; systemctl reboot' >/dev/null 2>&1 </dev/null",
+        )?;
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs(300);
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            // A shared connection to the old boot would answer with its id.
+            self.close_mux();
+            if let Some(vm) = &mut self.vm {
+                if let Some(status) = vm.exited() {
+                    return Err(Error::new(format!(
+                        "rebooting {}: QEMU exited ({status}): {}",
+                        self.name,
+                        vm.log_tail()
+                    )));
+                }
+            }
+            if boot_id(self).is_some_and(|id| id != before) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Error::new(format!(
+                    "rebooting {}: no SSH from a new boot after 300 s\n{}",
+                    self.name,
+                    vm::tail(&self.run_dir.join("serial.log"), 40)
+                )));
+            }
+        }
+        eprintln!(
+            "lab: {} rebooted in {:.1} s",
+            self.name,
+            started.elapsed().as_secs_f64()
+        );
+        Ok(())
+    }
+
     /// Runs `cmd` as root for a fault helper; a failure says what was being
     /// done, on which host, and sshd's or the command's error output.
     fn fault(&self, doing: &str, cmd: &str) -> Result<Output> {
