@@ -56,6 +56,7 @@ impl Shop {
     }
 
     /// [`Shop::deploy`] in the background, paused `secs` seconds at `at`.
+    #[track_caller]
     fn deploy_paused(&self, pkgs: &[&str], extra: &[&str], at: &str, secs: u64) -> Background {
         let installables: Vec<String> =
             pkgs.iter().map(|p| format!("{}#{p}", self.flake)).collect();
@@ -346,9 +347,43 @@ fn connection_cut_before_rollback_reverts_by_itself_trixie() {
 
 /// Row 4: the host reboots after the new version was attached and before
 /// anyone confirmed it; the revert must survive the reboot.
-// Row 4 (reboot mid-activation) needs `Host::reboot` on a shared host; see
-// the session note.
+/// Row 4: the host reboots after the new version was attached and before
+/// anyone confirmed it; the revert must survive the reboot.
+#[test]
+#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
+fn reboot_mid_activation_reverts() {
+    let started = Instant::now();
+    let mut s = shop_host(Guest::Bookworm, "reboot");
+    let r = s.deploy(&["shop"], &[]);
+    assert_eq!(r.code, 0, "{}", s.t.diag(&r, SHOP));
+    let window = 60;
+    // attache wakes while the guest is still rebooting (about 25 s here).
+    let bg = s.deploy_paused(
+        &["shop-v2"],
+        &["--rollback-after", &window.to_string()],
+        "after-activate",
+        15,
+    );
+    s.expect_attached(SHOP, "shop_2.0", &bg);
+    s.t.host.reboot().unwrap();
+    let r = bg.join();
+    assert_ne!(r.code, 0, "{}", s.t.diag(&r, SHOP));
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    let took = s.expect_reverted(
+        SHOP,
+        SHOP_PORT,
+        "shop_1.0",
+        "shop 1.0",
+        Duration::from_secs(window + 120),
+    );
+    eprintln!(
+        "reverted {:.0} s after the guest was back; test took {:.0} s",
+        took.as_secs_f64(),
+        started.elapsed().as_secs_f64()
+    );
+}
 
+/// Row 5: pruning never removes the image a rollback would go back to.
 #[test]
 #[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn keep_one_still_keeps_the_previous_image() {
@@ -404,7 +439,11 @@ fn rollback_and_detach_wait_for_a_running_deploy() {
     let s = shop_host(Guest::Bookworm, "busy");
     let r = s.deploy(&["shop"], &[]);
     assert_eq!(r.code, 0, "{}", s.t.diag(&r, SHOP));
-    let bg = s.deploy_paused(&["shop-v2"], &[], "after-activate", 60);
+    // Each command costs an ssh login and more under TCG on a busy machine
+    // (14-23 s seen): the pause must outlast both.
+    let pause = Duration::from_secs(120);
+    let bg = s.deploy_paused(&["shop-v2"], &[], "after-activate", pause.as_secs());
+    let paused = Instant::now();
     s.expect_attached(SHOP, "shop_2.0", &bg);
     for verb in ["rollback", "detach"] {
         let r = s.command(verb, Some("shop")).fails(2);
@@ -416,6 +455,10 @@ fn rollback_and_detach_wait_for_a_running_deploy() {
         assert_eq!(s.t.root_image(SHOP), image("shop_2.0"), "after {verb}");
         assert_eq!(s.t.unit_state(SHOP), "active", "after {verb}");
     }
+    assert!(
+        paused.elapsed() < pause,
+        "rollback and detach took longer than the deploy's pause: the lock may have been free"
+    );
     let r = bg.join();
     assert_eq!(r.code, 0, "{}", s.t.diag(&r, SHOP));
     s.expect_shop("shop_2.0", "shop 2.0", &r);

@@ -380,6 +380,7 @@ impl Target {
 
     /// [`Target::deploy_in_background`], pausing `secs` seconds at the point
     /// `at` (attache's `ATTACHE_TEST_PAUSE` hook); returns once it paused.
+    #[track_caller]
     pub fn deploy_paused(
         &self,
         installables: &[&str],
