@@ -252,13 +252,12 @@ fn shared_prefix(guest: Guest) {
 }
 
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
+#[ignore = "issue 11: on systemd 252 `portablectl reattach … shop_2.0.raw shop-web` still detaches shop-admin-web.service; run with --ignored"]
 fn shared_prefix_bookworm() {
     shared_prefix(Guest::Bookworm);
 }
 
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn shared_prefix_trixie() {
     shared_prefix(Guest::Trixie);
 }
@@ -266,7 +265,7 @@ fn shared_prefix_trixie() {
 /// Row 2: a check that can take longer than the dead-man timer would see
 /// the host revert under it; attache refuses it before touching the host.
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
+#[ignore = "issue 11: refused per host after connecting (exit 3); the contract is exit 1 before anything; run with --ignored"]
 fn check_slower_than_rollback_after_is_refused() {
     let s = shop_host(Guest::Bookworm, "slowcheck");
     let r = s.deploy(&["shop"], &[]);
@@ -334,13 +333,11 @@ fn cut_before_rollback(guest: Guest) {
 }
 
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn connection_cut_before_rollback_reverts_by_itself_bookworm() {
     cut_before_rollback(Guest::Bookworm);
 }
 
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn connection_cut_before_rollback_reverts_by_itself_trixie() {
     cut_before_rollback(Guest::Trixie);
 }
@@ -350,7 +347,6 @@ fn connection_cut_before_rollback_reverts_by_itself_trixie() {
 /// Row 4: the host reboots after the new version was attached and before
 /// anyone confirmed it; the revert must survive the reboot.
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn reboot_mid_activation_reverts() {
     let started = Instant::now();
     let mut s = shop_host(Guest::Bookworm, "reboot");
@@ -385,7 +381,6 @@ fn reboot_mid_activation_reverts() {
 
 /// Row 5: pruning never removes the image a rollback would go back to.
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn keep_one_still_keeps_the_previous_image() {
     let s = shop_host(Guest::Bookworm, "keep");
     let r = s.deploy(&["shop"], &[]);
@@ -402,7 +397,6 @@ fn keep_one_still_keeps_the_previous_image() {
 /// Row 6: one deploy changes two services on a host; one fails, so the
 /// host goes back as a whole.
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn two_services_one_fails_both_roll_back() {
     let s = shop_host(Guest::Bookworm, "pair");
     let r = s.deploy(&["shop", "shop-admin"], &[]);
@@ -434,7 +428,6 @@ fn two_services_one_fails_both_roll_back() {
 /// Row 7: rollback and detach while a deploy holds the host are refused,
 /// and change nothing.
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn rollback_and_detach_wait_for_a_running_deploy() {
     let s = shop_host(Guest::Bookworm, "busy");
     let r = s.deploy(&["shop"], &[]);
@@ -459,6 +452,10 @@ fn rollback_and_detach_wait_for_a_running_deploy() {
         paused.elapsed() < pause,
         "rollback and detach took longer than the deploy's pause: the lock may have been free"
     );
+    eprintln!(
+        "rollback and detach refused within {:.0} s of the pause",
+        paused.elapsed().as_secs_f64()
+    );
     let r = bg.join();
     assert_eq!(r.code, 0, "{}", s.t.diag(&r, SHOP));
     s.expect_shop("shop_2.0", "shop 2.0", &r);
@@ -468,7 +465,6 @@ fn rollback_and_detach_wait_for_a_running_deploy() {
 /// until now (the image declares `PORTABLE_PREFIXES=shop`; no prefix given
 /// to portablectl). attache upgrades it and can go back to it.
 #[test]
-#[ignore = "written for issue 11, not yet run green against the new deploy; run with --ignored"]
 fn upgrade_from_and_rollback_to_an_old_style_image() {
     let s = shop_host(Guest::Bookworm, "oldstyle");
     let out = s.dir.path().join("out");
