@@ -252,7 +252,6 @@ fn shared_prefix(guest: Guest) {
 }
 
 #[test]
-#[ignore = "issue 11: on systemd 252 `portablectl reattach … shop_2.0.raw shop-web` still detaches shop-admin-web.service; run with --ignored"]
 fn shared_prefix_bookworm() {
     shared_prefix(Guest::Bookworm);
 }
@@ -265,7 +264,6 @@ fn shared_prefix_trixie() {
 /// Row 2: a check that can take longer than the dead-man timer would see
 /// the host revert under it; attache refuses it before touching the host.
 #[test]
-#[ignore = "issue 11: refused per host after connecting (exit 3); the contract is exit 1 before anything; run with --ignored"]
 fn check_slower_than_rollback_after_is_refused() {
     let s = shop_host(Guest::Bookworm, "slowcheck");
     let r = s.deploy(&["shop"], &[]);

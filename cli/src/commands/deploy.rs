@@ -118,6 +118,9 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         settle: Duration::from_secs(args.settle),
         rollback_after: Duration::from_secs(args.rollback_after),
     });
+    for p in &plans {
+        deploy::check_timer(p, &settings).map_err(|e| Error::Usage(format!("{}: {e}", p.name)))?;
+    }
     let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
     let view = DeployView::new(ui, &names);
     let policy = Policy {

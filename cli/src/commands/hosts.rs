@@ -94,10 +94,8 @@ fn resolve_with_profiles(
             Err(inventory::InventoryError::Nix(NixError::MissingAttribute {
                 nix_says, ..
             })) if nix_says.contains("does not provide attribute") => None,
-            // TODO(#11): a flake that fails to evaluate should be shown;
-            // the e2e suite's host commands run in this repository, whose
-            // flake needs the network, so that waits for their helpers.
-            Err(_) => None,
+            Err(inventory::InventoryError::Nix(n)) => return Err(Error::Nix(n)),
+            Err(other) => return Err(Error::Usage(other.to_string())),
         }
     };
     match inv {

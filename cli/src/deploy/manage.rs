@@ -110,8 +110,12 @@ pub async fn rollback_service(
     let before = facts.declared_prefixes(&prev);
     let calls = match &current {
         None => vec![call(Verb::Attach, &prev, &before, profile)],
-        Some(cur) if facts.others_matching(service, &before).is_empty() => {
-            let _ = cur;
+        // As in a deploy: a reattach on 252 would detach a sibling whose
+        // image name starts with ours.
+        Some(_)
+            if facts.others_matching(service, &before).is_empty()
+                && !facts.others_named_like(service) =>
+        {
             vec![call(Verb::Reattach, &prev, &before, profile)]
         }
         Some(cur) => {

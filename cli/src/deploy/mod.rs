@@ -32,7 +32,7 @@ mod session;
 
 pub use error::{Cause, HostError};
 pub use manage::{detach_service, host_status, rollback_service, ServiceStatus};
-pub use plan::Action;
+pub use plan::{check_timer, Action};
 pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage, StageTime};
 pub use session::HostSession;
 
@@ -255,8 +255,7 @@ impl<E: Events> Run<'_, E> {
             s.step(&ops::run_pending_revert(), Stage::Preflight).await?;
             facts = self.facts(s, Stage::Preflight).await?;
         }
-        plan::plan(&facts, self.plan, self.settings)
-            .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))
+        plan::plan(&facts, self.plan).map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))
     }
 
     async fn push_all(&self, s: &HostSession, plan: &Plan) -> Result<u64, HostError> {

@@ -149,6 +149,15 @@ impl HostFacts {
             .collect()
     }
 
+    /// Another service's attached image whose file name starts with this
+    /// service's name (`shop-admin_1.0.raw` for `shop`).
+    pub fn others_named_like(&self, service: &str) -> bool {
+        self.attached.iter().any(|a| {
+            ImageFile::parse(&a.image).is_some_and(|f| f.name() != service)
+                && crate::names::basename(&a.image).starts_with(service)
+        })
+    }
+
     /// Image files of `service` on the host, newest first.
     pub fn images_of(&self, service: &str) -> Vec<&str> {
         let mut v: Vec<(&u64, &String)> = self

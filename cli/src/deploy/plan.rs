@@ -101,7 +101,7 @@ pub fn files_to_hash(host: &HostPlan) -> Vec<String> {
 }
 
 /// The plan for one host, or why it must be left alone.
-pub fn plan(facts: &HostFacts, host: &HostPlan, settings: &Settings) -> Result<Plan, PlanError> {
+pub fn plan(facts: &HostFacts, host: &HostPlan) -> Result<Plan, PlanError> {
     if !facts.portablectl {
         return Err(PlanError::NoPortablectl);
     }
@@ -127,11 +127,7 @@ pub fn plan(facts: &HostFacts, host: &HostPlan, settings: &Settings) -> Result<P
             need_mb: (need_kb + margin_kb) / 1024,
         });
     }
-    let plan = Plan { steps, need_kb };
-    if settings.rollback {
-        check_timer(&plan, host, settings)?;
-    }
-    Ok(plan)
+    Ok(Plan { steps, need_kb })
 }
 
 fn plan_service(
@@ -201,7 +197,11 @@ fn plan_service(
                 .units_of(prev)
                 .into_iter()
                 .any(|u| !new.iter().any(|p| crate::names::unit_matches_prefix(u, p)));
-            if left_behind {
+            // portabled 252 matches a reattach's old image by the name
+            // before its `_`, so `reattach shop_2.0` also detaches
+            // `shop-admin_1.0` (measured, explicit prefixes or not). Detach
+            // by path with the prefixes, then attach, touches only ours.
+            if left_behind || facts.others_named_like(&svc.name) {
                 refuse_collision(facts, &svc.name, &before, "detach the old image of", || {
                     old_style_fix(&svc.name, prev)
                 })?;
@@ -218,7 +218,9 @@ fn plan_service(
         None => vec![call(Verb::Detach, &target, new)],
         Some(prev) => {
             let before = facts.declared_prefixes(prev);
-            if facts.others_matching(&svc.name, &before).is_empty() {
+            if facts.others_matching(&svc.name, &before).is_empty()
+                && !facts.others_named_like(&svc.name)
+            {
                 vec![call(Verb::Reattach, prev, &before)]
             } else {
                 // The old image's prefix reaches another service: a
@@ -306,13 +308,15 @@ pub fn refuse_collision(
 
 /// The dead-man timer must outlast everything between arming it and
 /// confirming: a timer that fires while attache is still checking would put
-/// back a deploy attache then reports healthy.
-fn check_timer(plan: &Plan, host: &HostPlan, settings: &Settings) -> Result<(), PlanError> {
-    let changed: Vec<&ServicePlan> = plan.changes().map(|s| &host.services[s.service]).collect();
-    if changed.is_empty() {
+/// back a deploy attache then reports healthy. Checked before any host is
+/// contacted, as if every service changed (all of them are checked after
+/// the switch, changed or not).
+pub fn check_timer(host: &HostPlan, settings: &Settings) -> Result<(), PlanError> {
+    if !settings.rollback || host.services.is_empty() {
         return Ok(());
     }
-    let need: Duration = changed
+    let need: Duration = host
+        .services
         .iter()
         .map(|s| {
             ACTIVATION_ALLOWANCE + settings.settle + s.checks.iter().map(ops::check_budget).sum()
@@ -321,7 +325,7 @@ fn check_timer(plan: &Plan, host: &HostPlan, settings: &Settings) -> Result<(), 
     if need <= settings.rollback_after {
         return Ok(());
     }
-    let names: Vec<&str> = changed.iter().map(|s| s.name.as_str()).collect();
+    let names: Vec<&str> = host.services.iter().map(|s| s.name.as_str()).collect();
     Err(PlanError::TimerTooShort {
         after: settings.rollback_after.as_secs(),
         need: need.as_secs(),

@@ -66,7 +66,7 @@ fn shop_and_admin(shop_prefixes: &str) -> HostFacts {
 #[test]
 fn first_deploy_attaches_and_reverts_by_detaching() {
     let h = host(vec![svc("demo", "1.0", "a", &["demo.service"])]);
-    let p = plan(&facts(""), &h, &settings()).unwrap();
+    let p = plan(&facts(""), &h).unwrap();
     let s = &p.steps[0];
     assert_eq!((s.action, s.upload), (Action::Attach, true));
     assert_eq!(s.target, format!("{P}/demo_1.0.raw"));
@@ -84,7 +84,7 @@ fn unchanged_when_the_same_bytes_are_attached() {
         "attached\tdemo.service\t{P}/demo_1.0.raw\nsha256\t{}  {P}/demo_1.0.raw\n",
         "a".repeat(64)
     ));
-    let p = plan(&f, &h, &settings()).unwrap();
+    let p = plan(&f, &h).unwrap();
     assert_eq!(
         (p.steps[0].action, p.steps[0].upload),
         (Action::Unchanged, false)
@@ -100,7 +100,7 @@ fn same_version_other_content_gets_its_own_name() {
         "attached\tdemo.service\t{P}/demo_1.0.raw\nsha256\t{}  {P}/demo_1.0.raw\n",
         "a".repeat(64)
     ));
-    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
+    let s = &plan(&f, &h).unwrap().steps[0];
     assert_eq!(s.target, format!("{P}/demo_1.0-bbbbbbbb.raw"));
     assert_eq!(s.action, Action::Reattach);
     assert!(s.note.as_ref().unwrap().contains("bump the version"));
@@ -111,35 +111,56 @@ fn shared_prefix_upgrade_touches_only_its_own_units() {
     let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
     // shop 1.0 is new-style: its record says shop-web.
     let f = shop_and_admin("prefixes\tshop_1.0.raw\tshop-web\n");
-    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
+    let s = &plan(&f, &h).unwrap().steps[0];
     assert_eq!(s.previous.as_deref(), Some(&*format!("{P}/shop_1.0.raw")));
-    assert_eq!(s.activate.len(), 1);
-    assert_eq!(s.activate[0].verb, Verb::Reattach);
-    assert_eq!(s.activate[0].prefixes, ["shop-web"]);
-    let r = s.revert.as_ref().unwrap();
-    assert_eq!(r.calls[0].verb, Verb::Reattach);
-    assert_eq!(r.calls[0].image, format!("{P}/shop_1.0.raw"));
-    assert_eq!(r.calls[0].prefixes, ["shop-web"]);
-}
-
-#[test]
-fn old_style_previous_with_a_sibling_goes_back_by_detach_and_attach() {
-    let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
-    let f = shop_and_admin("");
-    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
-    assert_eq!(s.activate[0].verb, Verb::Reattach);
+    // 252's reattach would detach shop-admin_1.0 too: detach, then attach.
+    let verbs: Vec<Verb> = s.activate.iter().map(|c| c.verb).collect();
+    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
+    assert_eq!(s.activate[0].image, format!("{P}/shop_1.0.raw"));
+    assert!(s.activate.iter().all(|c| c.prefixes == ["shop-web"]));
     let r = s.revert.as_ref().unwrap();
     let verbs: Vec<Verb> = r.calls.iter().map(|c| c.verb).collect();
     assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
-    assert_eq!(r.calls[0].prefixes, ["shop-web"]);
-    assert_eq!(r.calls[1].prefixes, ["shop"]);
+    assert_eq!(r.calls[1].image, format!("{P}/shop_1.0.raw"));
+    assert_eq!(r.calls[1].prefixes, ["shop-web"]);
+}
+
+#[test]
+fn without_a_sibling_an_upgrade_is_a_reattach() {
+    let h = host(vec![svc(
+        "shop-admin",
+        "2.0",
+        "b",
+        &["shop-admin-web.service"],
+    )]);
+    let f = shop_and_admin("prefixes\tshop_1.0.raw\tshop-web\n");
+    let s = &plan(&f, &h).unwrap().steps[0];
+    assert_eq!(s.activate.len(), 1);
+    assert_eq!(s.activate[0].verb, Verb::Reattach);
+    assert_eq!(s.activate[0].prefixes, ["shop-admin-web"]);
+    let r = s.revert.as_ref().unwrap();
+    assert_eq!(r.calls[0].verb, Verb::Reattach);
+}
+
+#[test]
+fn old_style_previous_with_a_sibling_is_refused() {
+    // shop 1.0 declares 'shop' (no record): detaching it would take
+    // shop-admin-web.service along.
+    let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
+    let e = plan(&shop_and_admin(""), &h).unwrap_err();
+    assert!(matches!(e, PlanError::Collision(_)), "{e}");
+    assert!(
+        e.to_string()
+            .contains("prefix 'shop' also matches shop-admin-web.service"),
+        "{e}"
+    );
 }
 
 #[test]
 fn a_prefix_that_reaches_another_service_is_refused() {
     // shop's own unit is shop.service: its stem 'shop' matches shop-admin's.
     let h = host(vec![svc("shop", "2.0", "b", &["shop.service"])]);
-    let e = plan(&shop_and_admin(""), &h, &settings()).unwrap_err();
+    let e = plan(&shop_and_admin(""), &h).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, PlanError::Collision(_)), "{msg}");
     assert!(
@@ -155,7 +176,7 @@ fn old_units_the_new_prefixes_miss_are_detached_first() {
     let f = facts(&format!(
         "attached\tdemo-web.service\t{P}/demo_1.0.raw\nattached\tdemo-cron.timer\t{P}/demo_1.0.raw\n"
     ));
-    let s = &plan(&f, &h, &settings()).unwrap().steps[0];
+    let s = &plan(&f, &h).unwrap().steps[0];
     let verbs: Vec<Verb> = s.activate.iter().map(|c| c.verb).collect();
     assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
     assert_eq!(s.activate[0].prefixes, ["demo"]);
@@ -172,7 +193,7 @@ fn a_timer_shorter_than_the_checks_is_refused() {
     let h = host(vec![s]);
     let mut st = settings();
     st.rollback_after = Duration::from_secs(5);
-    let e = plan(&facts(""), &h, &st).unwrap_err();
+    let e = check_timer(&h, &st).unwrap_err();
     assert!(
         e.to_string().starts_with("--rollback-after 5 is too short"),
         "{e}"
@@ -182,8 +203,11 @@ fn a_timer_shorter_than_the_checks_is_refused() {
         matches!(e, PlanError::TimerTooShort { need: 93, .. }),
         "{e}"
     );
+    st.rollback_after = Duration::from_secs(93);
+    assert!(check_timer(&h, &st).is_ok());
+    st.rollback_after = Duration::from_secs(5);
     st.rollback = false;
-    assert!(plan(&facts(""), &h, &st).is_ok());
+    assert!(check_timer(&h, &st).is_ok());
 }
 
 #[test]
@@ -191,17 +215,14 @@ fn refusals_before_anything_changes() {
     let h = host(vec![svc("demo", "1.0", "a", &["demo.service"])]);
     let old = ops::parse_facts("systemd\t247\nportablectl\t/x\n");
     assert_eq!(
-        plan(&old, &h, &settings()).unwrap_err(),
+        plan(&old, &h).unwrap_err(),
         PlanError::OldSystemd { version: 247 }
     );
     let none = ops::parse_facts("systemd\t252\nportablectl\t\n");
-    assert_eq!(
-        plan(&none, &h, &settings()).unwrap_err(),
-        PlanError::NoPortablectl
-    );
+    assert_eq!(plan(&none, &h).unwrap_err(), PlanError::NoPortablectl);
     let full = ops::parse_facts("systemd\t252\nportablectl\t/x\nfree_kb\t100\n");
     assert!(matches!(
-        plan(&full, &h, &settings()).unwrap_err(),
+        plan(&full, &h).unwrap_err(),
         PlanError::NoSpace { .. }
     ));
 }
@@ -210,13 +231,18 @@ fn refusals_before_anything_changes() {
 fn rollback_calls_follow_what_the_host_has_now() {
     let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
     let f = shop_and_admin("prefixes\tshop_1.0.raw\tshop-web\n");
-    let p = plan(&f, &h, &settings()).unwrap();
+    let p = plan(&f, &h).unwrap();
     let reverts: Vec<&Revert> = p.steps.iter().filter_map(|s| s.revert.as_ref()).collect();
     // Still on the old image (the switch failed): nothing to do.
     assert!(rollback_calls(&f, &reverts)[0].1.is_empty());
-    // On the new one: reattach the old.
+    // On the new one: detach it, attach the old (shop-admin is a sibling).
     let now = facts(&format!("attached\tshop-web.service\t{P}/shop_2.0.raw\n"));
-    assert_eq!(rollback_calls(&now, &reverts)[0].1[0].verb, Verb::Reattach);
+    let verbs: Vec<Verb> = rollback_calls(&now, &reverts)[0]
+        .1
+        .iter()
+        .map(|c| c.verb)
+        .collect();
+    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
     // Nothing attached: attach the old.
     assert_eq!(
         rollback_calls(&facts(""), &reverts)[0].1[0].verb,
