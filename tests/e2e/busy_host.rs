@@ -342,8 +342,6 @@ fn connection_cut_before_rollback_reverts_by_itself_trixie() {
 
 /// Row 4: the host reboots after the new version was attached and before
 /// anyone confirmed it; the revert must survive the reboot.
-/// Row 4: the host reboots after the new version was attached and before
-/// anyone confirmed it; the revert must survive the reboot.
 #[test]
 fn reboot_mid_activation_reverts() {
     let started = Instant::now();
