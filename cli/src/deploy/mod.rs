@@ -356,22 +356,37 @@ impl<E: Events> Run<'_, E> {
                 );
                 return Ok(Outcome::RolledBack);
             }
-            // The timer is gone; check nothing moved since the checks.
+            // The timer is gone; check nothing moved since the checks: the
+            // drop-ins name the new images and the services run from them.
             let facts = self.facts(s, Stage::Health).await?;
             for step in plan.changes() {
                 let svc = &self.plan.services[step.service];
                 let now = facts.attached_image(&svc.name);
-                if now != Some(step.target.as_str()) {
-                    return Err(Cause::Unhealthy {
-                        image: basename(&step.target).to_owned(),
-                        reason: format!(
-                            "after the checks, {} has {} attached",
-                            svc.name,
-                            now.unwrap_or("nothing")
-                        ),
+                let units = health::units_to_check(&svc.units);
+                let running = if units.is_empty() {
+                    Default::default()
+                } else {
+                    ops::parse_show(&s.step(&ops::show(&units), Stage::Health).await?.stdout)
+                };
+                let elsewhere = running
+                    .iter()
+                    .find(|(_, st)| !st.root_image.is_empty() && st.root_image != step.target);
+                let reason = match (now, elsewhere) {
+                    (Some(n), None) if n == step.target => continue,
+                    (Some(_), Some((u, st))) => {
+                        format!("after the checks, {u} runs {}", st.root_image)
                     }
-                    .at(s.host(), Stage::Health));
+                    (now, _) => format!(
+                        "after the checks, {} has {} attached",
+                        svc.name,
+                        now.unwrap_or("nothing")
+                    ),
+                };
+                return Err(Cause::Unhealthy {
+                    image: basename(&step.target).to_owned(),
+                    reason,
                 }
+                .at(s.host(), Stage::Health));
             }
         }
         for sr in &mut r.services {
