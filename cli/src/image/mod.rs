@@ -51,9 +51,9 @@ mod tests;
 
 pub use compress::Compression;
 pub use error::ImageError;
-pub use inspect::inspect;
 #[cfg(test)]
 pub use inspect::UnitInfo;
+pub use inspect::{inspect, Inspection};
 #[cfg(test)]
 pub use layout::check_layout;
 // For benches/packbench.rs, which includes this module.
