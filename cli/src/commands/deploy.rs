@@ -208,15 +208,12 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ui::{capture, Color, Settings, Verbosity};
+    use crate::ui::capture::{self, settings};
+    use crate::ui::Verbosity;
 
     #[test]
     fn report_names_the_hosts_that_failed() {
-        let (ui, out, err) = capture::ui(Settings {
-            json: false,
-            verbosity: Verbosity::Normal,
-            color: Color::Never,
-        });
+        let (ui, out, err) = capture::ui(settings(Verbosity::Normal));
         let mut ok = HostReport::new("web1");
         ok.outcome = Outcome::Healthy;
         let mut bad = HostReport::new("db");

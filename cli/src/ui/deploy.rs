@@ -71,15 +71,24 @@ impl DeployView {
         true
     }
 
-    pub fn stage(&self, host: &str, stage: impl std::fmt::Display) {
-        let msg = stage.to_string();
+    /// Shows `msg` as the host's stage: on its bar (finished with `last`),
+    /// or as a plain line.
+    fn show(&self, host: &str, msg: String, last: bool) {
         let style = self.inner.stage_style.clone();
         if !self.with_bar(host, |b| {
             b.set_style(style);
-            b.set_message(msg.clone());
+            if last {
+                b.finish_with_message(msg.clone());
+            } else {
+                b.set_message(msg.clone());
+            }
         }) {
             self.inner.ui.status(host, &msg);
         }
+    }
+
+    pub fn stage(&self, host: &str, stage: impl std::fmt::Display) {
+        self.show(host, stage.to_string(), false);
     }
 
     pub fn note(&self, host: &str, msg: &str) {
@@ -108,14 +117,7 @@ impl DeployView {
     }
 
     pub fn done(&self, host: &str, outcome: impl std::fmt::Display, error: Option<&str>) {
-        let msg = outcome.to_string();
-        let style = self.inner.stage_style.clone();
-        if !self.with_bar(host, |b| {
-            b.set_style(style);
-            b.finish_with_message(msg.clone());
-        }) {
-            self.inner.ui.status(host, &msg);
-        }
+        self.show(host, outcome.to_string(), true);
         if let Some(e) = error {
             self.inner.ui.verbose(format!("{host}: {e}"));
         }
@@ -201,15 +203,8 @@ pub fn deploy_summary(reports: &[HostReport], dry_run: bool) -> String {
 mod tests {
     use super::*;
     use crate::deploy::{Action, Event, Events, ServiceReport, Stage};
-    use crate::ui::{capture, Color, Settings, Verbosity};
-
-    fn settings(verbosity: Verbosity) -> Settings {
-        Settings {
-            json: false,
-            verbosity,
-            color: Color::Auto,
-        }
-    }
+    use crate::ui::capture::{self, settings};
+    use crate::ui::Verbosity;
 
     /// What a CI log shows of a deploy: one line per stage change, notes as
     /// warnings, the error only with `-v`.

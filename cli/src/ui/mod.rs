@@ -192,8 +192,17 @@ impl Ui {
 /// A [`Ui`] that writes into memory, for tests of what the user reads.
 #[cfg(test)]
 pub(crate) mod capture {
-    use super::{Settings, Ui};
+    use super::{Color, Settings, Ui, Verbosity};
     use std::sync::{Arc, Mutex};
+
+    /// Plain text, no JSON: what a CI log gets.
+    pub fn settings(verbosity: Verbosity) -> Settings {
+        Settings {
+            json: false,
+            verbosity,
+            color: Color::Auto,
+        }
+    }
 
     /// A writer whose bytes can be read back while a `Ui` still holds it.
     #[derive(Clone, Default)]
@@ -226,16 +235,8 @@ pub(crate) mod capture {
 
 #[cfg(test)]
 mod tests {
-    use super::capture;
+    use super::capture::{self, settings};
     use super::*;
-
-    fn settings(verbosity: Verbosity) -> Settings {
-        Settings {
-            json: false,
-            verbosity,
-            color: Color::Auto,
-        }
-    }
 
     #[test]
     fn logs_go_to_stderr_results_to_stdout() {
