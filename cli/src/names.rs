@@ -1,6 +1,6 @@
 //! portabled's names, in one place: image files (`NAME_VERSION.raw`, with an
 //! optional `-SHA8` when a version was rebuilt with other content), unit
-//! suffixes, and how a unit matches a prefix.
+//! suffixes, an image's unit prefixes, and how a unit matches a prefix.
 //!
 //! Which service an attached unit belongs to is decided by the image file
 //! its drop-in names ([`ImageFile::parse`]), never by the unit's name: a

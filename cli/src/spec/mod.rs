@@ -1,8 +1,8 @@
 //! What goes into a portable image, as plain data, and portabled's rules for it.
 //!
 //! [`from_nix`] turns what Nix built into an [`ImageSpec`]; `validate` checks
-//! it against what systemd-portabled accepts (see shared notes
-//! `portable-services.md`) so that `image` only ever packs something
+//! it against what systemd-portabled accepts (its names are in
+//! `crate::names`) so that `image` only ever packs something
 //! `portablectl attach` takes first time.
 
 pub mod from_nix;
