@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{self, Cache};
 use crate::error::Error;
 use crate::image::{self, Compression, PackEvent, PackOptions};
+use crate::names::ImageFile;
 use crate::nix::{Installable, Nix};
 use crate::spec::from_nix::{self, Naming, PackHints};
 use crate::spec::{self, ImageSpec};
@@ -173,7 +174,7 @@ pub fn build_image(
     spec::validate(&spec)?;
     spec::declare_unit_prefixes(&mut spec);
     let opts = pack_options(pack, &hints);
-    let file_name = format!("{}_{}.raw", spec.name, spec.version);
+    let file_name = ImageFile::new(&spec.name, &spec.version).file_name();
     if dry_run {
         ui.status(
             "Would pack",

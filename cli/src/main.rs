@@ -30,7 +30,7 @@ use ui::Ui;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let ui = Ui::new(&cli.global);
+    let ui = Ui::terminal(commands::ui_settings(&cli.global));
     match commands::run(cli.command, &ui) {
         Ok(()) => std::process::ExitCode::from(ExitCode::Ok as u8),
         Err(e) => {

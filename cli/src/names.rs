@@ -1,6 +1,6 @@
 //! portabled's names, in one place: image files (`NAME_VERSION.raw`, with an
 //! optional `-SHA8` when a version was rebuilt with other content), unit
-//! suffixes, and how a unit matches a prefix.
+//! suffixes, an image's unit prefixes, and how a unit matches a prefix.
 //!
 //! Which service an attached unit belongs to is decided by the image file
 //! its drop-in names ([`ImageFile::parse`]), never by the unit's name: a
@@ -47,16 +47,25 @@ impl ImageFile {
     /// Reads a file name or a path (`/var/lib/portables/demo_1.0.raw`);
     /// `None` when it is not a `.raw` image name.
     pub fn parse(file_or_path: &str) -> Option<Self> {
-        let file = basename(file_or_path);
-        let stem = file.strip_suffix(".raw")?;
-        let (name, version) = match stem.split_once('_') {
-            Some((n, v)) => (n, Some(v.to_owned())),
-            None => (stem, None),
-        };
-        (!name.is_empty()).then(|| ImageFile {
-            name: name.to_owned(),
-            version,
-        })
+        let stem = basename(file_or_path).strip_suffix(".raw")?;
+        let image = ImageFile::cut(stem);
+        (!image.name.is_empty()).then_some(image)
+    }
+
+    /// portabled's cut of a file name without `.raw`: the name ends at the
+    /// first `_`. Unlike [`ImageFile::parse`] it refuses nothing, for
+    /// `inspect`, which reports a bad name instead of failing on it.
+    pub fn cut(stem: &str) -> Self {
+        match stem.split_once('_') {
+            Some((name, version)) => ImageFile {
+                name: name.to_owned(),
+                version: Some(version.to_owned()),
+            },
+            None => ImageFile {
+                name: stem.to_owned(),
+                version: None,
+            },
+        }
     }
 
     /// The service's name: the image name, also the default unit prefix.
@@ -92,6 +101,20 @@ impl fmt::Display for ImageFile {
 /// The last component of a path.
 pub fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The suffix portabled knows `unit` by, if any.
+pub fn unit_suffix(unit: &str) -> Option<&'static str> {
+    UNIT_SUFFIXES.iter().copied().find(|s| unit.ends_with(s))
+}
+
+/// The prefixes an image's units must match: the declared
+/// `PORTABLE_PREFIXES=` when not blank, else the image name.
+pub fn portable_prefixes(declared: Option<&str>, image_name: &str) -> Vec<String> {
+    match declared {
+        Some(p) if !p.trim().is_empty() => p.split_whitespace().map(str::to_owned).collect(),
+        _ => vec![image_name.to_owned()],
+    }
 }
 
 /// portabled's match rule: the unit's name without suffix is the prefix
@@ -169,13 +192,38 @@ mod tests {
             "demo.service",
             "demo-x.timer",
             "demo@.service",
+            "demo@1.service",
             "demo.x.socket",
+            "demo.socket",
         ] {
             assert!(unit_matches_prefix(ok, "demo"), "{ok}");
         }
-        for bad in ["demox.service", "dem.service", "x-demo.service"] {
+        for bad in [
+            "demox.service",
+            "dem.service",
+            "x-demo.service",
+            "other.service",
+            "demo_x.service",
+        ] {
             assert!(!unit_matches_prefix(bad, "demo"), "{bad}");
         }
+    }
+
+    #[test]
+    fn suffixes_and_declared_prefixes() {
+        assert_eq!(unit_suffix("demo-tick.timer"), Some(".timer"));
+        assert_eq!(unit_suffix("demo.mount"), None);
+        assert_eq!(portable_prefixes(None, "demo"), ["demo"]);
+        assert_eq!(portable_prefixes(Some("  "), "demo"), ["demo"]);
+        assert_eq!(portable_prefixes(Some("a b"), "demo"), ["a", "b"]);
+    }
+
+    #[test]
+    fn cut_refuses_nothing() {
+        let odd = ImageFile::cut("_1");
+        assert_eq!((odd.name(), odd.version()), ("", "1"));
+        let plain = ImageFile::cut("demo.img");
+        assert_eq!((plain.name(), plain.version()), ("demo.img", ""));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::error::Error;
 use crate::inventory::{self, Host};
 use crate::nix::{Installable, Nix, NixError};
 use crate::remote::Destination;
-use crate::ui::{DeployView, Ui};
+use crate::ui::{self, DeployView, Ui};
 
 /// Where deploy keeps the images it builds.
 fn image_dir() -> PathBuf {
@@ -188,58 +188,8 @@ fn skipped(host: &str, why: &str) -> HostReport {
 
 fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     let ok = reports.iter().all(|r| good(r.outcome));
-    let mut human = String::new();
-    let width = reports
-        .iter()
-        .map(|r| r.host.len())
-        .max()
-        .unwrap_or(4)
-        .max(4);
-    human += &format!(
-        "{:width$}  {:<11}  {:>10}  services\n",
-        "host", "result", "sent"
-    );
-    for r in reports {
-        let services = r
-            .services
-            .iter()
-            .map(|s| {
-                let file = s.image.rsplit('/').next().unwrap_or_default();
-                let action = format!("{:?}", s.action).to_lowercase();
-                let upload = if s.upload { "upload" } else { "no upload" };
-                if dry_run {
-                    format!("{file} ({upload}, {action})")
-                } else {
-                    format!("{file} ({action})")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        human += &format!(
-            "{:width$}  {:<11}  {:>10}  {}\n",
-            r.host,
-            r.outcome.to_string(),
-            r.bytes_sent,
-            services
-        );
-    }
-    for r in reports {
-        if let Some(e) = &r.error {
-            if r.outcome != Outcome::Skipped {
-                // Errors from the host pipeline already name the host.
-                if e.starts_with(&format!("{}:", r.host)) {
-                    human += &format!("\n{e}\n");
-                } else {
-                    human += &format!("\n{}: {e}\n", r.host);
-                }
-            }
-        }
-        if let Some(e) = &r.rollback_error {
-            human += &format!("{}: rollback failed too: {e}\n", r.host);
-        }
-    }
     let json = json!({ "ok": ok, "dry_run": dry_run, "hosts": reports });
-    ui.result(&json, &human);
+    ui.result(&json, &ui::deploy_summary(reports, dry_run));
     if ok {
         return Ok(());
     }
@@ -256,4 +206,34 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
             failed.join(", "),
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ui::capture::{self, settings};
+    use crate::ui::Verbosity;
+
+    #[test]
+    fn report_names_the_hosts_that_failed() {
+        let (ui, out, err) = capture::ui(settings(Verbosity::Normal));
+        let mut ok = HostReport::new("web1");
+        ok.outcome = Outcome::Healthy;
+        let mut bad = HostReport::new("db");
+        bad.outcome = Outcome::RolledBack;
+        bad.error = Some("demo.service did not start".into());
+        let reports = [ok, bad, skipped("late", "a canary failed")];
+        let e = report(&ui, &reports, false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "2 of 3 hosts did not end healthy on the new version: db (rolled-back), late (skipped) (details above)"
+        );
+        assert_eq!(
+            out.text(),
+            ui::deploy_summary(&reports, false).trim_end().to_owned() + "\n"
+        );
+        assert_eq!(err.text(), "");
+
+        report(&ui, &reports[..1], false).unwrap();
+    }
 }

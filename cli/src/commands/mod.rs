@@ -13,9 +13,28 @@ mod status;
 
 use clap::CommandFactory;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, ColorChoice, Command, Global};
 use crate::error::Error;
-use crate::ui::Ui;
+use crate::ui::{self, Ui, Verbosity};
+
+/// The output flags, as the UI takes them.
+pub fn ui_settings(g: &Global) -> ui::Settings {
+    ui::Settings {
+        json: g.json,
+        verbosity: if g.quiet {
+            Verbosity::Quiet
+        } else if g.verbose > 0 {
+            Verbosity::Verbose
+        } else {
+            Verbosity::Normal
+        },
+        color: match g.color {
+            ColorChoice::Auto => ui::Color::Auto,
+            ColorChoice::Always => ui::Color::Always,
+            ColorChoice::Never => ui::Color::Never,
+        },
+    }
+}
 
 pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
     match command {

@@ -8,7 +8,7 @@ use crate::cli::StatusArgs;
 use crate::deploy::{self, HostSession};
 use crate::error::Error;
 use crate::remote::{Destination, Elevation, SshOptions};
-use crate::ui::Ui;
+use crate::ui::{self, Ui};
 
 pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
     let hosts = hosts::resolve(&args.hosts, &args.flake, &args.nix.path, &args.ssh)?;
@@ -29,28 +29,14 @@ pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
     for ((name, _, _), result) in hosts.iter().zip(results) {
         match result {
             Ran::Done(Ok(services)) => {
-                human += &format!("{name}\n");
-                if services.is_empty() {
-                    human += "  (no portable services attached)\n";
-                }
-                for s in &services {
-                    human += &format!(
-                        "  {:<12} {:<10} {}  sha256 {}\n",
-                        s.name,
-                        s.version,
-                        s.image,
-                        s.sha256.get(..12).unwrap_or(&s.sha256)
-                    );
-                    for (u, st) in &s.units {
-                        human += &format!("      {u}: {st}\n");
-                    }
-                }
+                human += &ui::host_status(name, Ok(&services));
                 json_hosts.push(json!({"host": name, "services": services}));
             }
             Ran::Done(Err(e)) => {
-                human += &format!("{name}\n  error: {e}\n");
-                json_hosts.push(json!({"host": name, "error": e.to_string()}));
-                failed.push(e.to_string());
+                let e = e.to_string();
+                human += &ui::host_status(name, Err(&e));
+                json_hosts.push(json!({"host": name, "error": e}));
+                failed.push(e);
             }
             // As before the runner: a host whose task died is left out.
             Ran::Skipped(_) => {}

@@ -11,7 +11,7 @@ use backhand::{FilesystemReader, InnerNode, Node, SquashfsFileReader};
 use super::error::ImageError;
 use super::layout::{parse_os_release, BASE_DIRS, EMPTY_FILES};
 use super::sqfs::{self, SUPERBLOCK_SIZE};
-use crate::spec::{unit_matches_prefix, UNIT_SUFFIXES};
+use crate::names::{portable_prefixes, unit_matches_prefix, unit_suffix, ImageFile};
 
 /// What [`inspect`] found in an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,11 +103,8 @@ fn read_image(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let stem = file_name.strip_suffix(".raw").unwrap_or(&file_name);
-    let (name, version) = match stem.split_once('_') {
-        Some((n, v)) => (n.to_owned(), v.to_owned()),
-        None => (stem.to_owned(), String::new()),
-    };
+    let image = ImageFile::cut(file_name.strip_suffix(".raw").unwrap_or(&file_name));
+    let (name, version) = (image.name().to_owned(), image.version().to_owned());
     if !file_name.ends_with(".raw") {
         problems.push(format!(
             "the file name {file_name:?} does not end in .raw; portabled only finds NAME_VERSION.raw images"
@@ -137,11 +134,10 @@ fn read_image(
         }
     }
 
-    // Unit prefixes: PORTABLE_PREFIXES if set, else the image name.
-    let prefixes: Vec<String> = match os_release.get("PORTABLE_PREFIXES") {
-        Some(p) if !p.trim().is_empty() => p.split_whitespace().map(str::to_owned).collect(),
-        _ => vec![name.clone()],
-    };
+    let prefixes = portable_prefixes(
+        os_release.get("PORTABLE_PREFIXES").map(String::as_str),
+        &name,
+    );
 
     // Units
     let unit_dir = Path::new("/etc/systemd/system");
@@ -158,7 +154,7 @@ fn read_image(
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let Some(suffix) = UNIT_SUFFIXES.iter().find(|s| unit_name.ends_with(*s)) else {
+        let Some(suffix) = unit_suffix(&unit_name) else {
             continue;
         };
         let matches = prefixes.iter().any(|p| unit_matches_prefix(&unit_name, p));

@@ -31,7 +31,7 @@
 //!
 //! attache writes the squashfs itself ([`writer`], format in [`sqfs`]);
 //! backhand is used only to read images back. Each file is read once;
-//! duplicates (hard links, or same size and sha256, small files included)
+//! duplicates (hard links, or same size and BLAKE3, small files included)
 //! are found before compressing and share the first copy's data; blocks are
 //! compressed on all cores and written in a fixed order, so the image is the
 //! same byte for byte whatever the number of threads. Memory stays at a few
@@ -51,9 +51,9 @@ mod tests;
 
 pub use compress::Compression;
 pub use error::ImageError;
-pub use inspect::inspect;
 #[cfg(test)]
 pub use inspect::UnitInfo;
+pub use inspect::{inspect, Inspection};
 #[cfg(test)]
 pub use layout::check_layout;
 // For benches/packbench.rs, which includes this module.

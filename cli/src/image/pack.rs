@@ -12,6 +12,7 @@ use super::compress::{check_level, Codec, Compression};
 use super::error::ImageError;
 use super::layout::plan;
 use super::writer::{write_image, Stats};
+use crate::names::ImageFile;
 use crate::spec::ImageSpec;
 
 /// How to pack.
@@ -62,15 +63,6 @@ pub enum PackEvent {
 
 const PROGRESS_EVERY: Duration = Duration::from_millis(4);
 
-/// File name of an image: `NAME_VERSION.raw`, or `NAME.raw` without a version.
-pub(crate) fn image_file_name(name: &str, version: &str) -> String {
-    if version.is_empty() {
-        format!("{name}.raw")
-    } else {
-        format!("{name}_{version}.raw")
-    }
-}
-
 /// Packs `spec` into `out_dir/NAME_VERSION.raw`.
 ///
 /// The tree is planned and checked first (`check_layout`); the image
@@ -96,7 +88,7 @@ pub(crate) fn pack_with_stats(
     check_block_size(opts.block_size)?;
     let level = check_level(opts.compression, opts.level)?;
     let layout = plan(spec)?;
-    let file_name = image_file_name(&spec.name, &spec.version);
+    let file_name = ImageFile::new(&spec.name, &spec.version).file_name();
     let dest = out_dir.join(&file_name);
 
     let tmp = tempfile::Builder::new()

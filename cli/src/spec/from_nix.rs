@@ -7,10 +7,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::{
-    os_release, unit_matches_prefix, ImageSpec, OsReleaseInput, Symlink, UnitFile, UNIT_SUFFIXES,
-};
+use super::{os_release, ImageSpec, OsReleaseInput, Symlink, UnitFile};
 use crate::image::Compression;
+use crate::names::{unit_matches_prefix, unit_suffix};
 use crate::nix::Described;
 
 /// The command line's name and version for the image; `None` takes the
@@ -191,7 +190,7 @@ pub fn from_package(
         };
         for entry in rd.flatten() {
             let file_name = entry.file_name().to_string_lossy().into_owned();
-            if UNIT_SUFFIXES.iter().any(|s| file_name.ends_with(s)) {
+            if unit_suffix(&file_name).is_some() {
                 found.entry(file_name).or_insert(entry.path());
             }
         }

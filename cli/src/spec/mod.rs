@@ -1,14 +1,16 @@
 //! What goes into a portable image, as plain data, and portabled's rules for it.
 //!
 //! [`from_nix`] turns what Nix built into an [`ImageSpec`]; `validate` checks
-//! it against what systemd-portabled accepts (see shared notes
-//! `portable-services.md`) so that `image` only ever packs something
+//! it against what systemd-portabled accepts (its names are in
+//! `crate::names`) so that `image` only ever packs something
 //! `portablectl attach` takes first time.
 
 pub mod from_nix;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+
+use crate::names::unit_matches_prefix;
 
 /// Everything the packer needs, resolved: no Nix left in here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +43,6 @@ pub struct Symlink {
     /// Link target, usually an absolute `/nix/store/…` path.
     pub target: String,
 }
-
-/// Unit suffixes portabled attaches; anything else in the image is ignored.
-pub const UNIT_SUFFIXES: &[&str] = &[".service", ".socket", ".target", ".timer", ".path"];
 
 /// A spec that portabled would refuse, or that cannot be packed faithfully.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -161,10 +160,10 @@ pub fn declare_unit_prefixes(spec: &mut ImageSpec) {
 /// The prefixes units must start with: `PORTABLE_PREFIXES=` when set, else
 /// the image name.
 pub fn portable_prefixes(spec: &ImageSpec) -> Vec<String> {
-    match spec.os_release.get("PORTABLE_PREFIXES") {
-        Some(p) if !p.trim().is_empty() => p.split_whitespace().map(str::to_owned).collect(),
-        _ => vec![spec.name.clone()],
-    }
+    crate::names::portable_prefixes(
+        spec.os_release.get("PORTABLE_PREFIXES").map(String::as_str),
+        &spec.name,
+    )
 }
 
 pub fn validate_name(name: &str) -> Result<(), SpecError> {
@@ -209,33 +208,16 @@ pub fn validate_version(name: &str, version: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
-/// portabled's match rule: the unit's name without suffix is the prefix
-/// itself, or the prefix followed by `-`, `.` or `@`.
-pub fn unit_matches_prefix(unit: &str, prefix: &str) -> bool {
-    let Some(rest) = unit.strip_prefix(prefix) else {
-        return false;
-    };
-    UNIT_SUFFIXES.contains(&rest)
-        || rest.starts_with('-')
-        || rest.starts_with('.')
-        || rest.starts_with('@')
-}
-
 pub fn validate_unit_name(unit: &str, prefixes: &[String]) -> Result<(), SpecError> {
-    if !UNIT_SUFFIXES.iter().any(|s| unit.ends_with(s)) {
+    let Some(suffix) = crate::names::unit_suffix(unit) else {
         return Err(SpecError::UnitSuffix {
             unit: unit.to_owned(),
         });
-    }
+    };
     if prefixes.iter().any(|p| unit_matches_prefix(unit, p)) {
         return Ok(());
     }
     let prefix = prefixes.first().cloned().unwrap_or_default();
-    let suffix = UNIT_SUFFIXES
-        .iter()
-        .find(|s| unit.ends_with(*s))
-        .copied()
-        .unwrap_or(".service");
     let stem = unit.strip_suffix(suffix).unwrap_or(unit);
     let examples = format!(
         "'{prefix}{suffix}', '{prefix}-{stem}{suffix}' or '{prefix}@{suffix}' (any name that is the prefix, or starts with '{prefix}-', '{prefix}.' or '{prefix}@')"
@@ -391,28 +373,6 @@ mod tests {
                 prefixes: None,
                 extra: &extra,
             }),
-        }
-    }
-
-    #[test]
-    fn prefix_rule_matches_portabled() {
-        for ok in [
-            "demo.service",
-            "demo-tick.timer",
-            "demo.x.service",
-            "demo@.service",
-            "demo@1.service",
-            "demo.socket",
-        ] {
-            assert!(unit_matches_prefix(ok, "demo"), "{ok}");
-        }
-        for bad in [
-            "demox.service",
-            "other.service",
-            "dem.service",
-            "demo_x.service",
-        ] {
-            assert!(!unit_matches_prefix(bad, "demo"), "{bad}");
         }
     }
 
