@@ -108,24 +108,25 @@ pub async fn rollback_service(
         )));
     }
     let before = facts.declared_prefixes(&prev);
+    let named_like = facts.others_named_like(service);
     let calls = match &current {
         None => vec![call(Verb::Attach, &prev, &before, profile)],
-        // As in a deploy: a reattach on 252 would detach a sibling whose
-        // image name starts with ours.
-        Some(_)
-            if facts.others_matching(service, &before).is_empty()
-                && !facts.others_named_like(service) =>
-        {
+        // As in a deploy: a reattach would take along a sibling whose image
+        // name starts with ours.
+        Some(_) if facts.others_matching(service, &before).is_empty() && !named_like => {
             vec![call(Verb::Reattach, &prev, &before, profile)]
         }
         Some(cur) => {
             let now = facts.declared_prefixes(cur);
-            refuse_collision(&facts, service, &now, "detach", || {
-                "Detach the other service first".to_owned()
-            })
-            .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
+            let verb = detach_verb(&facts, service);
+            if verb == Verb::Detach {
+                refuse_collision(&facts, service, &now, "detach", || {
+                    "Detach the other service first".to_owned()
+                })
+                .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
+            }
             vec![
-                call(Verb::Detach, cur, &now, profile),
+                call(verb, cur, &now, profile),
                 call(Verb::Attach, &prev, &before, profile),
             ]
         }
@@ -164,15 +165,28 @@ pub async fn detach_service(s: &mut HostSession, service: &str) -> Result<String
         );
     };
     let prefixes = facts.declared_prefixes(&image);
-    refuse_collision(&facts, service, &prefixes, "detach", || {
-        format!(
-            "{} was attached before attache recorded unit prefixes; deploy {service} again with this attache first, then detach it",
-            basename(&image)
-        )
-    })
-    .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
-    portablectl(s, &call(Verb::Detach, &image, &prefixes, ""), service).await?;
+    let verb = detach_verb(&facts, service);
+    if verb == Verb::Detach {
+        refuse_collision(&facts, service, &prefixes, "detach", || {
+            format!(
+                "{} was attached before attache recorded unit prefixes; deploy {service} again with this attache first, then detach it",
+                basename(&image)
+            )
+        })
+        .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
+    }
+    portablectl(s, &call(verb, &image, &prefixes, ""), service).await?;
     Ok(image)
+}
+
+/// portabled before 257 detaches along every image whose name starts with
+/// the service's: there, detach by hand.
+fn detach_verb(facts: &HostFacts, service: &str) -> Verb {
+    if facts.systemd < 257 && facts.others_named_like(service) {
+        Verb::Unlink
+    } else {
+        Verb::Detach
+    }
 }
 
 fn call(verb: Verb, image: &str, prefixes: &[String], profile: &str) -> PortableCall {
@@ -180,6 +194,6 @@ fn call(verb: Verb, image: &str, prefixes: &[String], profile: &str) -> Portable
         verb,
         image: image.to_owned(),
         prefixes: prefixes.to_vec(),
-        profile: (verb != Verb::Detach).then(|| profile.to_owned()),
+        profile: (!verb.detaches()).then(|| profile.to_owned()),
     }
 }

@@ -476,7 +476,7 @@ pub(crate) async fn portablectl(
     service: &str,
 ) -> Result<(), HostError> {
     let id = format!("{service}-{}-{}", call.verb.as_str(), session::unix_now());
-    let stage = if call.verb == ops::Verb::Detach {
+    let stage = if call.verb.detaches() {
         Stage::Rollback
     } else {
         Stage::Activate

@@ -346,6 +346,11 @@ pub enum Verb {
     Attach,
     Reattach,
     Detach,
+    /// Detach by hand: only the units whose drop-in names the image. For
+    /// portabled before 257, whose detach and reattach also take along
+    /// every image whose file name starts with this one's name (measured
+    /// on 252: `shop` took `shop-admin` along, explicit prefixes or not).
+    Unlink,
 }
 
 impl Verb {
@@ -353,10 +358,33 @@ impl Verb {
         match self {
             Verb::Attach => "attach",
             Verb::Reattach => "reattach",
-            Verb::Detach => "detach",
+            Verb::Detach | Verb::Unlink => "detach",
         }
     }
+
+    /// Takes an image off the host (nothing of it stays attached).
+    pub fn detaches(self) -> bool {
+        matches!(self, Verb::Detach | Verb::Unlink)
+    }
 }
+
+/// What `portablectl detach --enable --now` does, for one image's units
+/// only: stop them, remove their unit files, drop-ins and enablement links
+/// from `system.attached`, reload. `$1` is the image's path.
+const UNLINK: &str = r#"img=$1; d=/etc/systemd/system.attached; units=
+for f in "$d"/*.d/20-portable.conf; do
+  [ -f "$f" ] || continue
+  head -n1 "$f" | grep -qF "image '$img'" || continue
+  u=${f%/20-portable.conf}; u=${u##*/}; units="$units ${u%.d}"
+done
+[ -n "$units" ] || { echo "No unit files of $img are attached."; exit 0; }
+for u in $units; do case $u in *@.*) ;; *) systemctl stop "$u" || true ;; esac; done
+for u in $units; do
+  echo "Removed $d/$u."
+  rm -f "$d/$u" "$d/$u.d/10-profile.conf" "$d/$u.d/20-portable.conf" "$d"/*.wants/"$u" "$d"/*.requires/"$u"
+  rmdir "$d/$u.d" 2>/dev/null || true
+done
+systemctl daemon-reload"#;
 
 /// One portablectl call, always by full path and with the image's own unit
 /// prefixes spelled out: without them portabled matches every unit that
@@ -372,13 +400,18 @@ pub struct PortableCall {
 
 impl PortableCall {
     pub fn argv(&self) -> Vec<String> {
+        if self.verb == Verb::Unlink {
+            return ["/bin/sh", "-c", UNLINK, "unlink", &self.image]
+                .map(str::to_owned)
+                .to_vec();
+        }
         let mut v: Vec<String> = vec![
             "portablectl".into(),
             self.verb.as_str().into(),
             "--enable".into(),
             "--now".into(),
         ];
-        if let (Some(p), false) = (&self.profile, self.verb == Verb::Detach) {
+        if let (Some(p), false) = (&self.profile, self.verb.detaches()) {
             v.push("--profile".into());
             v.push(p.clone());
         }
@@ -401,9 +434,10 @@ pub fn portablectl(id: &str, call: &PortableCall) -> Script {
         rc = quote(&rc)
     );
     Script::new(
-        match call.verb {
-            Verb::Detach => "detaching",
-            _ => "activating",
+        if call.verb.detaches() {
+            "detaching"
+        } else {
+            "activating"
         },
         format!(
             r#"mkdir -p /run/attache
@@ -455,7 +489,7 @@ pub fn revert_body(reverts: &[Revert]) -> String {
             .iter()
             .map(|c| {
                 let cmd = words(&c.argv());
-                if c.verb == Verb::Detach {
+                if c.verb.detaches() {
                     format!(
                         "  if attached {}; then {cmd} || rc=1; fi\n",
                         quote(&c.image)

@@ -184,7 +184,19 @@ fn plan_service(
         verb,
         image: image.to_owned(),
         prefixes: prefixes.to_vec(),
-        profile: (verb != Verb::Detach).then(|| profile.to_owned()),
+        profile: (!Verb::detaches(verb)).then(|| profile.to_owned()),
+    };
+    // Another image's name starts with ours: portabled before 257 would
+    // take it along on detach and reattach (see `Verb::Unlink`), 257 on
+    // reattach. Switch by detach + attach, detaching by hand before 257.
+    let named_like = facts.others_named_like(&svc.name);
+    let by_hand = named_like && facts.systemd < 257;
+    let detach = |image: &str, prefixes: &[String]| {
+        call(
+            if by_hand { Verb::Unlink } else { Verb::Detach },
+            image,
+            prefixes,
+        )
     };
     step.activate = match &attached {
         None => vec![call(Verb::Attach, &target, new)],
@@ -197,39 +209,28 @@ fn plan_service(
                 .units_of(prev)
                 .into_iter()
                 .any(|u| !new.iter().any(|p| crate::names::unit_matches_prefix(u, p)));
-            // portabled 252 matches a reattach's old image by the name
-            // before its `_`, so `reattach shop_2.0` also detaches
-            // `shop-admin_1.0` (measured, explicit prefixes or not). Detach
-            // by path with the prefixes, then attach, touches only ours.
-            if left_behind || facts.others_named_like(&svc.name) {
-                refuse_collision(facts, &svc.name, &before, "detach the old image of", || {
-                    old_style_fix(&svc.name, prev)
-                })?;
-                vec![
-                    call(Verb::Detach, prev, &before),
-                    call(Verb::Attach, &target, new),
-                ]
+            if left_behind || named_like {
+                if !by_hand {
+                    refuse_collision(facts, &svc.name, &before, "detach the old image of", || {
+                        old_style_fix(&svc.name, prev)
+                    })?;
+                }
+                vec![detach(prev, &before), call(Verb::Attach, &target, new)]
             } else {
                 vec![call(Verb::Reattach, &target, new)]
             }
         }
     };
     let calls = match &attached {
-        None => vec![call(Verb::Detach, &target, new)],
+        None => vec![detach(&target, new)],
         Some(prev) => {
             let before = facts.declared_prefixes(prev);
-            if facts.others_matching(&svc.name, &before).is_empty()
-                && !facts.others_named_like(&svc.name)
-            {
+            if facts.others_matching(&svc.name, &before).is_empty() && !named_like {
                 vec![call(Verb::Reattach, prev, &before)]
             } else {
-                // The old image's prefix reaches another service: a
-                // reattach would detach that one too. Attach touches only
-                // the image's own units.
-                vec![
-                    call(Verb::Detach, &target, new),
-                    call(Verb::Attach, prev, &before),
-                ]
+                // A reattach would detach another service too. Attach
+                // touches only the image's own units.
+                vec![detach(&target, new), call(Verb::Attach, prev, &before)]
             }
         }
     };

@@ -208,6 +208,13 @@ fn scripts_pass_shellcheck() {
         place("/a", "/b.raw", &["b".into()]),
         prune(&["/b.raw".into()]),
         portablectl("x-1", &c),
+        portablectl(
+            "x-2",
+            &PortableCall {
+                verb: Verb::Unlink,
+                ..c.clone()
+            },
+        ),
         arm(std::slice::from_ref(&revert), Duration::from_secs(60)),
         disarm(),
         run_pending_revert(),

@@ -54,6 +54,13 @@ fn facts(lines: &str) -> HostFacts {
     ))
 }
 
+fn on_257(f: &HostFacts) -> HostFacts {
+    HostFacts {
+        systemd: 257,
+        ..f.clone()
+    }
+}
+
 fn shop_and_admin(shop_prefixes: &str) -> HostFacts {
     facts(&format!(
         "attached\tshop-web.service\t{P}/shop_1.0.raw\n\
@@ -113,16 +120,35 @@ fn shared_prefix_upgrade_touches_only_its_own_units() {
     let f = shop_and_admin("prefixes\tshop_1.0.raw\tshop-web\n");
     let s = &plan(&f, &h).unwrap().steps[0];
     assert_eq!(s.previous.as_deref(), Some(&*format!("{P}/shop_1.0.raw")));
-    // 252's reattach would detach shop-admin_1.0 too: detach, then attach.
+    // On 252 portabled would take shop-admin_1.0 along: detach by hand.
     let verbs: Vec<Verb> = s.activate.iter().map(|c| c.verb).collect();
-    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
+    assert_eq!(verbs, [Verb::Unlink, Verb::Attach]);
     assert_eq!(s.activate[0].image, format!("{P}/shop_1.0.raw"));
-    assert!(s.activate.iter().all(|c| c.prefixes == ["shop-web"]));
+    assert_eq!(s.activate[1].prefixes, ["shop-web"]);
     let r = s.revert.as_ref().unwrap();
     let verbs: Vec<Verb> = r.calls.iter().map(|c| c.verb).collect();
-    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
+    assert_eq!(verbs, [Verb::Unlink, Verb::Attach]);
     assert_eq!(r.calls[1].image, format!("{P}/shop_1.0.raw"));
     assert_eq!(r.calls[1].prefixes, ["shop-web"]);
+    // 257 detaches by path correctly, but its reattach does not.
+    let f = on_257(&f);
+    let s = &plan(&f, &h).unwrap().steps[0];
+    let verbs: Vec<Verb> = s.activate.iter().map(|c| c.verb).collect();
+    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
+}
+
+#[test]
+fn unlink_touches_only_units_whose_dropin_names_the_image() {
+    let c = ops::PortableCall {
+        verb: Verb::Unlink,
+        image: format!("{P}/shop_1.0.raw"),
+        prefixes: vec!["shop-web".into()],
+        profile: None,
+    };
+    let argv = c.argv();
+    assert_eq!(argv[..2], ["/bin/sh", "-c"]);
+    assert!(argv[2].contains(r#"grep -qF "image '$img'""#));
+    assert_eq!(argv[4], format!("{P}/shop_1.0.raw"));
 }
 
 #[test]
@@ -143,11 +169,14 @@ fn without_a_sibling_an_upgrade_is_a_reattach() {
 }
 
 #[test]
-fn old_style_previous_with_a_sibling_is_refused() {
-    // shop 1.0 declares 'shop' (no record): detaching it would take
-    // shop-admin-web.service along.
+fn old_style_previous_with_a_sibling() {
+    // shop 1.0 declares 'shop' (no record): portabled's detach would take
+    // shop-admin-web.service along. Before 257 attache detaches it by hand;
+    // on 257 it refuses.
     let h = host(vec![svc("shop", "2.0", "b", &["shop-web.service"])]);
-    let e = plan(&shop_and_admin(""), &h).unwrap_err();
+    let s = &plan(&shop_and_admin(""), &h).unwrap().steps[0];
+    assert_eq!(s.activate[0].verb, Verb::Unlink);
+    let e = plan(&on_257(&shop_and_admin("")), &h).unwrap_err();
     assert!(matches!(e, PlanError::Collision(_)), "{e}");
     assert!(
         e.to_string()
@@ -242,7 +271,7 @@ fn rollback_calls_follow_what_the_host_has_now() {
         .iter()
         .map(|c| c.verb)
         .collect();
-    assert_eq!(verbs, [Verb::Detach, Verb::Attach]);
+    assert_eq!(verbs, [Verb::Unlink, Verb::Attach]);
     // Nothing attached: attach the old.
     assert_eq!(
         rollback_calls(&facts(""), &reverts)[0].1[0].verb,
