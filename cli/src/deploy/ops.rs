@@ -368,6 +368,17 @@ impl Verb {
     }
 }
 
+/// Where the host keeps [`UNLINK`]: a file, because systemd-run would read
+/// its newlines and `$`s as unit-file syntax.
+const UNLINK_PATH: &str = "/var/lib/attache/unlink";
+
+/// Writes [`UNLINK`] where [`Verb::Unlink`] calls it.
+fn install_unlink() -> String {
+    format!(
+        "mkdir -p {STATE_DIR} && cat > {UNLINK_PATH}.tmp <<'ATTACHE_EOF' && mv -f {UNLINK_PATH}.tmp {UNLINK_PATH}\n{UNLINK}\nATTACHE_EOF\n"
+    )
+}
+
 /// What `portablectl detach --enable --now` does, for one image's units
 /// only: stop them, remove their unit files, drop-ins and enablement links
 /// from `system.attached`, reload. `$1` is the image's path.
@@ -401,7 +412,7 @@ pub struct PortableCall {
 impl PortableCall {
     pub fn argv(&self) -> Vec<String> {
         if self.verb == Verb::Unlink {
-            return ["/bin/sh", "-c", UNLINK, "unlink", &self.image]
+            return ["/bin/sh", UNLINK_PATH, &self.image]
                 .map(str::to_owned)
                 .to_vec();
         }
@@ -440,7 +451,7 @@ pub fn portablectl(id: &str, call: &PortableCall) -> Script {
             "activating"
         },
         format!(
-            r#"mkdir -p /run/attache
+            r#"{install}mkdir -p /run/attache
 rm -f {log} {rc}
 systemd-run --quiet --collect --wait --unit={unit} /bin/sh -c {inner} >/dev/null 2>&1
 cat {log} 2>/dev/null
@@ -448,7 +459,12 @@ exit "$(cat {rc} 2>/dev/null || echo 1)""#,
             log = quote(&log),
             rc = quote(&rc),
             unit = quote(&format!("attache-{id}")),
-            inner = quote(&inner)
+            inner = quote(&inner),
+            install = if call.verb == Verb::Unlink {
+                install_unlink()
+            } else {
+                String::new()
+            },
         ),
     )
 }
@@ -548,7 +564,7 @@ pub fn arm(reverts: &[Revert], after: Duration) -> Script {
 d={STATE_DIR}
 mkdir -p $d /etc/systemd/system/multi-user.target.wants
 rm -f $d/revert.done $d/revert.disarmed $d/revert.log
-cat > $d/run-revert <<'ATTACHE_EOF'
+{install}cat > $d/run-revert <<'ATTACHE_EOF'
 {RUN_REVERT}ATTACHE_EOF
 cat > $d/revert.sh.tmp <<'ATTACHE_EOF'
 {body}ATTACHE_EOF
@@ -563,6 +579,7 @@ systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/de
 systemd-run --quiet --unit=attache-revert-now --on-active={secs} --timer-property=AccuracySec=1s /bin/sh $d/run-revert"#,
             body = revert_body(reverts),
             secs = after.as_secs().max(1),
+            install = install_unlink(),
         ),
     )
 }

@@ -146,9 +146,17 @@ fn unlink_touches_only_units_whose_dropin_names_the_image() {
         profile: None,
     };
     let argv = c.argv();
-    assert_eq!(argv[..2], ["/bin/sh", "-c"]);
-    assert!(argv[2].contains(r#"grep -qF "image '$img'""#));
-    assert_eq!(argv[4], format!("{P}/shop_1.0.raw"));
+    assert_eq!(
+        argv,
+        [
+            "/bin/sh",
+            "/var/lib/attache/unlink",
+            &format!("{P}/shop_1.0.raw")
+        ]
+    );
+    let script = ops::portablectl("shop-1", &c).text;
+    assert!(script.contains(r#"grep -qF "image '$img'""#), "{script}");
+    assert!(script.find("ATTACHE_EOF").unwrap() < script.find("systemd-run").unwrap());
 }
 
 #[test]
