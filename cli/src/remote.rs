@@ -91,6 +91,8 @@ pub enum RemoteError {
     HostKeyUnknown { host: String, fingerprint: String },
     #[error("cannot connect over SSH: {reason}. Check that the host is up and that `ssh {host} true` works")]
     Unreachable { host: String, reason: String },
+    #[error("logged in as '{user}', who is not root, and sudo is off for this host: set sudo = true in the inventory for {host}, or pass --sudo")]
+    NotRoot { host: String, user: String },
     #[error("sudo needs a password for user {user}; attache runs sudo non-interactively. Allow passwordless sudo for that user (NOPASSWD), or deploy as root")]
     SudoPassword { host: String, user: String },
     #[error("user {user} may not run commands as root with sudo ({says}); deploy as root, or give {user} passwordless sudo")]
@@ -209,12 +211,9 @@ impl Remote {
             elevation
         };
         if uid != "0" && elevation == Elevation::None {
-            return Err(RemoteError::Unreachable {
+            return Err(RemoteError::NotRoot {
                 host: name.to_owned(),
-                reason: format!(
-                    "logged in as '{}', who is not root, and sudo is off for this host (set sudo = true in the inventory, or pass --sudo)",
-                    remote.login_user
-                ),
+                user: remote.login_user.clone(),
             });
         }
         if remote.elevation == Elevation::Sudo {

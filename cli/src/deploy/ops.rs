@@ -9,6 +9,8 @@
 //! - `/var/lib/attache/prefixes/FILE.raw`: the unit prefixes an image
 //!   declares (images from before these files declare their name);
 //! - `/var/lib/attache/NAME.previous`: what `attache rollback` goes back to;
+//! - `/var/lib/attache/unlink`: detaches one image's units by hand, where
+//!   portabled before 257 would take other images along;
 //! - `/var/lib/attache/revert.sh` (+ `run-revert`, the boot unit
 //!   `attache-revert.service` and the timer `attache-revert-now.timer`): the
 //!   dead-man revert of a deploy that was never confirmed;
@@ -478,162 +480,6 @@ pub fn strip_harmless(s: &str) -> String {
         .join("\n")
 }
 
-// ---- the dead-man revert --------------------------------------------------
-
-/// How one service goes back to what it ran before a deploy.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Revert {
-    pub service: String,
-    /// The image to end attached, or `None` to end with nothing attached.
-    pub previous: Option<String>,
-    /// The image the deploy attached.
-    pub new: String,
-    /// The calls, in order, that get there from `new`.
-    pub calls: Vec<PortableCall>,
-}
-
-const ATTACHED_FN: &str = r#"attached() { grep -qsF "image '$1'" /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; }"#;
-
-/// The shell that puts each service back, last changed first. Each step
-/// looks first, so running it twice, or after attache's own rollback, does
-/// nothing more.
-pub fn revert_body(reverts: &[Revert]) -> String {
-    let mut s = format!("{ATTACHED_FN}\nrc=0\n");
-    for r in reverts.iter().rev() {
-        let calls = r
-            .calls
-            .iter()
-            .map(|c| {
-                let cmd = words(&c.argv());
-                if c.verb.detaches() {
-                    format!(
-                        "  if attached {}; then {cmd} || rc=1; fi\n",
-                        quote(&c.image)
-                    )
-                } else {
-                    format!("  {cmd} || rc=1\n")
-                }
-            })
-            .collect::<String>();
-        match &r.previous {
-            Some(p) => {
-                s += &format!(
-                    "# {}: back to {p}\nif ! attached {}; then\n  :\n{calls}fi\n",
-                    r.service,
-                    quote(p)
-                );
-            }
-            None => s += &format!("# {}: remove {}\n{calls}", r.service, r.new),
-        }
-    }
-    s += "exit $rc\n";
-    s
-}
-
-const REVERT_UNIT: &str = "[Unit]
-Description=attache: put back the services of a deploy that was never confirmed
-ConditionPathExists=/var/lib/attache/revert.sh
-After=dbus.service network.target
-
-[Service]
-Type=oneshot
-ExecStart=/bin/sh /var/lib/attache/run-revert
-
-[Install]
-WantedBy=multi-user.target
-";
-
-/// Claims `revert.sh` by renaming it, so the timer, the boot unit and
-/// attache's disarm can race and exactly one wins.
-const RUN_REVERT: &str = "d=/var/lib/attache
-mv -f $d/revert.sh $d/revert.running 2>/dev/null || exit 0
-/bin/sh $d/revert.running >$d/revert.log 2>&1
-rc=$?
-mv -f $d/revert.running $d/revert.done
-exit $rc
-";
-
-/// Arms the dead-man revert: it runs after `after` unless [`disarm`] comes
-/// first, and at the next boot if the host restarts before either. Written
-/// and synced before any image changes.
-pub fn arm(reverts: &[Revert], after: Duration) -> Script {
-    Script::new(
-        "arming the automatic rollback",
-        format!(
-            r#"set -e
-d={STATE_DIR}
-mkdir -p $d /etc/systemd/system/multi-user.target.wants
-rm -f $d/revert.done $d/revert.disarmed $d/revert.log
-{install}cat > $d/run-revert <<'ATTACHE_EOF'
-{RUN_REVERT}ATTACHE_EOF
-cat > $d/revert.sh.tmp <<'ATTACHE_EOF'
-{body}ATTACHE_EOF
-cat > /etc/systemd/system/attache-revert.service.tmp <<'ATTACHE_EOF'
-{REVERT_UNIT}ATTACHE_EOF
-mv -f /etc/systemd/system/attache-revert.service.tmp /etc/systemd/system/attache-revert.service
-ln -sf /etc/systemd/system/attache-revert.service /etc/systemd/system/multi-user.target.wants/attache-revert.service
-mv -f $d/revert.sh.tmp $d/revert.sh
-sync
-systemctl stop attache-revert-now.timer 2>/dev/null || true
-systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true
-systemd-run --quiet --unit=attache-revert-now --on-active={secs} --timer-property=AccuracySec=1s /bin/sh $d/run-revert"#,
-            body = revert_body(reverts),
-            secs = after.as_secs().max(1),
-            install = install_unlink(),
-        ),
-    )
-}
-
-/// What [`disarm`] found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Disarmed {
-    /// attache got there first: the revert will never run.
-    InTime,
-    /// The host's revert ran (or was running and has ended); its log.
-    AlreadyReverted(String),
-}
-
-/// Stops the revert, or, if it has started, waits for it to end.
-pub fn disarm() -> Script {
-    Script::new(
-        "disarming the automatic rollback",
-        format!(
-            r#"d={STATE_DIR}
-if mv -f $d/revert.sh $d/revert.disarmed 2>/dev/null; then
-  systemctl stop attache-revert-now.timer 2>/dev/null || true
-  echo DISARMED
-else
-  i=0
-  while [ -e $d/revert.running ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
-  echo REVERTED
-  cat $d/revert.log 2>/dev/null || true
-fi"#
-        ),
-    )
-}
-
-pub fn parse_disarm(out: &str) -> Disarmed {
-    let mut lines = out.lines();
-    if lines.next().map(str::trim) == Some("DISARMED") {
-        Disarmed::InTime
-    } else {
-        Disarmed::AlreadyReverted(lines.collect::<Vec<_>>().join("\n"))
-    }
-}
-
-/// Runs an armed revert now (an earlier deploy never confirmed it), and
-/// waits for it.
-pub fn run_pending_revert() -> Script {
-    Script::new(
-        "finishing an earlier unconfirmed deploy",
-        format!(
-            "systemctl stop attache-revert-now.timer 2>/dev/null || true; /bin/sh {STATE_DIR}/run-revert; \
-             i=0; while [ -e {STATE_DIR}/revert.running ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done; \
-             cat {STATE_DIR}/revert.log 2>/dev/null || true"
-        ),
-    )
-}
-
 // ---- what rollback goes back to -------------------------------------------
 
 fn previous_file(service: &str) -> String {
@@ -771,6 +617,9 @@ fn split_url(url: &str) -> (String, u16, String) {
     };
     (host, port, path)
 }
+
+mod revert;
+pub use revert::*;
 
 #[cfg(test)]
 mod tests;
