@@ -277,11 +277,8 @@ pub struct DeployArgs {
     /// Only hosts whose name matches this glob.
     #[arg(long, value_name = "GLOB")]
     pub on: Option<String>,
-    /// The flake with `attache.hosts`.
-    #[arg(long, default_value = ".", value_name = "FLAKE")]
-    pub flake: String,
     #[command(flatten)]
-    pub ssh: SshArgs,
+    pub fleet: FleetArgs,
     /// portabled profile (default, nonetwork, strict, trusted) [default: the inventory's, else default].
     #[arg(long, value_name = "PROFILE")]
     pub profile: Option<String>,
@@ -317,6 +314,17 @@ pub struct DeployArgs {
     pub nix: NixArgs,
 }
 
+/// Where hosts come from and how to reach them: shared by every command
+/// that acts on hosts.
+#[derive(Debug, Args, Clone)]
+pub struct FleetArgs {
+    /// The flake with `attache.hosts`.
+    #[arg(long, default_value = ".", value_name = "FLAKE")]
+    pub flake: String,
+    #[command(flatten)]
+    pub ssh: SshArgs,
+}
+
 #[derive(Debug, Args, Clone)]
 pub struct SshArgs {
     /// ssh config file to use instead of ~/.ssh/config (ssh -F).
@@ -341,11 +349,8 @@ pub struct StatusArgs {
     /// Hosts (names, @tags, or SSH destinations); none means all inventory hosts.
     #[arg(value_name = "HOST")]
     pub hosts: Vec<String>,
-    /// The flake with `attache.hosts`.
-    #[arg(long, default_value = ".", value_name = "FLAKE")]
-    pub flake: String,
     #[command(flatten)]
-    pub ssh: SshArgs,
+    pub fleet: FleetArgs,
     #[command(flatten)]
     pub nix: NixBin,
 }
@@ -358,11 +363,8 @@ pub struct HostServiceArgs {
     pub host: String,
     /// Service (image) name, e.g. demo.
     pub service: String,
-    /// The flake with `attache.hosts`.
-    #[arg(long, default_value = ".", value_name = "FLAKE")]
-    pub flake: String,
     #[command(flatten)]
-    pub ssh: SshArgs,
+    pub fleet: FleetArgs,
     /// portabled profile for the reattach [default: the inventory's, else default].
     #[arg(long, value_name = "PROFILE")]
     pub profile: Option<String>,

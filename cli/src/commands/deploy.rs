@@ -81,7 +81,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         vec![HostPlan {
             name: to.clone(),
             destination: dest,
-            elevation: elevation(args.ssh.sudo),
+            elevation: elevation(args.fleet.ssh.sudo),
             profile: args.profile.clone().unwrap_or_else(|| "default".into()),
             services: wanted
                 .iter()
@@ -91,12 +91,12 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     } else {
         let nix = Nix::new(args.nix.bin.path.clone(), args.nix.args.clone());
         nix.version()?;
-        ui.status("Reading", format!("{}#attache.hosts", args.flake));
-        let hosts =
-            inventory::load(&nix, &args.flake).map_err(|e| inventory_error(e, &args.flake))?;
+        ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
+        let hosts = inventory::load(&nix, &args.fleet.flake)
+            .map_err(|e| inventory_error(e, &args.fleet.flake))?;
         let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
             .map_err(|e| Error::Usage(e.to_string()))?;
-        inventory::share_builds(&nix, &args.flake, &mut hosts);
+        inventory::share_builds(&nix, &args.fleet.flake, &mut hosts);
         let wanted: Vec<Installable> = hosts
             .iter()
             .flat_map(|h| h.services.iter().map(|s| s.installable.clone()))
@@ -111,7 +111,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         return Err(Error::Usage("no hosts selected".into()));
     }
     let settings = Arc::new(Settings {
-        ssh: ssh_options(&args.ssh),
+        ssh: ssh_options(&args.fleet.ssh),
         rollback: !args.no_rollback,
         dry_run: args.dry_run,
         keep: args.keep.max(1),
@@ -172,7 +172,7 @@ fn host_plan(h: Host, built: &BTreeMap<String, Built>, args: &DeployArgs) -> Hos
     HostPlan {
         name: h.name,
         destination: h.destination,
-        elevation: elevation(h.sudo || args.ssh.sudo),
+        elevation: elevation(h.sudo || args.fleet.ssh.sudo),
         profile: args.profile.clone().unwrap_or(h.profile),
         services,
     }

@@ -11,14 +11,18 @@ use crate::error::Error;
 use crate::ui::Ui;
 
 pub fn run(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
-    let ((name, dest, elev), inventory_profile) =
-        hosts::resolve_one(&args.host, &args.flake, &args.nix.path, &args.ssh)?;
+    let ((name, dest, elev), inventory_profile) = hosts::resolve_one(
+        &args.host,
+        &args.fleet.flake,
+        &args.nix.path,
+        &args.fleet.ssh,
+    )?;
     let profile = args
         .profile
         .clone()
         .or(inventory_profile)
         .unwrap_or_else(|| "default".into());
-    let opts = ssh_options(&args.ssh);
+    let opts = ssh_options(&args.fleet.ssh);
     let r = hosts::runtime()?.block_on(async {
         let mut s = HostSession::connect(&name, &dest, &opts, elev).await?;
         let r = deploy::rollback_service(&mut s, &args.service, &profile).await;
