@@ -250,10 +250,8 @@ fn check_unit_name(name: &str) -> Result<(), ImageError> {
         name: name.to_owned(),
         reason: reason.to_owned(),
     };
-    if name.is_empty() || name.contains('/') || name.contains('\0') || name.starts_with('.') {
-        return Err(bad(
-            "a unit name must be a plain file name such as demo.service",
-        ));
+    if !crate::spec::unit_name_is_plain(name) {
+        return Err(bad(crate::spec::UNIT_NAME_RULE));
     }
     Ok(())
 }

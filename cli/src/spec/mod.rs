@@ -73,6 +73,8 @@ pub enum SpecError {
         prefix: String,
         examples: String,
     },
+    #[error("unit '{unit}' is refused: {UNIT_NAME_RULE}")]
+    UnitNotPlain { unit: String },
     #[error("unit '{unit}' appears twice: give each unit a distinct file name")]
     DuplicateUnit { unit: String },
     #[error("unit '{unit}' ({source_path}) is not a regular file: a unit must be a file, not a directory or a dangling link")]
@@ -208,7 +210,20 @@ pub fn validate_version(name: &str, version: &str) -> Result<(), SpecError> {
     Ok(())
 }
 
+/// What a unit's name must be, said once for spec and packer alike.
+pub const UNIT_NAME_RULE: &str = "a unit name must be a plain file name such as demo.service";
+
+/// A unit is copied to `etc/systemd/system/NAME`: a name, not a path.
+pub fn unit_name_is_plain(name: &str) -> bool {
+    !(name.is_empty() || name.contains('/') || name.contains('\0') || name.starts_with('.'))
+}
+
 pub fn validate_unit_name(unit: &str, prefixes: &[String]) -> Result<(), SpecError> {
+    if !unit_name_is_plain(unit) {
+        return Err(SpecError::UnitNotPlain {
+            unit: unit.to_owned(),
+        });
+    }
     let Some(suffix) = crate::names::unit_suffix(unit) else {
         return Err(SpecError::UnitSuffix {
             unit: unit.to_owned(),
@@ -423,6 +438,13 @@ mod tests {
 
     #[test]
     fn unit_rules() {
+        let prefixes = ["demo".to_owned()];
+        assert_eq!(
+            validate_unit_name("demo-/x.service", &prefixes)
+                .unwrap_err()
+                .to_string(),
+            format!("unit 'demo-/x.service' is refused: {UNIT_NAME_RULE}")
+        );
         let d = tempfile::tempdir().unwrap();
         let s = spec_with_units(d.path(), &["other.service"]);
         let e = validate(&s).unwrap_err();
