@@ -94,7 +94,18 @@ fn resolve_with_profiles(
             Err(inventory::InventoryError::Nix(NixError::MissingAttribute {
                 nix_says, ..
             })) if nix_says.contains("does not provide attribute") => None,
-            Err(inventory::InventoryError::Nix(n)) => return Err(Error::Nix(n)),
+            Err(inventory::InventoryError::Nix(n)) => {
+                let msg = format!(
+                    "{flake} could not be evaluated to read its attache.hosts inventory; fix it, pass --flake with the flake that has the inventory, or name hosts as USER@HOST to skip it. {n}"
+                );
+                // The flake's fault is bad input; a network or nix failure
+                // is the environment's.
+                return Err(if n.is_user_error() {
+                    Error::Usage(msg)
+                } else {
+                    Error::Remote(msg)
+                });
+            }
             Err(other) => return Err(Error::Usage(other.to_string())),
         }
     };
