@@ -62,8 +62,11 @@ impl HostError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self.cause,
-            Cause::Plan(PlanError::Collision(_) | PlanError::TimerTooShort { .. })
-                | Cause::Refused(_)
+            Cause::Plan(
+                PlanError::Collision(_)
+                    | PlanError::TimerTooShort { .. }
+                    | PlanError::UnknownProfile { .. }
+            ) | Cause::Refused(_)
         )
     }
 }

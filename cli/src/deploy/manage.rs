@@ -90,6 +90,8 @@ pub async fn rollback_service(
 ) -> Result<(Option<String>, String), HostError> {
     s.lock().await?;
     let facts = facts(s, false, Stage::Preflight).await?;
+    super::plan::check_profile(&facts, profile)
+        .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
     let refused = |msg: String| Cause::Refused(msg).at(s.host(), Stage::Preflight);
     let current = facts.attached_image(service).map(str::to_owned);
     let Some(prev) = facts

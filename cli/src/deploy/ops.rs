@@ -100,6 +100,8 @@ pub struct HostFacts {
     pub previous: BTreeMap<String, String>,
     /// A dead-man revert of an earlier deploy is still armed.
     pub revert_pending: bool,
+    /// portabled's profiles on the host (sorted).
+    pub profiles: Vec<String>,
 }
 
 impl HostFacts {
@@ -205,6 +207,7 @@ for f in {PORTABLES}/*.raw; do [ -f "$f" ] && printf 'image\t%s\t%s\n' "$(stat -
 for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\n' "${{f##*/}}" "$(cat "$f")"; done
 for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
 [ -e {STATE_DIR}/revert.sh ] && printf 'revert\tpending\n'
+for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
 for f in {hash_list}; do printf '%s\n' "$f" >>"$tmp"; done
 sort -u "$tmp" | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
 rm -f "$tmp"
@@ -242,6 +245,7 @@ pub fn parse_facts(out: &str) -> HostFacts {
                 f.previous.insert(a.to_owned(), b.trim().to_owned());
             }
             "revert" => f.revert_pending = true,
+            "profile" => f.profiles.push(a.to_owned()),
             "sha256" => {
                 if let Some((hash, path)) = a.split_once("  ") {
                     if hash.len() == 64 {
@@ -252,6 +256,8 @@ pub fn parse_facts(out: &str) -> HostFacts {
             _ => {}
         }
     }
+    f.profiles.sort();
+    f.profiles.dedup();
     f
 }
 

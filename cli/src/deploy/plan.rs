@@ -59,6 +59,8 @@ pub enum PlanError {
         "systemd {version} is too old; attache needs systemd 248 or newer (portablectl reattach)"
     )]
     OldSystemd { version: u32 },
+    #[error("portabled has no profile '{profile}' on this host; nothing was changed. Pass --profile (or set `profile` in the inventory) to one of: {known}")]
+    UnknownProfile { profile: String, known: String },
     #[error("not enough space in {}: {free_mb} MB free, {need_mb} MB needed; free some space (old images: attache prunes to --keep)", crate::names::PORTABLES)]
     NoSpace { free_mb: u64, need_mb: u64 },
     #[error("{}", .0)]
@@ -110,6 +112,7 @@ pub fn plan(facts: &HostFacts, host: &HostPlan) -> Result<Plan, PlanError> {
             version: facts.systemd,
         });
     }
+    check_profile(facts, &host.profile)?;
     let mut steps = Vec::new();
     let mut need_kb = 0u64;
     for (i, svc) in host.services.iter().enumerate() {
@@ -241,6 +244,19 @@ fn plan_service(
         calls,
     });
     Ok(step)
+}
+
+/// portabled skips a profile it does not know without a word, and the
+/// service then runs without the sandbox the user asked for.
+pub fn check_profile(facts: &HostFacts, profile: &str) -> Result<(), PlanError> {
+    // A host that lists no profiles at all is not one to judge by.
+    if facts.profiles.is_empty() || facts.profiles.iter().any(|p| p == profile) {
+        return Ok(());
+    }
+    Err(PlanError::UnknownProfile {
+        profile: profile.to_owned(),
+        known: facts.profiles.join(", "),
+    })
 }
 
 /// The calls that put each changed service back, given what the host has

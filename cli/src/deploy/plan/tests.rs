@@ -286,3 +286,20 @@ fn rollback_calls_follow_what_the_host_has_now() {
         Verb::Attach
     );
 }
+
+#[test]
+fn an_unknown_profile_is_refused_with_the_known_ones() {
+    let h = host(vec![svc("demo", "1.0", "a", &["demo.service"])]);
+    let mut f = facts("profile\tdefault\nprofile\tstrict\nprofile\ttrusted\n");
+    assert_eq!(f.profiles, ["default", "strict", "trusted"]);
+    assert!(plan(&f, &h).is_ok());
+    let mut bogus = h.clone();
+    bogus.profile = "defualt".into();
+    let e = plan(&f, &bogus).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "portabled has no profile 'defualt' on this host; nothing was changed. Pass --profile (or set `profile` in the inventory) to one of: default, strict, trusted"
+    );
+    f.profiles.clear();
+    assert!(plan(&f, &bogus).is_ok());
+}
