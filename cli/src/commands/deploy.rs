@@ -186,6 +186,9 @@ fn skipped(host: &str, why: &str) -> HostReport {
     HostReport::skipped(host, why)
 }
 
+/// The summary table is the result (stdout); why hosts failed goes to
+/// stderr, where the closing error line can point at it, so that
+/// `attache deploy > report.txt` still shows the user why.
 fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     let ok = reports.iter().all(|r| good(r.outcome));
     let json = json!({ "ok": ok, "dry_run": dry_run, "hosts": reports });
@@ -193,14 +196,26 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     if ok {
         return Ok(());
     }
+    let errors = ui::deploy_errors(reports);
+    for line in &errors {
+        ui.error(line);
+    }
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !good(r.outcome))
-        .map(|r| format!("{} ({})", r.host, r.outcome))
+        .map(|r| match (r.outcome, &r.error) {
+            (Outcome::Skipped, Some(why)) => format!("{} (skipped: {why})", r.host),
+            _ => format!("{} ({})", r.host, r.outcome),
+        })
         .collect();
+    let details = if errors.is_empty() {
+        ""
+    } else {
+        " (details above)"
+    };
     Err(Error::Deploy {
         summary: format!(
-            "{} of {} hosts did not end healthy on the new version: {} (details above)",
+            "{} of {} hosts did not end healthy on the new version: {}{details}",
             failed.len(),
             reports.len(),
             failed.join(", "),
@@ -222,18 +237,55 @@ mod tests {
         let mut bad = HostReport::new("db");
         bad.outcome = Outcome::RolledBack;
         bad.error = Some("demo.service did not start".into());
-        let reports = [ok, bad, skipped("late", "a canary failed")];
+        let reports = [ok, bad, skipped("late", "a canary host failed")];
         let e = report(&ui, &reports, false).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "2 of 3 hosts did not end healthy on the new version: db (rolled-back), late (skipped) (details above)"
+            "2 of 3 hosts did not end healthy on the new version: db (rolled-back), late (skipped: a canary host failed) (details above)"
         );
         assert_eq!(
             out.text(),
             ui::deploy_summary(&reports, false).trim_end().to_owned() + "\n"
         );
-        assert_eq!(err.text(), "");
+        assert!(!out.text().contains("did not start"), "{}", out.text());
+        // main writes the closing sentence after these: "above" is true.
+        assert_eq!(err.text(), "error: db: demo.service did not start\n");
 
         report(&ui, &reports[..1], false).unwrap();
+    }
+
+    /// The case: an unreachable host, stdout sent to a file, and
+    /// --json; the reason is on stderr either way, and the JSON unchanged.
+    #[test]
+    fn why_a_host_failed_is_on_stderr_even_with_json() {
+        let (ui, out, err) = capture::ui(crate::ui::Settings {
+            json: true,
+            ..settings(Verbosity::Quiet)
+        });
+        let mut r = HostReport::new("nxdomain");
+        r.error = Some("nxdomain: ssh: Could not resolve hostname nxdomain".into());
+        let e = report(&ui, &[r], false).unwrap_err();
+        assert_eq!(
+            err.text(),
+            "error: nxdomain: ssh: Could not resolve hostname nxdomain\n"
+        );
+        assert!(e.to_string().ends_with("nxdomain (failed) (details above)"));
+        let json: serde_json::Value = serde_json::from_str(&out.text()).unwrap();
+        assert_eq!(
+            json["hosts"][0]["error"],
+            "nxdomain: ssh: Could not resolve hostname nxdomain"
+        );
+    }
+
+    /// With nothing but skipped hosts, nothing is above to point at.
+    #[test]
+    fn no_details_above_when_there_are_none() {
+        let (ui, _, err) = capture::ui(settings(Verbosity::Normal));
+        let e = report(&ui, &[skipped("late", "a canary host failed")], false).unwrap_err();
+        assert_eq!(err.text(), "");
+        assert_eq!(
+            e.to_string(),
+            "1 of 1 hosts did not end healthy on the new version: late (skipped: a canary host failed)"
+        );
     }
 }
