@@ -67,6 +67,8 @@ fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
 
 pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     let pack = args.pack.choice();
+    // Before the inventory is evaluated, not only before each build.
+    pack.check()?;
     let plans: Vec<HostPlan> = if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
         let wanted: Vec<Installable> = if args.targets.is_empty() {
