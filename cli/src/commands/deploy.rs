@@ -11,11 +11,11 @@ use serde_json::json;
 use super::hosts::{self, elevation, ssh_options, Policy, Ran};
 use crate::build::{self, Built, PackChoice, Source};
 use crate::cache;
-use crate::cli::{DeployArgs, NixArgs};
+use crate::cli::DeployArgs;
 use crate::deploy::{self, HostPlan, HostReport, Outcome, ServicePlan, Settings};
 use crate::error::Error;
 use crate::inventory::{self, Host};
-use crate::nix::{Installable, Nix, NixError};
+use crate::nix::{Nix, NixError};
 use crate::remote::Destination;
 use crate::ui::{self, DeployView, Ui};
 
@@ -28,25 +28,18 @@ fn image_dir() -> PathBuf {
 
 /// Builds each distinct installable once, even when many hosts run it.
 fn build_all(
-    wanted: &[Installable],
+    wanted: &[Source],
     pack: &PackChoice,
-    nix: &NixArgs,
     ui: &Ui,
 ) -> Result<BTreeMap<String, Built>, Error> {
     let dir = image_dir();
     let mut built = BTreeMap::new();
-    for inst in wanted {
-        let key = inst.to_string();
+    for src in wanted {
+        let key = src.installable.to_string();
         if built.contains_key(&key) {
             continue;
         }
-        let b = build::build_image(
-            &Source::new(inst.clone(), nix.bin.path.clone(), nix.args.clone()),
-            pack,
-            &dir,
-            false,
-            ui,
-        )?;
+        let b = build::build_image(src, pack, &dir, false, ui)?;
         built.insert(key, b);
     }
     Ok(built)
@@ -71,15 +64,8 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     pack.check()?;
     let plans: Vec<HostPlan> = if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
-        let wanted: Vec<Installable> = if args.targets.is_empty() {
-            vec![Installable::Flake(".".into())]
-        } else {
-            args.targets
-                .iter()
-                .map(|t| Installable::Flake(t.clone()))
-                .collect()
-        };
-        let built = build_all(&wanted, &pack, &args.nix, ui)?;
+        let wanted = args.form.sources(&args.targets, &args.nix)?;
+        let built = build_all(&wanted, &pack, ui)?;
         vec![HostPlan {
             name: to.clone(),
             destination: dest,
@@ -87,11 +73,22 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
             profile: args.profile.clone().unwrap_or_else(|| "default".into()),
             services: wanted
                 .iter()
-                .map(|w| plan_service(&built[&w.to_string()], Vec::new()))
+                .map(|w| plan_service(&built[&w.installable.to_string()], Vec::new()))
                 .collect(),
         }]
     } else {
-        let nix = Nix::new(args.nix.bin.path.clone(), args.nix.args.clone());
+        let flags = args.form.installable_flags();
+        if !flags.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} only with --to USER@HOST (deploying ad hoc): the inventory says what each of its hosts runs",
+                flags.join(", ")
+            )));
+        }
+        let mut nix_args = args.nix.args.clone();
+        if args.form.impure {
+            nix_args.insert(0, "--impure".into());
+        }
+        let nix = Nix::new(args.nix.bin.path.clone(), nix_args.clone());
         nix.version()?;
         ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
         let hosts = inventory::load(&nix, &args.fleet.flake)
@@ -99,11 +96,18 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
             .map_err(|e| Error::Usage(e.to_string()))?;
         inventory::share_builds(&nix, &args.fleet.flake, &mut hosts);
-        let wanted: Vec<Installable> = hosts
+        let wanted: Vec<Source> = hosts
             .iter()
-            .flat_map(|h| h.services.iter().map(|s| s.installable.clone()))
+            .flat_map(|h| h.services.iter())
+            .map(|s| {
+                Source::new(
+                    s.installable.clone(),
+                    args.nix.bin.path.clone(),
+                    nix_args.clone(),
+                )
+            })
             .collect();
-        let built = build_all(&wanted, &pack, &args.nix, ui)?;
+        let built = build_all(&wanted, &pack, ui)?;
         hosts
             .into_iter()
             .map(|h| host_plan(h, &built, args))
@@ -288,6 +292,25 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "1 of 1 hosts did not end healthy on the new version: late (skipped: a canary host failed)"
+        );
+    }
+
+    /// -f and friends name what to build; the inventory already does, so
+    /// they are refused there before any nix runs.
+    #[test]
+    fn installable_flags_need_to() {
+        use clap::Parser;
+        let cli =
+            crate::cli::Cli::try_parse_from(["attache", "deploy", "web1", "-f", "a.nix"]).unwrap();
+        let crate::cli::Command::Deploy(args) = cli.command else {
+            panic!("not deploy")
+        };
+        let (ui, _, _) = capture::ui(settings(Verbosity::Quiet));
+        let e = run(&args, &ui).unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{e:?}");
+        assert!(
+            e.to_string().starts_with("-f only with --to USER@HOST"),
+            "{e}"
         );
     }
 }
