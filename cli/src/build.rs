@@ -110,6 +110,86 @@ pub struct PackChoice {
     pub block_size: Option<u32>,
 }
 
+/// A compression level no compressor in play accepts. Each variant says
+/// where the compressor and the level came from, since the fix differs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LevelError {
+    #[error("--level {level} is out of range for {compression}: use {}", range(*.compression))]
+    Chosen {
+        compression: Compression,
+        level: u32,
+    },
+    #[error(
+        "--level {level} is out of range for every compressor (zstd {}, xz {}, gzip {})",
+        range(Compression::Zstd),
+        range(Compression::Xz),
+        range(Compression::Gzip)
+    )]
+    NoCompressor { level: u32 },
+    #[error("--level {level} is out of range for {compression}, {}: use {}, or pass --compression", if *.from_spec { "the compressor the spec's squash-compression asks for" } else { "the default compressor" }, range(*.compression))]
+    Implied {
+        compression: Compression,
+        level: u32,
+        from_spec: bool,
+    },
+    #[error("the spec's squash-compression asks for {compression} level {level}, which is out of range: use {} (fix squash-compression, or pass --level)", range(*.compression))]
+    InSpec {
+        compression: Compression,
+        level: u32,
+    },
+}
+
+fn range(c: Compression) -> String {
+    let r = c.levels();
+    format!("{}..={}", r.start(), r.end())
+}
+
+impl PackChoice {
+    /// What the command line alone can refuse, before Nix builds anything:
+    /// a level the chosen compressor does not take, or that none does.
+    pub fn check(&self) -> Result<(), LevelError> {
+        let Some(level) = self.level else {
+            return Ok(());
+        };
+        match self.compression {
+            Some(compression) if !compression.levels().contains(&level) => {
+                Err(LevelError::Chosen { compression, level })
+            }
+            None if [Compression::Zstd, Compression::Xz, Compression::Gzip]
+                .iter()
+                .all(|c| !c.levels().contains(&level)) =>
+            {
+                Err(LevelError::NoCompressor { level })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The options as packing will use them, checked as soon as the spec is
+/// read: packing comes after validation and may take minutes.
+fn check_pack_options(
+    choice: &PackChoice,
+    hints: &PackHints,
+    opts: &PackOptions,
+) -> Result<(), LevelError> {
+    choice.check()?;
+    let compression = opts.compression;
+    let level = opts.level.unwrap_or(compression.default_level());
+    if compression.levels().contains(&level) {
+        return Ok(());
+    }
+    Err(if choice.level.is_some() {
+        LevelError::Implied {
+            compression,
+            level,
+            from_spec: hints.compression.is_some(),
+        }
+    } else {
+        LevelError::InSpec { compression, level }
+    })
+}
+
 /// Evaluates and builds the installable, and turns its output into a spec.
 /// The returned tempdir holds the GC root: keep it alive while packing.
 fn resolve(
@@ -170,10 +250,12 @@ pub fn build_image(
     dry_run: bool,
     ui: &Ui,
 ) -> Result<Built, Error> {
+    pack.check()?;
     let (mut spec, hints, out, _gcroot) = resolve(source, ui)?;
+    let opts = pack_options(pack, &hints);
+    check_pack_options(pack, &hints, &opts)?;
     spec::validate(&spec)?;
     spec::declare_unit_prefixes(&mut spec);
-    let opts = pack_options(pack, &hints);
     let file_name = ImageFile::new(&spec.name, &spec.version).file_name();
     if dry_run {
         ui.status(
@@ -284,5 +366,105 @@ mod tests {
         assert_eq!(o.compression, Compression::Zstd);
         assert_eq!(o.level, None, "xz's level must not leak into zstd");
         assert_eq!(o.block_size, 1 << 17);
+    }
+
+    /// `--level 99 --compression zstd` needs no Nix to be refused.
+    #[test]
+    fn a_bad_command_line_level_is_refused_before_nix() {
+        let choice = |compression, level| PackChoice {
+            compression,
+            level: Some(level),
+            block_size: None,
+        };
+        let e = choice(Some(Compression::Zstd), 99).check().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--level 99 is out of range for zstd: use 1..=22"
+        );
+        let e = choice(None, 99).check().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--level 99 is out of range for every compressor (zstd 1..=22, xz 0..=9, gzip 1..=9)"
+        );
+        // Without --compression, 15 may still fit the spec's compressor.
+        assert_eq!(choice(None, 15).check(), Ok(()));
+        assert_eq!(choice(Some(Compression::Xz), 0).check(), Ok(()));
+        assert!(choice(Some(Compression::Gzip), 0).check().is_err());
+
+        // build_image refuses it before evaluating: a nix that does not
+        // exist is never reached.
+        let src = Source::new(
+            Installable::Flake(".#demo".into()),
+            "/nonexistent/nix".into(),
+            Vec::new(),
+        );
+        let (ui, _, _) =
+            crate::ui::capture::ui(crate::ui::capture::settings(crate::ui::Verbosity::Quiet));
+        let dir = tempfile::tempdir().unwrap();
+        let e = build_image(
+            &src,
+            &choice(Some(Compression::Zstd), 99),
+            dir.path(),
+            false,
+            &ui,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, Error::Level(LevelError::Chosen { .. })),
+            "{e:?}"
+        );
+        assert_eq!(e.exit_code(), crate::error::ExitCode::BadInput);
+    }
+
+    /// When the compressor or the level comes from the spec, the check
+    /// runs on the options packing would use, and says where they came from.
+    #[test]
+    fn a_level_the_spec_makes_wrong_is_refused_before_packing() {
+        let check = |choice: PackChoice, hints: PackHints| {
+            let opts = pack_options(&choice, &hints);
+            check_pack_options(&choice, &hints, &opts)
+        };
+        let xz = PackHints {
+            compression: Some(Compression::Xz),
+            ..PackHints::default()
+        };
+        let level = |l| PackChoice {
+            level: Some(l),
+            ..PackChoice::default()
+        };
+        let e = check(level(15), xz.clone()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--level 15 is out of range for xz, the compressor the spec's squash-compression asks for: use 0..=9, or pass --compression"
+        );
+        assert_eq!(check(level(7), xz.clone()), Ok(()));
+        let e = check(level(0), PackHints::default()).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                LevelError::Implied {
+                    from_spec: false,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let zstd30 = PackHints {
+            compression: Some(Compression::Zstd),
+            level: Some(30),
+            block_size: None,
+        };
+        let e = check(PackChoice::default(), zstd30.clone()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the spec's squash-compression asks for zstd level 30, which is out of range: use 1..=22 (fix squash-compression, or pass --level)"
+        );
+        // Another compressor on the command line leaves the spec's level behind.
+        let gzip = PackChoice {
+            compression: Some(Compression::Gzip),
+            ..PackChoice::default()
+        };
+        assert_eq!(check(gzip, zstd30.clone()), Ok(()));
+        assert_eq!(check(level(19), zstd30), Ok(()));
     }
 }

@@ -110,14 +110,25 @@ pub struct BuildArgs {
     pub dry_run: bool,
 }
 
-/// Where the image comes from: the Nix side of `build` (and later `deploy`).
+/// Where the image comes from: the Nix side of `build`.
 #[derive(Debug, Args)]
 pub struct SourceArgs {
     /// A flake output (`.#demo`, `path:/dir#demo`, `github:owner/repo#x`), or with
     /// -f an attribute path in FILE.
     #[arg(value_name = "INSTALLABLE")]
     pub installable: Option<String>,
-    /// Evaluate a Nix file instead of a flake (like `nix build -f`).
+    #[command(flatten)]
+    pub form: InstallableForm,
+    #[command(flatten)]
+    pub nix: NixArgs,
+}
+
+/// How the installables on the command line are read, and how the image is
+/// named: shared by `build` and `deploy --to`, so both take every form.
+#[derive(Debug, Args)]
+pub struct InstallableForm {
+    /// Evaluate a Nix file instead of a flake (like `nix build -f`); the
+    /// installables are attribute paths in it.
     #[arg(short = 'f', long, value_name = "FILE", conflicts_with = "expr")]
     pub file: Option<PathBuf>,
     /// Evaluate an expression (needs --impure, like Nix).
@@ -132,8 +143,6 @@ pub struct SourceArgs {
     /// Image version instead of the derivation's `version`.
     #[arg(long = "version", value_name = "VERSION")]
     pub image_version: Option<String>,
-    #[command(flatten)]
-    pub nix: NixArgs,
 }
 
 /// The user's nix binary: every command that evaluates Nix takes it.
@@ -202,44 +211,82 @@ impl PackArgs {
 }
 
 impl SourceArgs {
-    /// What to build, as the stages take it. Clap cannot express that
-    /// `--expr` takes no INSTALLABLE, so that is refused here.
+    /// What to build, as the stages take it.
     pub fn source(&self) -> Result<Source, Error> {
-        let installable = match (&self.file, &self.expr) {
-            (Some(file), None) => Installable::File {
+        let installables: Vec<String> = self.installable.iter().cloned().collect();
+        let mut sources = self.form.sources(&installables, &self.nix)?;
+        Ok(sources.remove(0))
+    }
+}
+
+impl InstallableForm {
+    /// The flags that name what to build, which the inventory form of
+    /// `deploy` takes from the inventory instead (--impure applies to both).
+    pub fn installable_flags(&self) -> Vec<&'static str> {
+        [
+            (self.file.is_some(), "-f"),
+            (self.expr.is_some(), "--expr"),
+            (self.name.is_some(), "--name"),
+            (self.image_version.is_some(), "--version"),
+        ]
+        .into_iter()
+        .filter_map(|(given, flag)| given.then_some(flag))
+        .collect()
+    }
+
+    /// One [`Source`] per installable (at least one: none means the flake
+    /// `.`, the whole FILE, or the expression). Clap cannot express that
+    /// `--expr` takes no INSTALLABLE, nor that a name fits one image only,
+    /// so those are refused here.
+    pub fn sources(&self, installables: &[String], nix: &NixArgs) -> Result<Vec<Source>, Error> {
+        let forms: Vec<Installable> = match (&self.file, &self.expr) {
+            (Some(file), None) if installables.is_empty() => vec![Installable::File {
                 file: file.clone(),
-                attr: self.installable.clone().unwrap_or_default(),
-            },
+                attr: String::new(),
+            }],
+            (Some(file), None) => installables
+                .iter()
+                .map(|attr| Installable::File {
+                    file: file.clone(),
+                    attr: attr.clone(),
+                })
+                .collect(),
             (None, Some(expr)) => {
-                if self.installable.is_some() {
+                if !installables.is_empty() {
                     return Err(Error::Usage(
                         "--expr takes no INSTALLABLE: put the attribute inside the expression"
                             .into(),
                     ));
                 }
-                Installable::Expr(expr.clone())
+                vec![Installable::Expr(expr.clone())]
             }
-            (None, None) => {
-                Installable::Flake(self.installable.clone().unwrap_or_else(|| ".".into()))
-            }
+            (None, None) if installables.is_empty() => vec![Installable::Flake(".".into())],
+            (None, None) => installables
+                .iter()
+                .map(|i| Installable::Flake(i.clone()))
+                .collect(),
             (Some(_), Some(_)) => {
                 return Err(Error::Usage(
                     "use either -f FILE or --expr, not both".into(),
                 ))
             }
         };
-        Ok(Source {
-            impure: self.impure,
-            naming: Naming {
-                name: self.name.clone(),
-                version: self.image_version.clone(),
-            },
-            ..Source::new(
-                installable,
-                self.nix.bin.path.clone(),
-                self.nix.args.clone(),
-            )
-        })
+        if forms.len() > 1 && (self.name.is_some() || self.image_version.is_some()) {
+            return Err(Error::Usage(
+                "--name and --version name one image: give one installable with them".into(),
+            ));
+        }
+        Ok(forms
+            .into_iter()
+            .map(|installable| Source {
+                impure: self.impure,
+                naming: Naming {
+                    name: self.name.clone(),
+                    version: self.image_version.clone(),
+                },
+                ..Source::new(installable, nix.bin.path.clone(), nix.args.clone())
+            })
+            .collect())
     }
 }
 
@@ -247,7 +294,8 @@ impl SourceArgs {
 ///
 /// Hosts come from the flake's `attache.hosts` (made with attache.lib.hosts):
 /// select them by name, by @tag, or with --on GLOB; none selects all. Or
-/// deploy one installable ad hoc with --to.
+/// deploy installables ad hoc with --to, in any form `attache build` takes:
+/// flake outputs, -f FILE ATTR..., or --expr.
 ///
 /// Per host: connect (your ssh config, agent, keys, ProxyJump; strict host
 /// keys), take the host's deploy lock, check systemd and free space, upload
@@ -264,11 +312,16 @@ impl SourceArgs {
 ///
 ///   attache deploy --to root@10.0.0.5 ./examples/demo#demo
 ///
+///   attache deploy --to root@10.0.0.5 -f default.nix demo
+///
+///   attache deploy --to root@10.0.0.5 --impure --expr '(import ./. {}).demo'
+///
 ///   attache deploy h1 --dry-run --json  the plan, nothing changed
 #[derive(Debug, Args)]
 #[command(after_long_help = EXIT_CODES)]
 pub struct DeployArgs {
-    /// Hosts (names or @tags); with --to, installables to deploy.
+    /// Hosts (names or @tags); with --to, installables to deploy (with -f,
+    /// attribute paths in FILE).
     #[arg(value_name = "HOST|@TAG|INSTALLABLE")]
     pub targets: Vec<String>,
     /// Deploy ad hoc to this SSH destination (HOST, USER@HOST[:PORT]), without an inventory.
@@ -312,6 +365,12 @@ pub struct DeployArgs {
     pub pack: PackArgs,
     #[command(flatten)]
     pub nix: NixArgs,
+    // Last: a help heading holds for every field after it.
+    #[command(
+        flatten,
+        next_help_heading = "Installables of --to (read as build reads them)"
+    )]
+    pub form: InstallableForm,
 }
 
 /// Where hosts come from and how to reach them: shared by every command
@@ -429,11 +488,98 @@ mod tests {
             panic!("not build")
         };
         assert_eq!(b.source.installable.as_deref(), Some(".#demo"));
-        assert_eq!(b.source.image_version.as_deref(), Some("2.0"));
+        assert_eq!(b.source.form.image_version.as_deref(), Some("2.0"));
         assert_eq!(b.pack.block_size, Some(128 * 1024));
         assert_eq!(
             b.source.nix.args,
             ["--override-input", "nixpkgs", "path:./stub"]
         );
+    }
+
+    fn deploy(args: &[&str]) -> DeployArgs {
+        let c = Cli::try_parse_from([&["attache", "deploy"], args].concat()).unwrap();
+        let Command::Deploy(d) = c.command else {
+            panic!("not deploy")
+        };
+        d
+    }
+
+    fn installables(d: &DeployArgs) -> Result<Vec<String>, String> {
+        d.form
+            .sources(&d.targets, &d.nix)
+            .map(|v| v.iter().map(|s| s.installable.to_string()).collect())
+            .map_err(|e| e.to_string())
+    }
+
+    /// `deploy --to` reads installables exactly as `build` does.
+    #[test]
+    fn deploy_to_takes_every_installable_form() {
+        let d = deploy(&["--to", "root@h", "-f", "default.nix", "demo", "tick"]);
+        let srcs = d.form.sources(&d.targets, &d.nix).unwrap();
+        assert_eq!(
+            srcs.iter().map(|s| &s.installable).collect::<Vec<_>>(),
+            [
+                &Installable::File {
+                    file: "default.nix".into(),
+                    attr: "demo".into()
+                },
+                &Installable::File {
+                    file: "default.nix".into(),
+                    attr: "tick".into()
+                },
+            ]
+        );
+        let d = deploy(&["--to", "h", "--impure", "--expr", "(import ./. {}).demo"]);
+        let srcs = d.form.sources(&d.targets, &d.nix).unwrap();
+        assert_eq!(
+            srcs[0].installable,
+            Installable::Expr("(import ./. {}).demo".into())
+        );
+        assert!(srcs[0].impure);
+        let d = deploy(&["--to", "h", "--name", "web", "--version", "2", ".#demo"]);
+        let srcs = d.form.sources(&d.targets, &d.nix).unwrap();
+        assert_eq!(srcs[0].naming.name.as_deref(), Some("web"));
+        assert_eq!(srcs[0].naming.version.as_deref(), Some("2"));
+        // The flake form is unchanged, `.` when nothing is named.
+        assert_eq!(
+            installables(&deploy(&["--to", "h", ".#a", ".#b"])),
+            Ok(vec![".#a".to_owned(), ".#b".to_owned()])
+        );
+        assert_eq!(
+            installables(&deploy(&["--to", "h"])),
+            Ok(vec![".".to_owned()])
+        );
+
+        let e = installables(&deploy(&["--to", "h", "--expr", "x", ".#demo"])).unwrap_err();
+        assert!(e.starts_with("--expr takes no INSTALLABLE"), "{e}");
+        let e = installables(&deploy(&["--to", "h", "--name", "x", ".#a", ".#b"])).unwrap_err();
+        assert!(e.starts_with("--name and --version name one image"), "{e}");
+        assert!(Cli::try_parse_from(["attache", "deploy", "-f", "a.nix", "--expr", "x"]).is_err());
+        assert_eq!(
+            deploy(&["web1", "-f", "a.nix", "--name", "x"])
+                .form
+                .installable_flags(),
+            ["-f", "--name"]
+        );
+    }
+
+    /// `deploy --help` teaches the forms with examples.
+    #[test]
+    fn deploy_help_shows_every_form() {
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("deploy")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        for example in [
+            "attache deploy --to root@10.0.0.5 ./examples/demo#demo",
+            "attache deploy --to root@10.0.0.5 -f default.nix demo",
+            "attache deploy --to root@10.0.0.5 --impure --expr '(import ./. {}).demo'",
+            "--file <FILE>",
+            "--expr <EXPR>",
+        ] {
+            assert!(help.contains(example), "{example} missing from:\n{help}");
+        }
     }
 }

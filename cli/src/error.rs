@@ -1,5 +1,6 @@
 //! The error a command ends with, and the exit code it maps to.
 
+use crate::build::LevelError;
 use crate::image::ImageError;
 use crate::nix::NixError;
 use crate::spec::from_nix::FromNixError;
@@ -15,6 +16,8 @@ pub enum Error {
     FromNix(#[from] FromNixError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error(transparent)]
+    Level(#[from] LevelError),
     /// Bad input that is not about Nix or the spec: arguments, files.
     #[error("{0}")]
     Usage(String),
@@ -58,9 +61,11 @@ impl Error {
             Error::Nix(e) if e.is_user_error() => ExitCode::BadInput,
             Error::Nix(_) => ExitCode::Environment,
             Error::FromNix(FromNixError::Read { .. }) => ExitCode::Environment,
-            Error::Spec(_) | Error::FromNix(_) | Error::Usage(_) | Error::Refused(_) => {
-                ExitCode::BadInput
-            }
+            Error::Spec(_)
+            | Error::FromNix(_)
+            | Error::Level(_)
+            | Error::Usage(_)
+            | Error::Refused(_) => ExitCode::BadInput,
             Error::Image(e) if image_error_is_user_error(e) => ExitCode::BadInput,
             Error::Image(_) | Error::Io { .. } | Error::Remote(_) => ExitCode::Environment,
             Error::Deploy { .. } => ExitCode::DeployFailed,

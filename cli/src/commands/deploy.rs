@@ -11,11 +11,11 @@ use serde_json::json;
 use super::hosts::{self, elevation, ssh_options, Policy, Ran};
 use crate::build::{self, Built, PackChoice, Source};
 use crate::cache;
-use crate::cli::{DeployArgs, NixArgs};
+use crate::cli::DeployArgs;
 use crate::deploy::{self, HostPlan, HostReport, Outcome, ServicePlan, Settings};
 use crate::error::Error;
 use crate::inventory::{self, Host};
-use crate::nix::{Installable, Nix, NixError};
+use crate::nix::{Nix, NixError};
 use crate::remote::Destination;
 use crate::ui::{self, DeployView, Ui};
 
@@ -28,25 +28,18 @@ fn image_dir() -> PathBuf {
 
 /// Builds each distinct installable once, even when many hosts run it.
 fn build_all(
-    wanted: &[Installable],
+    wanted: &[Source],
     pack: &PackChoice,
-    nix: &NixArgs,
     ui: &Ui,
 ) -> Result<BTreeMap<String, Built>, Error> {
     let dir = image_dir();
     let mut built = BTreeMap::new();
-    for inst in wanted {
-        let key = inst.to_string();
+    for src in wanted {
+        let key = src.installable.to_string();
         if built.contains_key(&key) {
             continue;
         }
-        let b = build::build_image(
-            &Source::new(inst.clone(), nix.bin.path.clone(), nix.args.clone()),
-            pack,
-            &dir,
-            false,
-            ui,
-        )?;
+        let b = build::build_image(src, pack, &dir, false, ui)?;
         built.insert(key, b);
     }
     Ok(built)
@@ -67,17 +60,12 @@ fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
 
 pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     let pack = args.pack.choice();
+    // Before the inventory is evaluated, not only before each build.
+    pack.check()?;
     let plans: Vec<HostPlan> = if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
-        let wanted: Vec<Installable> = if args.targets.is_empty() {
-            vec![Installable::Flake(".".into())]
-        } else {
-            args.targets
-                .iter()
-                .map(|t| Installable::Flake(t.clone()))
-                .collect()
-        };
-        let built = build_all(&wanted, &pack, &args.nix, ui)?;
+        let wanted = args.form.sources(&args.targets, &args.nix)?;
+        let built = build_all(&wanted, &pack, ui)?;
         vec![HostPlan {
             name: to.clone(),
             destination: dest,
@@ -85,11 +73,22 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
             profile: args.profile.clone().unwrap_or_else(|| "default".into()),
             services: wanted
                 .iter()
-                .map(|w| plan_service(&built[&w.to_string()], Vec::new()))
+                .map(|w| plan_service(&built[&w.installable.to_string()], Vec::new()))
                 .collect(),
         }]
     } else {
-        let nix = Nix::new(args.nix.bin.path.clone(), args.nix.args.clone());
+        let flags = args.form.installable_flags();
+        if !flags.is_empty() {
+            return Err(Error::Usage(format!(
+                "{} only with --to USER@HOST (deploying ad hoc): the inventory says what each of its hosts runs",
+                flags.join(", ")
+            )));
+        }
+        let mut nix_args = args.nix.args.clone();
+        if args.form.impure {
+            nix_args.insert(0, "--impure".into());
+        }
+        let nix = Nix::new(args.nix.bin.path.clone(), nix_args.clone());
         nix.version()?;
         ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
         let hosts = inventory::load(&nix, &args.fleet.flake)
@@ -97,11 +96,18 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
             .map_err(|e| Error::Usage(e.to_string()))?;
         inventory::share_builds(&nix, &args.fleet.flake, &mut hosts);
-        let wanted: Vec<Installable> = hosts
+        let wanted: Vec<Source> = hosts
             .iter()
-            .flat_map(|h| h.services.iter().map(|s| s.installable.clone()))
+            .flat_map(|h| h.services.iter())
+            .map(|s| {
+                Source::new(
+                    s.installable.clone(),
+                    args.nix.bin.path.clone(),
+                    nix_args.clone(),
+                )
+            })
             .collect();
-        let built = build_all(&wanted, &pack, &args.nix, ui)?;
+        let built = build_all(&wanted, &pack, ui)?;
         hosts
             .into_iter()
             .map(|h| host_plan(h, &built, args))
@@ -186,6 +192,9 @@ fn skipped(host: &str, why: &str) -> HostReport {
     HostReport::skipped(host, why)
 }
 
+/// The summary table is the result (stdout); why hosts failed goes to
+/// stderr, where the closing error line can point at it, so that
+/// `attache deploy > report.txt` still shows the user why.
 fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     let ok = reports.iter().all(|r| good(r.outcome));
     let json = json!({ "ok": ok, "dry_run": dry_run, "hosts": reports });
@@ -193,14 +202,26 @@ fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
     if ok {
         return Ok(());
     }
+    let errors = ui::deploy_errors(reports);
+    for line in &errors {
+        ui.error(line);
+    }
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| !good(r.outcome))
-        .map(|r| format!("{} ({})", r.host, r.outcome))
+        .map(|r| match (r.outcome, &r.error) {
+            (Outcome::Skipped, Some(why)) => format!("{} (skipped: {why})", r.host),
+            _ => format!("{} ({})", r.host, r.outcome),
+        })
         .collect();
+    let details = if errors.is_empty() {
+        ""
+    } else {
+        " (details above)"
+    };
     Err(Error::Deploy {
         summary: format!(
-            "{} of {} hosts did not end healthy on the new version: {} (details above)",
+            "{} of {} hosts did not end healthy on the new version: {}{details}",
             failed.len(),
             reports.len(),
             failed.join(", "),
@@ -222,18 +243,74 @@ mod tests {
         let mut bad = HostReport::new("db");
         bad.outcome = Outcome::RolledBack;
         bad.error = Some("demo.service did not start".into());
-        let reports = [ok, bad, skipped("late", "a canary failed")];
+        let reports = [ok, bad, skipped("late", "a canary host failed")];
         let e = report(&ui, &reports, false).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "2 of 3 hosts did not end healthy on the new version: db (rolled-back), late (skipped) (details above)"
+            "2 of 3 hosts did not end healthy on the new version: db (rolled-back), late (skipped: a canary host failed) (details above)"
         );
         assert_eq!(
             out.text(),
             ui::deploy_summary(&reports, false).trim_end().to_owned() + "\n"
         );
-        assert_eq!(err.text(), "");
+        assert!(!out.text().contains("did not start"), "{}", out.text());
+        // main writes the closing sentence after these: "above" is true.
+        assert_eq!(err.text(), "error: db: demo.service did not start\n");
 
         report(&ui, &reports[..1], false).unwrap();
+    }
+
+    /// The case: an unreachable host, stdout sent to a file, and
+    /// --json; the reason is on stderr either way, and the JSON unchanged.
+    #[test]
+    fn why_a_host_failed_is_on_stderr_even_with_json() {
+        let (ui, out, err) = capture::ui(crate::ui::Settings {
+            json: true,
+            ..settings(Verbosity::Quiet)
+        });
+        let mut r = HostReport::new("nxdomain");
+        r.error = Some("nxdomain: ssh: Could not resolve hostname nxdomain".into());
+        let e = report(&ui, &[r], false).unwrap_err();
+        assert_eq!(
+            err.text(),
+            "error: nxdomain: ssh: Could not resolve hostname nxdomain\n"
+        );
+        assert!(e.to_string().ends_with("nxdomain (failed) (details above)"));
+        let json: serde_json::Value = serde_json::from_str(&out.text()).unwrap();
+        assert_eq!(
+            json["hosts"][0]["error"],
+            "nxdomain: ssh: Could not resolve hostname nxdomain"
+        );
+    }
+
+    /// With nothing but skipped hosts, nothing is above to point at.
+    #[test]
+    fn no_details_above_when_there_are_none() {
+        let (ui, _, err) = capture::ui(settings(Verbosity::Normal));
+        let e = report(&ui, &[skipped("late", "a canary host failed")], false).unwrap_err();
+        assert_eq!(err.text(), "");
+        assert_eq!(
+            e.to_string(),
+            "1 of 1 hosts did not end healthy on the new version: late (skipped: a canary host failed)"
+        );
+    }
+
+    /// -f and friends name what to build; the inventory already does, so
+    /// they are refused there before any nix runs.
+    #[test]
+    fn installable_flags_need_to() {
+        use clap::Parser;
+        let cli =
+            crate::cli::Cli::try_parse_from(["attache", "deploy", "web1", "-f", "a.nix"]).unwrap();
+        let crate::cli::Command::Deploy(args) = cli.command else {
+            panic!("not deploy")
+        };
+        let (ui, _, _) = capture::ui(settings(Verbosity::Quiet));
+        let e = run(&args, &ui).unwrap_err();
+        assert!(matches!(e, Error::Usage(_)), "{e:?}");
+        assert!(
+            e.to_string().starts_with("-f only with --to USER@HOST"),
+            "{e}"
+        );
     }
 }

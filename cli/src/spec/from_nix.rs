@@ -35,6 +35,10 @@ pub enum FromNixError {
     Schema { path: PathBuf, found: u32 },
     #[error("{path} has no unit files in lib/systemd/system or etc/systemd/system: wrap it with attache's portableService and list its units", path = .path.display())]
     NoUnits { path: PathBuf },
+    /// Unit files are there, but none of a kind portabled attaches: naming
+    /// them beats "no unit files", which the user can see is not true.
+    #[error("{path} has no unit portabled would attach: portabled attaches .service, .socket, .target, .timer and .path units; {} ignored", ignored_list(.ignored), path = .path.display())]
+    OnlyIgnoredUnits { path: PathBuf, ignored: Vec<String> },
     #[error("squash-compression '{value}' uses a compressor attache does not write: use zstd, xz or gzip, or pass --compression")]
     Compressor { value: String },
     #[error("squash-block-size: {0}")]
@@ -184,6 +188,7 @@ pub fn from_package(
         .or(d.version.clone())
         .unwrap_or(guess_version);
     let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+    let mut ignored = std::collections::BTreeSet::new();
     for dir in ["lib/systemd/system", "etc/systemd/system"] {
         let Ok(rd) = std::fs::read_dir(out.join(dir)) else {
             continue;
@@ -192,10 +197,18 @@ pub fn from_package(
             let file_name = entry.file_name().to_string_lossy().into_owned();
             if unit_suffix(&file_name).is_some() {
                 found.entry(file_name).or_insert(entry.path());
+            } else if is_systemd_unit_name(&file_name) {
+                ignored.insert(file_name);
             }
         }
     }
     if found.is_empty() {
+        if !ignored.is_empty() {
+            return Err(FromNixError::OnlyIgnoredUnits {
+                path: out.to_owned(),
+                ignored: ignored.into_iter().collect(),
+            });
+        }
         return Err(FromNixError::NoUnits {
             path: out.to_owned(),
         });
@@ -231,6 +244,31 @@ pub fn from_package(
         os_release,
     };
     Ok((spec, skipped))
+}
+
+/// systemd's other unit types: files a user means as units, which
+/// portabled skips. Drop-in directories and `.wants` links are not named,
+/// they are not units of their own.
+fn is_systemd_unit_name(file_name: &str) -> bool {
+    [
+        ".mount",
+        ".automount",
+        ".swap",
+        ".device",
+        ".slice",
+        ".scope",
+    ]
+    .iter()
+    .any(|s| file_name.len() > s.len() && file_name.ends_with(s))
+}
+
+/// `a.mount is`, `a.mount and b.swap are`, `a, b and c are`.
+fn ignored_list(names: &[String]) -> String {
+    match names {
+        [one] => format!("{one} is"),
+        [init @ .., last] => format!("{} and {last} are", init.join(", ")),
+        [] => "nothing is".to_owned(),
+    }
 }
 
 /// `hello-2.12.1` -> (`hello`, `2.12.1`): Nix's own rule, the version starts
@@ -336,6 +374,41 @@ mod tests {
         assert!(parse_block_size("3K").is_err());
         assert!(parse_block_size("2M").is_err());
         assert!(parse_block_size("x").is_err());
+    }
+
+    /// A package whose only unit is a mount: the error says which units
+    /// portabled attaches and names the one it ignores.
+    #[test]
+    fn a_package_with_only_ignored_units_is_told_which() {
+        let d = tempfile::tempdir().unwrap();
+        let units = d.path().join("lib/systemd/system");
+        std::fs::create_dir_all(units.join("shop.service.d")).unwrap();
+        std::fs::write(units.join("shop.mount"), "[Mount]\n").unwrap();
+        let described: Described = serde_json::from_value(
+            json!({ "derivation": true, "pname": "shop", "version": "1.0" }),
+        )
+        .unwrap();
+        let e = from_package(d.path(), &described, Vec::new(), &Naming::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{} has no unit portabled would attach: portabled attaches .service, .socket, .target, .timer and .path units; shop.mount is ignored",
+                d.path().display()
+            )
+        );
+        let etc = d.path().join("etc/systemd/system");
+        std::fs::create_dir_all(&etc).unwrap();
+        std::fs::write(etc.join("shop.automount"), "[Automount]\n").unwrap();
+        let e = from_package(d.path(), &described, Vec::new(), &Naming::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("; shop.automount and shop.mount are ignored"),
+            "{e}"
+        );
+
+        let empty = tempfile::tempdir().unwrap();
+        let e = from_package(empty.path(), &described, Vec::new(), &Naming::default()).unwrap_err();
+        assert!(matches!(e, FromNixError::NoUnits { .. }), "{e:?}");
     }
 
     #[test]

@@ -143,8 +143,9 @@ impl crate::deploy::Events for DeployView {
     }
 }
 
-/// The table a deploy ends with (host, result, bytes sent, each service's
-/// image and action), then the error of each host that has one.
+/// The table a deploy ends with: host, result, bytes sent, each service's
+/// image and action. It is the result (stdout); why hosts failed is a
+/// diagnostic and comes from [`deploy_errors`].
 pub fn deploy_summary(reports: &[HostReport], dry_run: bool) -> String {
     let mut human = String::new();
     let width = reports
@@ -181,22 +182,30 @@ pub fn deploy_summary(reports: &[HostReport], dry_run: bool) -> String {
             services
         );
     }
+    human
+}
+
+/// Why hosts failed, one line per error, each naming its host: what the
+/// user must read even when stdout goes to a file. Skipped hosts have no
+/// error of their own (the reason they were skipped is said with them).
+pub fn deploy_errors(reports: &[HostReport]) -> Vec<String> {
+    let mut lines = Vec::new();
     for r in reports {
         if let Some(e) = &r.error {
             if r.outcome != Outcome::Skipped {
                 // Errors from the host pipeline already name the host.
                 if e.starts_with(&format!("{}:", r.host)) {
-                    human += &format!("\n{e}\n");
+                    lines.push(e.clone());
                 } else {
-                    human += &format!("\n{}: {e}\n", r.host);
+                    lines.push(format!("{}: {e}", r.host));
                 }
             }
         }
         if let Some(e) = &r.rollback_error {
-            human += &format!("{}: rollback failed too: {e}\n", r.host);
+            lines.push(format!("{}: rollback failed too: {e}", r.host));
         }
     }
-    human
+    lines
 }
 
 #[cfg(test)]
@@ -316,12 +325,15 @@ warning: web1: demo_1.0.raw is already there
                 "db              rolled-back           0  demo_1.1.raw (attach)\n",
                 "cache-server-1  failed                0  \n",
                 "late            skipped               0  \n",
-                "\n",
-                "db: demo.service did not start\n",
-                "\n",
-                "cache-server-1: connection refused\n",
-                "cache-server-1: rollback failed too: no connection\n",
             )
+        );
+        assert_eq!(
+            deploy_errors(&reports()),
+            [
+                "db: demo.service did not start",
+                "cache-server-1: connection refused",
+                "cache-server-1: rollback failed too: no connection",
+            ]
         );
     }
 

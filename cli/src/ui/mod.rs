@@ -19,7 +19,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 mod deploy;
 mod results;
 
-pub use deploy::{deploy_summary, DeployView};
+pub use deploy::{deploy_errors, deploy_summary, DeployView};
 pub use results::{host_status, inspection};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
