@@ -158,10 +158,15 @@ impl<E: Events> Run<'_, E> {
         result
     }
 
+    /// Reads the host. Only planning needs the images hashed; every later
+    /// read only asks what is attached and which files are there.
     async fn facts(&self, s: &HostSession, stage: Stage) -> Result<HostFacts, HostError> {
-        let out = s
-            .step(&ops::facts(&plan::files_to_hash(self.plan), false), stage)
-            .await?;
+        let hash = if stage == Stage::Preflight {
+            plan::files_to_hash(self.plan)
+        } else {
+            Vec::new()
+        };
+        let out = s.step(&ops::facts(&hash, false), stage).await?;
         Ok(ops::parse_facts(&out.stdout))
     }
 
@@ -356,38 +361,6 @@ impl<E: Events> Run<'_, E> {
                 );
                 return Ok(Outcome::RolledBack);
             }
-            // The timer is gone; check nothing moved since the checks: the
-            // drop-ins name the new images and the services run from them.
-            let facts = self.facts(s, Stage::Health).await?;
-            for step in plan.changes() {
-                let svc = &self.plan.services[step.service];
-                let now = facts.attached_image(&svc.name);
-                let units = health::units_to_check(&svc.units);
-                let running = if units.is_empty() {
-                    Default::default()
-                } else {
-                    ops::parse_show(&s.step(&ops::show(&units), Stage::Health).await?.stdout)
-                };
-                let elsewhere = running
-                    .iter()
-                    .find(|(_, st)| !st.root_image.is_empty() && st.root_image != step.target);
-                let reason = match (now, elsewhere) {
-                    (Some(n), None) if n == step.target => continue,
-                    (Some(_), Some((u, st))) => {
-                        format!("after the checks, {u} runs {}", st.root_image)
-                    }
-                    (now, _) => format!(
-                        "after the checks, {} has {} attached",
-                        svc.name,
-                        now.unwrap_or("nothing")
-                    ),
-                };
-                return Err(Cause::Unhealthy {
-                    image: basename(&step.target).to_owned(),
-                    reason,
-                }
-                .at(s.host(), Stage::Health));
-            }
         }
         for sr in &mut r.services {
             sr.outcome = if sr.action == Action::Unchanged {
@@ -395,6 +368,14 @@ impl<E: Events> Run<'_, E> {
             } else {
                 Outcome::Healthy
             };
+        }
+        if plan.changes().next().is_none() {
+            return Ok(Outcome::Healthy);
+        }
+        // One read serves both the last check and the pruning.
+        let facts = self.facts(s, Stage::Health).await?;
+        if armed {
+            self.still_switched(s, plan, &facts).await?;
         }
         let t = self.stage(Stage::Prune);
         let mut failed = Vec::new();
@@ -408,7 +389,16 @@ impl<E: Events> Run<'_, E> {
                 ));
                 continue;
             }
-            if let Err(e) = self.prune(s, svc, step).await {
+            let doomed = ops::prune_candidates(
+                &facts.images_of(&svc.name),
+                self.settings.keep,
+                Some(&step.target),
+                step.previous.as_deref(),
+            );
+            if doomed.is_empty() {
+                continue;
+            }
+            if let Err(e) = s.step(&ops::prune(&doomed), Stage::Prune).await {
                 failed.push(format!("pruning old images failed: {e}"));
             }
         }
@@ -419,24 +409,49 @@ impl<E: Events> Run<'_, E> {
         Ok(Outcome::Healthy)
     }
 
-    async fn prune(
+    /// After disarming: nothing moved since the checks. The drop-ins name
+    /// the new images and the changed services' units run from them.
+    async fn still_switched(
         &self,
         s: &HostSession,
-        svc: &ServicePlan,
-        step: &Step,
+        plan: &Plan,
+        facts: &HostFacts,
     ) -> Result<(), HostError> {
-        let facts = self.facts(s, Stage::Prune).await?;
-        let images = facts.images_of(&svc.name);
-        let doomed = ops::prune_candidates(
-            &images,
-            self.settings.keep,
-            Some(&step.target),
-            step.previous.as_deref(),
-        );
-        if doomed.is_empty() {
-            return Ok(());
+        let units: Vec<String> = plan
+            .changes()
+            .flat_map(|st| health::units_to_check(&self.plan.services[st.service].units))
+            .collect();
+        let running = if units.is_empty() {
+            Default::default()
+        } else {
+            ops::parse_show(&s.step(&ops::show(&units), Stage::Health).await?.stdout)
+        };
+        for step in plan.changes() {
+            let svc = &self.plan.services[step.service];
+            let now = facts.attached_image(&svc.name);
+            let elsewhere = health::units_to_check(&svc.units)
+                .into_iter()
+                .find_map(|u| {
+                    let st = running.get(&u)?;
+                    (!st.root_image.is_empty() && st.root_image != step.target)
+                        .then(|| format!("after the checks, {u} runs {}", st.root_image))
+                });
+            let reason = match (now, elsewhere) {
+                (Some(n), None) if n == step.target => continue,
+                (Some(_), Some(reason)) => reason,
+                (now, _) => format!(
+                    "after the checks, {} has {} attached",
+                    svc.name,
+                    now.unwrap_or("nothing")
+                ),
+            };
+            return Err(Cause::Unhealthy {
+                image: basename(&step.target).to_owned(),
+                reason,
+            }
+            .at(s.host(), Stage::Health));
         }
-        s.step(&ops::prune(&doomed), Stage::Prune).await.map(|_| ())
+        Ok(())
     }
 
     /// Puts every changed service back, last first, and checks each.
