@@ -150,7 +150,8 @@ impl Shop {
             wait_for(
                 &self.t.host,
                 &format!("[ \"$(systemctl show -p RootImage --value {unit})\" = {want} ]"),
-                limit
+                limit,
+                Duration::from_secs(1)
             ),
             "{unit} is not back on {want} after {limit:?}\n{}",
             self.t.host.diagnostics(Some(unit))
@@ -162,13 +163,60 @@ impl Shop {
                 &format!(
                     "busybox wget -q -O - http://127.0.0.1:{port}/ | grep -qF '<h1>{title}</h1>'"
                 ),
-                Duration::from_secs(120)
+                Duration::from_secs(120),
+                Duration::from_secs(1)
             ),
             "{unit} runs from {want} but does not serve {title:?}\n{}",
             self.t.host.diagnostics(Some(unit))
         );
         start.elapsed()
     }
+
+    /// shop 1.0 is back, by the host's own doing, within `window` seconds
+    /// of `--rollback-after` and 120 s of slack; returns how long it took.
+    #[track_caller]
+    fn expect_shop_reverted(&self, window: u64) -> Duration {
+        self.expect_reverted(
+            SHOP,
+            SHOP_PORT,
+            "shop_1.0",
+            "shop 1.0",
+            Duration::from_secs(window + 120),
+        )
+    }
+
+    /// The interrupted deploy failed, without a panic.
+    #[track_caller]
+    fn expect_gave_up(&self, r: &Run) {
+        assert_ne!(r.code, 0, "{}", self.t.diag(r, SHOP));
+        assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    }
+}
+
+/// A host `name` with shop 1.0, and an upgrade to `pkg` (image `base`) with
+/// `--rollback-after WINDOW` paused `pause` seconds at `at`, where shop
+/// runs from `base`.
+#[track_caller]
+fn paused_upgrade(
+    guest: Guest,
+    name: &str,
+    pkg: &str,
+    base: &str,
+    at: &str,
+    window: u64,
+    pause: u64,
+) -> (Shop, Background) {
+    let s = shop_host(guest, name);
+    let r = s.deploy(&["shop"], &[]);
+    assert_eq!(r.code, 0, "{}", s.t.diag(&r, SHOP));
+    let bg = s.deploy_paused(
+        &[pkg],
+        &["--rollback-after", &window.to_string()],
+        at,
+        pause,
+    );
+    s.expect_attached(SHOP, base, &bg);
+    (s, bg)
 }
 
 /// Row 1: two services whose names share a prefix, on one host: what is done
@@ -299,30 +347,24 @@ fn check_slower_than_rollback_after_is_refused() {
 /// before attache could put the previous one back. The host does it alone.
 fn cut_before_rollback(guest: Guest) {
     let started = Instant::now();
-    let s = shop_host(guest, &format!("cut-{guest}"));
-    let r = s.deploy(&["shop"], &[]);
-    assert_eq!(r.code, 0, "{}", s.t.diag(&r, SHOP));
     // attache sleeps longer than the window: whatever reverts the host
-    // within it is the host's own timer.
-    let window = 40;
-    let bg = s.deploy_paused(
-        &["shop-broken"],
-        &["--rollback-after", &window.to_string()],
+    // within it is the host's own timer. That timer runs from when attache
+    // arms it: the reattach, the settle time and the failed check all come
+    // before the pause, so the window leaves room for them under load.
+    let window = 60;
+    let (s, bg) = paused_upgrade(
+        guest,
+        &format!("cut-{guest}"),
+        "shop-broken",
+        "shop_2.1",
         "before-rollback",
-        60,
+        window,
+        90,
     );
-    s.expect_attached(SHOP, "shop_2.1", &bg);
     s.t.host.kill_connections().unwrap();
-    let took = s.expect_reverted(
-        SHOP,
-        SHOP_PORT,
-        "shop_1.0",
-        "shop 1.0",
-        Duration::from_secs(window + 120),
-    );
+    let took = s.expect_shop_reverted(window);
     let r = bg.join();
-    assert_ne!(r.code, 0, "{}", s.t.diag(&r, SHOP));
-    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    s.expect_gave_up(&r);
     eprintln!(
         "{guest}: reverted by the host {:.0} s after the cut; test took {:.0} s",
         took.as_secs_f64(),
@@ -345,29 +387,21 @@ fn connection_cut_before_rollback_reverts_by_itself_trixie() {
 #[test]
 fn reboot_mid_activation_reverts() {
     let started = Instant::now();
-    let mut s = shop_host(Guest::Bookworm, "reboot");
-    let r = s.deploy(&["shop"], &[]);
-    assert_eq!(r.code, 0, "{}", s.t.diag(&r, SHOP));
     let window = 60;
     // attache wakes while the guest is still rebooting (about 25 s here).
-    let bg = s.deploy_paused(
-        &["shop-v2"],
-        &["--rollback-after", &window.to_string()],
+    let (mut s, bg) = paused_upgrade(
+        Guest::Bookworm,
+        "reboot",
+        "shop-v2",
+        "shop_2.0",
         "after-activate",
+        window,
         15,
     );
-    s.expect_attached(SHOP, "shop_2.0", &bg);
     s.t.host.reboot().unwrap();
     let r = bg.join();
-    assert_ne!(r.code, 0, "{}", s.t.diag(&r, SHOP));
-    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
-    let took = s.expect_reverted(
-        SHOP,
-        SHOP_PORT,
-        "shop_1.0",
-        "shop 1.0",
-        Duration::from_secs(window + 120),
-    );
+    s.expect_gave_up(&r);
+    let took = s.expect_shop_reverted(window);
     eprintln!(
         "reverted {:.0} s after the guest was back; test took {:.0} s",
         took.as_secs_f64(),

@@ -399,7 +399,9 @@ fn connection_killed_during_upload() {
         wait_for(
             &t.host,
             "ls /var/lib/portables/.*.attache-partial",
-            Duration::from_secs(120)
+            Duration::from_secs(120),
+            // The partial file lives only while the upload runs.
+            Duration::from_millis(100)
         ),
         "the upload never started"
     );
@@ -496,7 +498,8 @@ fn connection_lost_during_activation_reverts_by_itself() {
         wait_for(
             &t.host,
             "[ \"$(systemctl show -p RootImage --value demo.service)\" = /var/lib/portables/demo_2.0.raw ]",
-            Duration::from_secs(180)
+            Duration::from_secs(180),
+            Duration::from_secs(1)
         ),
         "2.0 was never attached"
     );
@@ -509,7 +512,8 @@ fn connection_lost_during_activation_reverts_by_itself() {
         wait_for(
             &t.host,
             "[ \"$(systemctl show -p RootImage --value demo.service)\" = /var/lib/portables/demo_1.0.raw ]",
-            Duration::from_secs(180)
+            Duration::from_secs(180),
+            Duration::from_secs(1)
         ),
         "{}",
         t.host.diagnostics(Some("attache-revert-now.service"))
@@ -519,7 +523,8 @@ fn connection_lost_during_activation_reverts_by_itself() {
         wait_for(
             &t.host,
             "busybox wget -q -O - http://127.0.0.1:8080/ | grep -q 'attache demo 1.0'",
-            Duration::from_secs(120)
+            Duration::from_secs(120),
+            Duration::from_secs(1)
         ),
         "{}",
         t.host.diagnostics(Some("demo.service"))

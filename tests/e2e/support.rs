@@ -48,15 +48,22 @@ pub fn attache_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_attache"))
 }
 
-/// Runs `attache ARGS` in `cwd` with a private cache dir, so tests do not see
-/// each other's build cache unless they share `cache`.
-pub fn attache_in(cwd: &Path, cache: &Path, args: &[&str]) -> Run {
-    let out = Command::new(attache_bin())
-        .args(args)
+/// `attache ARGS` in `cwd` with the cache dir `cache`, the environment's
+/// `ATTACHE_NIX` removed and nothing on stdin.
+fn attache_command(cwd: &Path, cache: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(attache_bin());
+    cmd.args(args)
         .current_dir(cwd)
         .env("XDG_CACHE_HOME", cache)
         .env_remove("ATTACHE_NIX")
-        .stdin(Stdio::null())
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `attache ARGS` in `cwd` with a private cache dir, so tests do not see
+/// each other's build cache unless they share `cache`.
+pub fn attache_in(cwd: &Path, cache: &Path, args: &[&str]) -> Run {
+    let out = attache_command(cwd, cache, args)
         .output()
         .expect("attache runs");
     Run::from(out, args)
@@ -77,11 +84,15 @@ pub struct Run {
 
 impl Run {
     fn from(out: Output, args: &[&str]) -> Run {
+        Run::from_parts(out.status.code(), &out.stdout, &out.stderr, &args.join(" "))
+    }
+
+    fn from_parts(code: Option<i32>, stdout: &[u8], stderr: &[u8], args: &str) -> Run {
         Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            args: args.join(" "),
+            code: code.unwrap_or(-1),
+            stdout: String::from_utf8_lossy(stdout).into_owned(),
+            stderr: String::from_utf8_lossy(stderr).into_owned(),
+            args: args.to_owned(),
         }
     }
 
@@ -184,17 +195,6 @@ pub fn files_in(dir: &Path) -> Vec<String> {
     v
 }
 
-impl Run {
-    fn from_parts(code: Option<i32>, stdout: &[u8], stderr: &[u8], args: &str) -> Run {
-        Run {
-            code: code.unwrap_or(-1),
-            stdout: String::from_utf8_lossy(stdout).into_owned(),
-            stderr: String::from_utf8_lossy(stderr).into_owned(),
-            args: args.to_owned(),
-        }
-    }
-}
-
 /// An `attache` running in the background, its output read as it comes:
 /// for tests that act on a host at a given moment of a deploy. Dropping it
 /// kills the process if it still runs, so a failed test leaves no deploy
@@ -208,14 +208,9 @@ pub struct Background {
 }
 
 /// [`attache_in`], started in the background with extra environment.
-pub fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
-    let mut child = Command::new(attache_bin())
-        .args(args)
-        .current_dir(cwd)
-        .env("XDG_CACHE_HOME", cache)
-        .env_remove("ATTACHE_NIX")
+fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
+    let mut child = attache_command(cwd, cache, args)
         .envs(env.iter().copied())
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -257,7 +252,7 @@ impl Background {
 
     /// Waits until attache's stderr contains `needle`: false when attache
     /// ended, or `limit` passed, first.
-    pub fn wait_stderr(&mut self, needle: &str, limit: Duration) -> bool {
+    fn wait_stderr(&mut self, needle: &str, limit: Duration) -> bool {
         let start = Instant::now();
         loop {
             if self.stderr().contains(needle) {
@@ -334,21 +329,19 @@ pub fn target(guest: Guest, name: &str) -> Target {
 impl Target {
     /// `attache ARGS` with this host's ssh config.
     pub fn attache(&self, args: &[&str]) -> Run {
-        let full = self.args(args);
-        let full: Vec<&str> = full.iter().map(String::as_str).collect();
-        attache_in(&repo(), self.cache.path(), &full)
+        attache_in(&repo(), self.cache.path(), &self.args(args))
     }
 
-    fn args(&self, args: &[&str]) -> Vec<String> {
-        let mut full: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-        // Host options go after the subcommand.
-        full.insert(1, "--ssh-config".to_owned());
-        full.insert(2, self.config.display().to_string());
+    /// ARGS with this host's options after the subcommand.
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut full = args.to_vec();
+        full.insert(1, "--ssh-config");
+        full.insert(2, utf8(&self.config));
         // The repository's own flake needs the network to evaluate: host
         // commands read no inventory from a directory without a flake.
         if matches!(args.first(), Some(&("status" | "rollback" | "detach"))) {
-            full.insert(3, "--flake".to_owned());
-            full.insert(4, self.cache.path().display().to_string());
+            full.insert(3, "--flake");
+            full.insert(4, utf8(self.cache.path()));
         }
         full
     }
@@ -366,10 +359,8 @@ impl Target {
     }
 
     /// `attache ARGS` in the background, with extra environment.
-    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Background {
-        let full = self.args(args);
-        let full: Vec<&str> = full.iter().map(String::as_str).collect();
-        attache_spawn(&repo(), self.cache.path(), &full, env)
+    fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Background {
+        attache_spawn(&repo(), self.cache.path(), &self.args(args), env)
     }
 
     /// The same deploy as [`Target::deploy`], in the background, for tests
@@ -445,19 +436,28 @@ impl Target {
     }
 }
 
+/// A path handed to attache as an argument (the lab's and the temporary
+/// directories' paths are UTF-8).
+fn utf8(p: &Path) -> &str {
+    p.to_str()
+        .unwrap_or_else(|| panic!("not UTF-8: {}", p.display()))
+}
+
 /// The report of the first (only) host of a deploy run with `--json`.
 pub fn host_report(r: &Run) -> serde_json::Value {
     r.json()["hosts"][0].clone()
 }
 
-/// Polls `cmd` on the host until it succeeds; false after `limit`.
-pub fn wait_for(host: &Host, cmd: &str, limit: Duration) -> bool {
+/// Polls `cmd` on the host every `every` (each poll is an ssh session:
+/// 100 ms only to catch a short-lived state, 1 s for long waits) until it
+/// succeeds; false after `limit`.
+pub fn wait_for(host: &Host, cmd: &str, limit: Duration, every: Duration) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
         if host.ssh(cmd).status.success() {
             return true;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(every);
     }
     false
 }
