@@ -145,7 +145,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         .zip(&names)
         .map(|(r, host)| match r {
             Ran::Done(report) => report,
-            Ran::Skipped(why) => skipped(host, why),
+            Ran::Skipped(why) => HostReport::skipped(host, why),
         })
         .collect();
     view.clear();
@@ -186,10 +186,6 @@ fn host_plan(h: Host, built: &BTreeMap<String, Built>, args: &DeployArgs) -> Hos
 
 fn good(o: Outcome) -> bool {
     matches!(o, Outcome::Healthy | Outcome::Planned)
-}
-
-fn skipped(host: &str, why: &str) -> HostReport {
-    HostReport::skipped(host, why)
 }
 
 /// The summary table is the result (stdout); why hosts failed goes to
@@ -243,7 +239,7 @@ mod tests {
         let mut bad = HostReport::new("db");
         bad.outcome = Outcome::RolledBack;
         bad.error = Some("demo.service did not start".into());
-        let reports = [ok, bad, skipped("late", "a canary host failed")];
+        let reports = [ok, bad, HostReport::skipped("late", "a canary host failed")];
         let e = report(&ui, &reports, false).unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -287,7 +283,12 @@ mod tests {
     #[test]
     fn no_details_above_when_there_are_none() {
         let (ui, _, err) = capture::ui(settings(Verbosity::Normal));
-        let e = report(&ui, &[skipped("late", "a canary host failed")], false).unwrap_err();
+        let e = report(
+            &ui,
+            &[HostReport::skipped("late", "a canary host failed")],
+            false,
+        )
+        .unwrap_err();
         assert_eq!(err.text(), "");
         assert_eq!(
             e.to_string(),

@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::error::{Cause, HostError};
-use super::ops::{self, HostFacts, PortableCall, Verb};
-use super::plan::refuse_collision;
+use super::ops::{self, PortableCall, Verb};
+use super::plan::{back_calls, refuse_collision};
 use super::report::Stage;
 use super::session::HostSession;
 use super::{health, portablectl};
@@ -28,14 +28,9 @@ pub struct ServiceStatus {
     pub units: BTreeMap<String, String>,
 }
 
-async fn facts(s: &HostSession, hash_attached: bool, stage: Stage) -> Result<HostFacts, HostError> {
-    let out = s.step(&ops::facts(&[], hash_attached), stage).await?;
-    Ok(ops::parse_facts(&out.stdout))
-}
-
 /// What is attached on the host, grouped by image.
 pub async fn host_status(s: &HostSession) -> Result<Vec<ServiceStatus>, HostError> {
-    let facts = facts(s, true, Stage::Preflight).await?;
+    let (facts, _) = s.facts(&[], true, Stage::Preflight, false).await?;
     let mut by_image: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for a in &facts.attached {
         by_image.entry(&a.image).or_default().push(&a.unit);
@@ -89,7 +84,8 @@ pub async fn rollback_service(
     profile: &str,
 ) -> Result<(Option<String>, String), HostError> {
     s.lock().await?;
-    let facts = facts(s, false, Stage::Preflight).await?;
+    // A pending revert would undo this rollback when its timer fires.
+    let (facts, _) = s.facts(&[], false, Stage::Preflight, true).await?;
     super::plan::check_profile(&facts, profile)
         .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
     let refused = |msg: String| Cause::Refused(msg).at(s.host(), Stage::Preflight);
@@ -110,34 +106,32 @@ pub async fn rollback_service(
         )));
     }
     let before = facts.declared_prefixes(&prev);
-    let named_like = facts.others_named_like(service);
     let calls = match &current {
-        None => vec![call(Verb::Attach, &prev, &before, profile)],
-        // As in a deploy: a reattach would take along a sibling whose image
-        // name starts with ours.
-        Some(_) if facts.others_matching(service, &before).is_empty() && !named_like => {
-            vec![call(Verb::Reattach, &prev, &before, profile)]
-        }
-        Some(cur) => {
-            let now = facts.declared_prefixes(cur);
-            let verb = detach_verb(&facts, service);
-            if verb == Verb::Detach {
-                refuse_collision(&facts, service, &now, "detach", || {
-                    "Detach the other service first".to_owned()
-                })
-                .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
-            }
-            vec![
-                call(verb, cur, &now, profile),
-                call(Verb::Attach, &prev, &before, profile),
-            ]
-        }
+        None => vec![PortableCall::new(Verb::Attach, &prev, &before, profile)],
+        Some(cur) => back_calls(
+            &facts,
+            service,
+            cur,
+            &facts.declared_prefixes(cur),
+            &prev,
+            profile,
+        )
+        .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?,
     };
     for c in &calls {
         portablectl(s, c, service).await?;
     }
-    let units: Vec<BuiltUnit> = facts
-        .units_of(current.as_deref().unwrap_or(&prev))
+    // The units to check are the old image's: known now only if something
+    // was attached before (its units), else read back after the attach.
+    let after;
+    let units_of = match &current {
+        Some(cur) => facts.units_of(cur),
+        None => {
+            after = s.facts(&[], false, Stage::Rollback, false).await?.0;
+            after.units_of(&prev)
+        }
+    };
+    let units: Vec<BuiltUnit> = units_of
         .into_iter()
         .map(|u| BuiltUnit {
             name: u.to_owned(),
@@ -159,7 +153,8 @@ pub async fn rollback_service(
 /// Stops and detaches `service`; returns the image it had attached.
 pub async fn detach_service(s: &mut HostSession, service: &str) -> Result<String, HostError> {
     s.lock().await?;
-    let facts = facts(s, false, Stage::Preflight).await?;
+    // A pending revert would attach again what this detaches.
+    let (facts, _) = s.facts(&[], false, Stage::Preflight, true).await?;
     let Some(image) = facts.attached_image(service).map(str::to_owned) else {
         return Err(
             Cause::Refused(format!("{service} is not attached on this host"))
@@ -167,7 +162,7 @@ pub async fn detach_service(s: &mut HostSession, service: &str) -> Result<String
         );
     };
     let prefixes = facts.declared_prefixes(&image);
-    let verb = detach_verb(&facts, service);
+    let verb = facts.detach_verb(service);
     if verb == Verb::Detach {
         refuse_collision(&facts, service, &prefixes, "detach", || {
             format!(
@@ -177,25 +172,6 @@ pub async fn detach_service(s: &mut HostSession, service: &str) -> Result<String
         })
         .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
     }
-    portablectl(s, &call(verb, &image, &prefixes, ""), service).await?;
+    portablectl(s, &PortableCall::new(verb, &image, &prefixes, ""), service).await?;
     Ok(image)
-}
-
-/// portabled before 257 detaches along every image whose name starts with
-/// the service's: there, detach by hand.
-fn detach_verb(facts: &HostFacts, service: &str) -> Verb {
-    if facts.systemd < 257 && facts.others_named_like(service) {
-        Verb::Unlink
-    } else {
-        Verb::Detach
-    }
-}
-
-fn call(verb: Verb, image: &str, prefixes: &[String], profile: &str) -> PortableCall {
-    PortableCall {
-        verb,
-        image: image.to_owned(),
-        prefixes: prefixes.to_vec(),
-        profile: (!verb.detaches()).then(|| profile.to_owned()),
-    }
 }

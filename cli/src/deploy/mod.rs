@@ -30,11 +30,14 @@ mod plan;
 mod report;
 mod session;
 
-pub use error::{Cause, HostError};
+pub use error::HostError;
 pub use manage::{detach_service, host_status, rollback_service, ServiceStatus};
 pub use plan::{check_timer, Action};
-pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage, StageTime};
+pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage};
 pub use session::HostSession;
+
+use error::Cause;
+use report::StageTime;
 
 use ops::{Disarmed, HostFacts, PortableCall};
 use plan::{Plan, Step};
@@ -161,13 +164,7 @@ impl<E: Events> Run<'_, E> {
     /// Reads the host. Only planning needs the images hashed; every later
     /// read only asks what is attached and which files are there.
     async fn facts(&self, s: &HostSession, stage: Stage) -> Result<HostFacts, HostError> {
-        let hash = if stage == Stage::Preflight {
-            plan::files_to_hash(self.plan)
-        } else {
-            Vec::new()
-        };
-        let out = s.step(&ops::facts(&hash, false), stage).await?;
-        Ok(ops::parse_facts(&out.stdout))
+        Ok(s.facts(&[], false, stage, false).await?.0)
     }
 
     async fn locked(&self, s: &HostSession, r: &mut HostReport) -> Result<Outcome, HostError> {
@@ -217,15 +214,27 @@ impl<E: Events> Run<'_, E> {
         let failure = self.activate_and_check(s, &plan, r).await.err();
         match failure {
             None => self.confirm(s, &plan, armed, r).await,
-            Some(e) if changes.is_empty() || !self.settings.rollback => {
-                r.set_changed(Outcome::Failed);
-                Err(e)
-            }
+            // `deploy_host` marks the changed services failed.
+            Some(e) if changes.is_empty() || !self.settings.rollback => Err(e),
             Some(e) => {
                 r.error = Some(e.to_string());
                 test_pause("before-rollback").await;
                 let t = self.stage(Stage::Rollback);
-                let back = self.roll_back(s, &changes).await;
+                let mut back = Ok(());
+                if armed {
+                    // The host's timer must not fire while attache puts the
+                    // services back, yet must still cover a lost connection.
+                    back = s
+                        .step(
+                            &ops::postpone(self.settings.rollback_after),
+                            Stage::Rollback,
+                        )
+                        .await
+                        .map(drop);
+                }
+                if back.is_ok() {
+                    back = self.roll_back(s, &changes).await;
+                }
                 t.end(r, back.is_ok());
                 match back {
                     Ok(()) => {
@@ -254,17 +263,20 @@ impl<E: Events> Run<'_, E> {
     /// Reads the host and plans; finishes first an earlier deploy that was
     /// never confirmed, so the plan starts from the host's last good state.
     async fn prepare(&self, s: &HostSession) -> Result<Plan, HostError> {
-        let mut facts = self.facts(s, Stage::Preflight).await?;
-        if facts.revert_pending && !self.settings.dry_run {
-            self.note("an earlier deploy was never confirmed; putting back what it replaced first");
-            s.step(&ops::run_pending_revert(), Stage::Preflight).await?;
-            facts = self.facts(s, Stage::Preflight).await?;
+        let hash = plan::files_to_hash(self.plan);
+        let finish = !self.settings.dry_run;
+        let (facts, finished) = s.facts(&hash, false, Stage::Preflight, finish).await?;
+        if finished {
+            self.note("an earlier deploy was never confirmed; its automatic rollback put back what it replaced first");
         }
         plan::plan(&facts, self.plan).map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))
     }
 
     async fn push_all(&self, s: &HostSession, plan: &Plan) -> Result<u64, HostError> {
         let mut sent = 0;
+        if plan.steps.iter().any(|st| st.upload) {
+            s.step(&ops::clear_partials(), Stage::Push).await?;
+        }
         for step in plan.steps.iter().filter(|st| st.upload) {
             sent += self
                 .push(s, &self.plan.services[step.service], &step.target)
@@ -282,7 +294,6 @@ impl<E: Events> Run<'_, E> {
         target: &str,
     ) -> Result<u64, HostError> {
         let tmp = ops::partial_path(target);
-        s.step(&ops::clear_partials(), Stage::Push).await?;
         self.ev
             .emit(self.host_name(), Event::PushStarted { bytes: svc.size });
         let progress = |sent: u64| self.ev.emit(self.host_name(), Event::PushProgress { sent });
@@ -459,7 +470,12 @@ impl<E: Events> Run<'_, E> {
         let facts = self.facts(s, Stage::Rollback).await?;
         let reverts: Vec<&ops::Revert> = changes.iter().filter_map(|c| c.revert.as_ref()).collect();
         let mut first_err = None;
-        for (service, calls) in plan::rollback_calls(&facts, &reverts) {
+        // Every change has a revert; both go last changed first.
+        let back = changes
+            .iter()
+            .rev()
+            .zip(plan::rollback_calls(&facts, &reverts));
+        for (step, (service, calls)) in back {
             let mut done = Ok(());
             for call in &calls {
                 done = portablectl(s, call, &service).await;
@@ -467,14 +483,9 @@ impl<E: Events> Run<'_, E> {
                     break;
                 }
             }
-            if done.is_ok() {
-                let step = changes
-                    .iter()
-                    .find(|c| self.plan.services[c.service].name == service);
-                if let Some(prev) = step.and_then(|st| st.previous.as_deref()) {
-                    let svc = &self.plan.services[step.map(|st| st.service).unwrap_or(0)];
-                    done = health::verify_back(s, &svc.units, prev, self.settings.settle).await;
-                }
+            if let (Ok(()), Some(prev)) = (&done, step.previous.as_deref()) {
+                let units = &self.plan.services[step.service].units;
+                done = health::verify_back(s, units, prev, self.settings.settle).await;
             }
             if let Err(e) = done {
                 first_err.get_or_insert(e);

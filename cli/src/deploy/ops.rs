@@ -98,7 +98,7 @@ pub struct HostFacts {
     pub prefixes: BTreeMap<String, Vec<String>>,
     /// Service -> image `attache rollback` goes back to.
     pub previous: BTreeMap<String, String>,
-    /// A dead-man revert of an earlier deploy is still armed.
+    /// A dead-man revert of an earlier deploy is still armed, or running.
     pub revert_pending: bool,
     /// portabled's profiles on the host (sorted).
     pub profiles: Vec<String>,
@@ -130,12 +130,23 @@ impl HostFacts {
     /// The prefixes `image` declares: attache's record, else its name, which
     /// is what every image attache built before the record existed declares.
     pub fn declared_prefixes(&self, image: &str) -> Vec<String> {
-        let file = crate::names::basename(image);
-        match self.prefixes.get(file) {
-            Some(p) if !p.is_empty() => p.clone(),
-            _ => ImageFile::parse(image)
-                .map(|f| vec![f.name().to_owned()])
-                .unwrap_or_default(),
+        let declared = self
+            .prefixes
+            .get(crate::names::basename(image))
+            .map(|p| p.join(" "));
+        let name = ImageFile::parse(image)
+            .map(|f| f.name().to_owned())
+            .unwrap_or_default();
+        crate::names::portable_prefixes(declared.as_deref(), &name)
+    }
+
+    /// How to detach `service`'s image: portabled before 257 takes along
+    /// every image whose name starts with the service's, so there by hand.
+    pub fn detach_verb(&self, service: &str) -> Verb {
+        if self.systemd < 257 && self.others_named_like(service) {
+            Verb::Unlink
+        } else {
+            Verb::Detach
         }
     }
 
@@ -206,7 +217,7 @@ done
 for f in {PORTABLES}/*.raw; do [ -f "$f" ] && printf 'image\t%s\t%s\n' "$(stat -c %Y "$f")" "$f"; done
 for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\n' "${{f##*/}}" "$(cat "$f")"; done
 for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
-[ -e {STATE_DIR}/revert.sh ] && printf 'revert\tpending\n'
+{{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
 for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
 for f in {hash_list}; do printf '%s\n' "$f" >>"$tmp"; done
 sort -u "$tmp" | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
@@ -418,6 +429,16 @@ pub struct PortableCall {
 }
 
 impl PortableCall {
+    /// `profile` is used by attach and reattach only.
+    pub fn new(verb: Verb, image: &str, prefixes: &[String], profile: &str) -> Self {
+        PortableCall {
+            verb,
+            image: image.to_owned(),
+            prefixes: prefixes.to_vec(),
+            profile: (!verb.detaches()).then(|| profile.to_owned()),
+        }
+    }
+
     pub fn argv(&self) -> Vec<String> {
         if self.verb == Verb::Unlink {
             return ["/bin/sh", UNLINK_PATH, &self.image]

@@ -41,7 +41,6 @@ pub struct Step {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub steps: Vec<Step>,
-    pub need_kb: u64,
 }
 
 impl Plan {
@@ -130,7 +129,7 @@ pub fn plan(facts: &HostFacts, host: &HostPlan) -> Result<Plan, PlanError> {
             need_mb: (need_kb + margin_kb) / 1024,
         });
     }
-    Ok(Plan { steps, need_kb })
+    Ok(Plan { steps })
 }
 
 fn plan_service(
@@ -183,24 +182,13 @@ fn plan_service(
             svc.name, svc.name
         )
     })?;
-    let call = |verb, image: &str, prefixes: &[String]| PortableCall {
-        verb,
-        image: image.to_owned(),
-        prefixes: prefixes.to_vec(),
-        profile: (!Verb::detaches(verb)).then(|| profile.to_owned()),
-    };
+    let call =
+        |verb, image: &str, prefixes: &[String]| PortableCall::new(verb, image, prefixes, profile);
     // Another image's name starts with ours: portabled before 257 would
     // take it along on detach and reattach (see `Verb::Unlink`), 257 on
-    // reattach. Switch by detach + attach, detaching by hand before 257.
+    // reattach. Switch by detach + attach then, detaching by hand before 257.
     let named_like = facts.others_named_like(&svc.name);
-    let by_hand = named_like && facts.systemd < 257;
-    let detach = |image: &str, prefixes: &[String]| {
-        call(
-            if by_hand { Verb::Unlink } else { Verb::Detach },
-            image,
-            prefixes,
-        )
-    };
+    let detach_verb = facts.detach_verb(&svc.name);
     step.activate = match &attached {
         None => vec![call(Verb::Attach, &target, new)],
         Some(prev) => {
@@ -213,29 +201,23 @@ fn plan_service(
                 .into_iter()
                 .any(|u| !new.iter().any(|p| crate::names::unit_matches_prefix(u, p)));
             if left_behind || named_like {
-                if !by_hand {
+                if detach_verb == Verb::Detach {
                     refuse_collision(facts, &svc.name, &before, "detach the old image of", || {
                         old_style_fix(&svc.name, prev)
                     })?;
                 }
-                vec![detach(prev, &before), call(Verb::Attach, &target, new)]
+                vec![
+                    call(detach_verb, prev, &before),
+                    call(Verb::Attach, &target, new),
+                ]
             } else {
                 vec![call(Verb::Reattach, &target, new)]
             }
         }
     };
     let calls = match &attached {
-        None => vec![detach(&target, new)],
-        Some(prev) => {
-            let before = facts.declared_prefixes(prev);
-            if facts.others_matching(&svc.name, &before).is_empty() && !named_like {
-                vec![call(Verb::Reattach, prev, &before)]
-            } else {
-                // A reattach would detach another service too. Attach
-                // touches only the image's own units.
-                vec![detach(&target, new), call(Verb::Attach, prev, &before)]
-            }
-        }
+        None => vec![call(detach_verb, &target, new)],
+        Some(prev) => back_calls(facts, &svc.name, &target, new, prev, profile)?,
     };
     step.revert = Some(Revert {
         service: svc.name.clone(),
@@ -259,6 +241,39 @@ pub fn check_profile(facts: &HostFacts, profile: &str) -> Result<(), PlanError> 
     })
 }
 
+/// The calls that take `service` from the image `from` (declaring
+/// `from_prefixes`) back to `to`: a reattach, or, where a reattach would
+/// take another service along, a detach of `from` and an attach of `to`
+/// (attach touches only the image's own units).
+pub fn back_calls(
+    facts: &HostFacts,
+    service: &str,
+    from: &str,
+    from_prefixes: &[String],
+    to: &str,
+    profile: &str,
+) -> Result<Vec<PortableCall>, PlanError> {
+    let before = facts.declared_prefixes(to);
+    if facts.others_matching(service, &before).is_empty() && !facts.others_named_like(service) {
+        return Ok(vec![PortableCall::new(
+            Verb::Reattach,
+            to,
+            &before,
+            profile,
+        )]);
+    }
+    let verb = facts.detach_verb(service);
+    if verb == Verb::Detach {
+        refuse_collision(facts, service, from_prefixes, "detach", || {
+            "Detach the other service first".to_owned()
+        })?;
+    }
+    Ok(vec![
+        PortableCall::new(verb, from, from_prefixes, profile),
+        PortableCall::new(Verb::Attach, to, &before, profile),
+    ])
+}
+
 /// The calls that put each changed service back, given what the host has
 /// attached now (after a failed step, or a host's own revert): a service
 /// already on its previous image needs none. Last changed goes back first.
@@ -272,15 +287,7 @@ pub fn rollback_calls(facts: &HostFacts, reverts: &[&Revert]) -> Vec<(String, Ve
                 (now, prev) if now == prev.as_deref() => Vec::new(),
                 // Nothing attached: the switch failed half-way. Attach the
                 // old image with the call that would have ended the revert.
-                (None, Some(_)) => r
-                    .calls
-                    .last()
-                    .map(|c| PortableCall {
-                        verb: Verb::Attach,
-                        ..c.clone()
-                    })
-                    .into_iter()
-                    .collect(),
+                (None, Some(_)) => r.attach_previous().into_iter().collect(),
                 (Some(_), _) => r.calls.clone(),
                 (None, None) => Vec::new(),
             };

@@ -114,6 +114,28 @@ impl HostSession {
         Ok(out)
     }
 
+    /// Reads the host's state, hashing `hash` (and every attached image
+    /// when `hash_attached`). With `finish_pending`, a revert an earlier,
+    /// never-confirmed deploy left armed (or running) is run and waited for
+    /// first, so that what follows starts from the host's last good state
+    /// and no timer undoes it later. Returns whether one ran.
+    pub async fn facts(
+        &self,
+        hash: &[String],
+        hash_attached: bool,
+        stage: Stage,
+        finish_pending: bool,
+    ) -> Result<(ops::HostFacts, bool), HostError> {
+        let read = ops::facts(hash, hash_attached);
+        let facts = ops::parse_facts(&self.step(&read, stage).await?.stdout);
+        if !(finish_pending && facts.revert_pending) {
+            return Ok((facts, false));
+        }
+        self.step(&ops::run_pending_revert(), stage).await?;
+        let again = ops::parse_facts(&self.step(&read, stage).await?.stdout);
+        Ok((again, true))
+    }
+
     /// Releases the lock and closes the connection.
     pub async fn close(mut self) {
         if let Some(lock) = self.lock.take() {

@@ -18,6 +18,18 @@ pub struct Revert {
     pub calls: Vec<PortableCall>,
 }
 
+impl Revert {
+    /// The call that attaches the previous image when nothing is attached:
+    /// the last of the calls back, as an attach.
+    pub fn attach_previous(&self) -> Option<PortableCall> {
+        self.previous.as_ref()?;
+        self.calls.last().map(|c| PortableCall {
+            verb: super::Verb::Attach,
+            ..c.clone()
+        })
+    }
+}
+
 const ATTACHED_FN: &str = r#"attached() { grep -qsF "image '$1'" /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; }"#;
 
 /// The shell that puts each service back, last changed first. Each step
@@ -41,15 +53,19 @@ pub fn revert_body(reverts: &[Revert]) -> String {
                 }
             })
             .collect::<String>();
-        match &r.previous {
-            Some(p) => {
+        match (&r.previous, r.attach_previous()) {
+            (Some(p), Some(attach)) => {
+                // Neither image attached: the switch stopped half-way (a
+                // reboot between detach and attach). Attach the old one.
                 s += &format!(
-                    "# {}: back to {p}\nif ! attached {}; then\n  :\n{calls}fi\n",
+                    "# {}: back to {p}\nif ! attached {}; then\n  if attached {}; then\n  :\n{calls}  else\n    {} || rc=1\n  fi\nfi\n",
                     r.service,
-                    quote(p)
+                    quote(p),
+                    quote(&r.new),
+                    words(&attach.argv()),
                 );
             }
-            None => s += &format!("# {}: remove {}\n{calls}", r.service, r.new),
+            _ => s += &format!("# {}: remove {}\n{calls}", r.service, r.new),
         }
     }
     s += "exit $rc\n";
@@ -101,10 +117,9 @@ ln -sf /etc/systemd/system/attache-revert.service /etc/systemd/system/multi-user
 mv -f $d/revert.sh.tmp $d/revert.sh
 sync
 systemctl stop attache-revert-now.timer 2>/dev/null || true
-systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true
-systemd-run --quiet --unit=attache-revert-now --on-active={secs} --timer-property=AccuracySec=1s /bin/sh $d/run-revert"#,
+{timer}"#,
             body = revert_body(reverts),
-            secs = after.as_secs().max(1),
+            timer = start_timer(after),
             install = install_unlink(),
         ),
     )
@@ -129,8 +144,7 @@ if mv -f $d/revert.sh $d/revert.disarmed 2>/dev/null; then
   systemctl stop attache-revert-now.timer 2>/dev/null || true
   echo DISARMED
 else
-  i=0
-  while [ -e $d/revert.running ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done
+  {WAIT_RUNNING}
   echo REVERTED
   cat $d/revert.log 2>/dev/null || true
 fi"#
@@ -153,9 +167,35 @@ pub fn run_pending_revert() -> Script {
     Script::new(
         "finishing an earlier unconfirmed deploy",
         format!(
-            "systemctl stop attache-revert-now.timer 2>/dev/null || true; /bin/sh {STATE_DIR}/run-revert; \
-             i=0; while [ -e {STATE_DIR}/revert.running ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done; \
-             cat {STATE_DIR}/revert.log 2>/dev/null || true"
+            "systemctl stop attache-revert-now.timer 2>/dev/null || true; \
+             systemd-run --quiet --collect --wait --unit=attache-revert-pending /bin/sh {STATE_DIR}/run-revert >/dev/null 2>&1; \
+             {WAIT_RUNNING}; cat {STATE_DIR}/revert.log 2>/dev/null || true"
         ),
+    )
+}
+
+/// Waits (ten minutes at most) for a revert that has started to end.
+const WAIT_RUNNING: &str = "i=0; while [ -e /var/lib/attache/revert.running ] && [ $i -lt 600 ]; do sleep 1; i=$((i+1)); done";
+
+/// Before attache's own rollback: the timer starts again from now, so it
+/// cannot fire while attache puts the services back, yet still covers a
+/// connection lost during it. A revert that already started is waited for.
+pub fn postpone(after: Duration) -> Script {
+    Script::new(
+        "postponing the automatic rollback",
+        format!(
+            "d={STATE_DIR}; systemctl stop attache-revert-now.timer 2>/dev/null || true; {WAIT_RUNNING}; \
+             if [ -e $d/revert.sh ]; then {timer}; fi",
+            timer = start_timer(after),
+        ),
+    )
+}
+
+/// The transient timer that runs the revert after `after`.
+fn start_timer(after: Duration) -> String {
+    format!(
+        "systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true; \
+         systemd-run --quiet --unit=attache-revert-now --on-active={} --timer-property=AccuracySec=1s /bin/sh {STATE_DIR}/run-revert",
+        after.as_secs().max(1)
     )
 }

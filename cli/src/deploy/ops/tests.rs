@@ -217,6 +217,7 @@ fn scripts_pass_shellcheck() {
         ),
         arm(std::slice::from_ref(&revert), Duration::from_secs(60)),
         disarm(),
+        postpone(Duration::from_secs(60)),
         run_pending_revert(),
         record_previous("x", Some("/x.raw")),
         record_previous("x", None),
@@ -261,4 +262,36 @@ fn scripts_pass_shellcheck() {
         .output()
         .unwrap();
     assert!(out.status.success());
+}
+
+#[test]
+fn a_revert_attaches_the_old_image_when_the_switch_stopped_half_way() {
+    let r = Revert {
+        service: "shop".into(),
+        previous: Some("/var/lib/portables/shop_1.0.raw".into()),
+        new: "/var/lib/portables/shop_2.0.raw".into(),
+        calls: vec![PortableCall::new(
+            Verb::Reattach,
+            "/var/lib/portables/shop_1.0.raw",
+            &["shop-web".into()],
+            "default",
+        )],
+    };
+    let body = revert_body(&[r]);
+    assert!(
+        body.contains("  if attached '/var/lib/portables/shop_2.0.raw'; then"),
+        "{body}"
+    );
+    assert!(
+        body.contains("  else\n    'portablectl' 'attach' '--enable' '--now' '--profile' 'default' '/var/lib/portables/shop_1.0.raw' 'shop-web' || rc=1"),
+        "{body}"
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-n", "-c", &body])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(postpone(Duration::from_secs(60))
+        .text
+        .contains("--on-active=60"));
 }
