@@ -173,7 +173,6 @@ fn check_pack_options(
     hints: &PackHints,
     opts: &PackOptions,
 ) -> Result<(), LevelError> {
-    choice.check()?;
     let compression = opts.compression;
     let level = opts.level.unwrap_or(compression.default_level());
     if compression.levels().contains(&level) {
@@ -256,6 +255,8 @@ pub fn build_image(
     check_pack_options(pack, &hints, &opts)?;
     spec::validate(&spec)?;
     spec::declare_unit_prefixes(&mut spec);
+    let units = built_units(&spec);
+    let prefixes = spec::portable_prefixes(&spec);
     let file_name = ImageFile::new(&spec.name, &spec.version).file_name();
     if dry_run {
         ui.status(
@@ -267,8 +268,6 @@ pub fn build_image(
                 opts.compression
             ),
         );
-        let units = built_units(&spec);
-        let prefixes = spec::portable_prefixes(&spec);
         return Ok(Built {
             path: out_dir.join(&file_name),
             name: spec.name,
@@ -293,8 +292,8 @@ pub fn build_image(
         return Ok(Built {
             cached: true,
             store_path: out,
-            units: built_units(&spec),
-            prefixes: spec::portable_prefixes(&spec),
+            units,
+            prefixes,
             ..hit
         });
     }
@@ -308,8 +307,8 @@ pub fn build_image(
         size: image.size,
         cached: false,
         store_path: out,
-        units: built_units(&spec),
-        prefixes: spec::portable_prefixes(&spec),
+        units,
+        prefixes,
     };
     cache.store(&key, &built);
     Ok(built)

@@ -123,10 +123,8 @@ pub fn unit_matches_prefix(unit: &str, prefix: &str) -> bool {
     let Some(rest) = unit.strip_prefix(prefix) else {
         return false;
     };
-    UNIT_SUFFIXES.contains(&rest)
-        || rest.starts_with('-')
-        || rest.starts_with('.')
-        || rest.starts_with('@')
+    // Every suffix starts with '.', so `demo.service` is covered too.
+    rest.starts_with(['-', '.', '@'])
 }
 
 /// A unit's name without its suffix or template instance:

@@ -20,6 +20,16 @@ pub enum Action {
     Unchanged,
 }
 
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Action::Attach => "attach",
+            Action::Reattach => "reattach",
+            Action::Unchanged => "unchanged",
+        })
+    }
+}
+
 /// One service's part of a host's plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {

@@ -87,11 +87,11 @@ impl DeployView {
         }
     }
 
-    pub fn stage(&self, host: &str, stage: impl std::fmt::Display) {
+    fn stage(&self, host: &str, stage: impl std::fmt::Display) {
         self.show(host, stage.to_string(), false);
     }
 
-    pub fn note(&self, host: &str, msg: &str) {
+    fn note(&self, host: &str, msg: &str) {
         if let Some(m) = &self.inner.multi {
             let _ = m.println(format!("{host}: {msg}"));
         } else {
@@ -99,7 +99,7 @@ impl DeployView {
         }
     }
 
-    pub fn push_started(&self, host: &str, bytes: u64) {
+    fn push_started(&self, host: &str, bytes: u64) {
         let style = self.inner.push_style.clone();
         if !self.with_bar(host, |b| {
             b.set_style(style);
@@ -112,11 +112,11 @@ impl DeployView {
         }
     }
 
-    pub fn push_progress(&self, host: &str, sent: u64) {
+    fn push_progress(&self, host: &str, sent: u64) {
         self.with_bar(host, |b| b.set_position(sent));
     }
 
-    pub fn done(&self, host: &str, outcome: impl std::fmt::Display, error: Option<&str>) {
+    fn done(&self, host: &str, outcome: impl std::fmt::Display, error: Option<&str>) {
         self.show(host, outcome.to_string(), true);
         if let Some(e) = error {
             self.inner.ui.verbose(format!("{host}: {e}"));
@@ -164,7 +164,7 @@ pub fn deploy_summary(reports: &[HostReport], dry_run: bool) -> String {
             .iter()
             .map(|s| {
                 let file = basename(&s.image);
-                let action = format!("{:?}", s.action).to_lowercase();
+                let action = s.action.to_string();
                 let upload = if s.upload { "upload" } else { "no upload" };
                 if dry_run {
                     format!("{file} ({upload}, {action})")
@@ -194,7 +194,9 @@ pub fn deploy_errors(reports: &[HostReport]) -> Vec<String> {
         if let Some(e) = &r.error {
             if r.outcome != Outcome::Skipped {
                 // Errors from the host pipeline already name the host.
-                if e.starts_with(&format!("{}:", r.host)) {
+                if e.strip_prefix(r.host.as_str())
+                    .is_some_and(|t| t.starts_with(':'))
+                {
                     lines.push(e.clone());
                 } else {
                     lines.push(format!("{}: {e}", r.host));
