@@ -33,6 +33,9 @@ pub struct Built {
     /// The unit prefixes the image declares (`PORTABLE_PREFIXES`).
     #[serde(default)]
     pub prefixes: Vec<String>,
+    /// What the image holds (also inside it); `None` only for a dry run.
+    #[serde(skip)]
+    pub manifest: Option<image::Manifest>,
 }
 
 /// A unit of a built image: what the deploy health check needs to know.
@@ -278,6 +281,7 @@ pub fn build_image(
             store_path: out,
             units,
             prefixes,
+            manifest: None,
         });
     }
     std::fs::create_dir_all(out_dir)
@@ -289,11 +293,14 @@ pub fn build_image(
             "Fresh",
             format!("{} (unchanged closure)", hit.path.display()),
         );
+        // The cache keeps no manifest: read it from the image.
+        let manifest = image::read_manifest(&hit.path)?;
         return Ok(Built {
             cached: true,
             store_path: out,
             units,
             prefixes,
+            manifest,
             ..hit
         });
     }
@@ -309,6 +316,7 @@ pub fn build_image(
         store_path: out,
         units,
         prefixes,
+        manifest: Some(image.manifest),
     };
     cache.store(&key, &built);
     Ok(built)

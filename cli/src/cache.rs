@@ -18,6 +18,8 @@ use crate::spec::ImageSpec;
 pub fn key(spec: &ImageSpec, out: &Path, opts: &PackOptions) -> String {
     let mut h = Sha256::new();
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    // Images from before manifests are not reused.
+    h.update(crate::image::MANIFEST_PATH.as_bytes());
     h.update(out.as_os_str().as_encoded_bytes());
     h.update(format!("{spec:?}").as_bytes());
     h.update(format!("{}/{:?}/{}", opts.compression, opts.level, opts.block_size).as_bytes());

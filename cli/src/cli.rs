@@ -72,6 +72,7 @@ pub enum Command {
     /// Example: attache detach root@10.0.0.5 demo
     Detach(HostServiceArgs),
     Inspect(InspectArgs),
+    Diff(DiffArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
 }
@@ -440,6 +441,34 @@ pub struct HostServiceArgs {
 pub struct InspectArgs {
     /// The image file.
     pub image: PathBuf,
+}
+
+/// Show what changes between two images, or between what a deploy would
+/// push and what hosts run: packages added, removed, upgraded or rebuilt,
+/// with NAR size deltas (like `nix store diff-closures`), units, the total.
+///
+/// Examples:
+///
+///   attache diff shop_1.0.raw shop_2.0.raw
+///
+///   attache diff .#shop .#shop-v2
+///
+///   attache diff @web shop
+///
+/// Two `.raw` files or two installables are compared offline; otherwise
+/// the first argument names inventory hosts (or @tags), the second one
+/// service, and each host's attached image is compared with what
+/// `attache deploy` would put there (hosts that agree are grouped).
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct DiffArgs {
+    /// OLD.raw NEW.raw, OLD-INSTALLABLE NEW-INSTALLABLE, or HOST|@TAG [SERVICE].
+    #[arg(value_name = "OLD|HOST|@TAG", required = true, num_args = 1..=2)]
+    pub args: Vec<String>,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub nix: NixArgs,
 }
 
 /// Print shell completions to stdout.

@@ -13,6 +13,7 @@ mod cache;
 mod cli;
 mod commands;
 mod deploy;
+mod diff;
 mod error;
 mod image;
 mod inventory;

@@ -8,26 +8,28 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::diff;
 use super::hosts::{self, elevation, ssh_options, Policy, Ran};
 use crate::build::{self, Built, PackChoice, Source};
 use crate::cache;
 use crate::cli::DeployArgs;
 use crate::deploy::{self, HostPlan, HostReport, Outcome, ServicePlan, Settings};
 use crate::error::Error;
+use crate::image::Manifest;
 use crate::inventory::{self, Host};
 use crate::nix::{Nix, NixError};
 use crate::remote::Destination;
 use crate::ui::{self, DeployView, Ui};
 
 /// Where deploy keeps the images it builds.
-fn image_dir() -> PathBuf {
+pub(super) fn image_dir() -> PathBuf {
     cache::dir()
         .unwrap_or_else(|| std::env::temp_dir().join("attache"))
         .join("images")
 }
 
 /// Builds each distinct installable once, even when many hosts run it.
-fn build_all(
+pub(super) fn build_all(
     wanted: &[Source],
     pack: &PackChoice,
     ui: &Ui,
@@ -55,6 +57,7 @@ fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
         units: b.units.clone(),
         prefixes: b.prefixes.clone(),
         checks,
+        manifest: b.manifest.as_ref().map(|m| m.to_bytes()),
     }
 }
 
@@ -128,6 +131,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         deploy::check_timer(p, &settings).map_err(|e| Error::Usage(format!("{}: {e}", p.name)))?;
     }
     let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
+    let wants: Vec<diff::HostWant> = plans.iter().map(host_want).collect();
     let view = DeployView::new(ui, &names);
     let policy = Policy {
         jobs: args.jobs.max(1),
@@ -149,10 +153,42 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         })
         .collect();
     view.clear();
-    report(ui, &reports, args.dry_run)
+    let diffs = if args.dry_run {
+        let reached: Vec<diff::HostWant> = wants
+            .into_iter()
+            .zip(&reports)
+            .filter(|(_, r)| r.outcome == Outcome::Planned)
+            .map(|(w, _)| w)
+            .collect();
+        let jobs = args.jobs.max(1);
+        Some(hosts::runtime()?.block_on(diff::fleet_diff(reached, settings.ssh.clone(), jobs)))
+    } else {
+        None
+    };
+    report(ui, &reports, args.dry_run, diffs.as_deref())
 }
 
-fn inventory_error(e: inventory::InventoryError, flake: &str) -> Error {
+/// What `--dry-run`'s diff compares each host's services with.
+fn host_want(p: &HostPlan) -> diff::HostWant {
+    diff::HostWant {
+        name: p.name.clone(),
+        destination: p.destination.clone(),
+        elevation: p.elevation,
+        services: p
+            .services
+            .iter()
+            .map(|s| {
+                let m = s
+                    .manifest
+                    .as_deref()
+                    .and_then(|b| Manifest::from_bytes(b).ok());
+                (s.name.clone(), m)
+            })
+            .collect(),
+    }
+}
+
+pub(super) fn inventory_error(e: inventory::InventoryError, flake: &str) -> Error {
     match e {
         inventory::InventoryError::Nix(NixError::MissingAttribute { nix_says, .. })
             if nix_says.contains("does not provide attribute") =>
@@ -191,10 +227,23 @@ fn good(o: Outcome) -> bool {
 /// The summary table is the result (stdout); why hosts failed goes to
 /// stderr, where the closing error line can point at it, so that
 /// `attache deploy > report.txt` still shows the user why.
-fn report(ui: &Ui, reports: &[HostReport], dry_run: bool) -> Result<(), Error> {
+fn report(
+    ui: &Ui,
+    reports: &[HostReport],
+    dry_run: bool,
+    diffs: Option<&[diff::HostDiff]>,
+) -> Result<(), Error> {
     let ok = reports.iter().all(|r| good(r.outcome));
-    let json = json!({ "ok": ok, "dry_run": dry_run, "hosts": reports });
-    ui.result(&json, &ui::deploy_summary(reports, dry_run));
+    let mut json = json!({ "ok": ok, "dry_run": dry_run, "hosts": reports });
+    let mut human = ui::deploy_summary(reports, dry_run);
+    if let Some(d) = diffs {
+        json["diff"] = json!(d);
+        human += "
+What would change:
+";
+        human += &diff::render(d);
+    }
+    ui.result(&json, &human);
     if ok {
         return Ok(());
     }
@@ -240,7 +289,7 @@ mod tests {
         bad.outcome = Outcome::RolledBack;
         bad.error = Some("demo.service did not start".into());
         let reports = [ok, bad, HostReport::skipped("late", "a canary host failed")];
-        let e = report(&ui, &reports, false).unwrap_err();
+        let e = report(&ui, &reports, false, None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "2 of 3 hosts did not end healthy on the new version: db (rolled-back), late (skipped: a canary host failed) (details above)"
@@ -253,7 +302,7 @@ mod tests {
         // main writes the closing sentence after these: "above" is true.
         assert_eq!(err.text(), "error: db: demo.service did not start\n");
 
-        report(&ui, &reports[..1], false).unwrap();
+        report(&ui, &reports[..1], false, None).unwrap();
     }
 
     /// The issue's case: an unreachable host, stdout sent to a file, and
@@ -266,7 +315,7 @@ mod tests {
         });
         let mut r = HostReport::new("nxdomain");
         r.error = Some("nxdomain: ssh: Could not resolve hostname nxdomain".into());
-        let e = report(&ui, &[r], false).unwrap_err();
+        let e = report(&ui, &[r], false, None).unwrap_err();
         assert_eq!(
             err.text(),
             "error: nxdomain: ssh: Could not resolve hostname nxdomain\n"
@@ -287,6 +336,7 @@ mod tests {
             &ui,
             &[HostReport::skipped("late", "a canary host failed")],
             false,
+            None,
         )
         .unwrap_err();
         assert_eq!(err.text(), "");

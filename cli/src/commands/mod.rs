@@ -6,6 +6,7 @@
 mod build;
 mod deploy;
 mod detach;
+mod diff;
 mod hosts;
 mod inspect;
 mod rollback;
@@ -44,6 +45,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
         Command::Rollback(args) => rollback::run(&args, ui),
         Command::Detach(args) => detach::run(&args, ui),
         Command::Inspect(args) => inspect::run(&args, ui),
+        Command::Diff(args) => diff::run(&args, ui),
         Command::Completions(args) => {
             let mut buf = Vec::new();
             clap_complete::generate(args.shell, &mut Cli::command(), "attache", &mut buf);

@@ -75,6 +75,48 @@ pub async fn host_status(s: &HostSession) -> Result<Vec<ServiceStatus>, HostErro
         .collect())
 }
 
+/// What one service has attached on a host, and the manifest the host
+/// keeps of that image (`None` for an image placed before manifests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedManifest {
+    pub service: String,
+    pub image: Option<String>,
+    pub manifest: Option<String>,
+}
+
+/// Reads, without the host's lock (nothing changes), which image each of
+/// `services` has attached and its manifest, in two round trips.
+pub async fn attached_manifests(
+    s: &HostSession,
+    services: &[String],
+) -> Result<Vec<AttachedManifest>, HostError> {
+    let (facts, _) = s.facts(&[], false, Stage::Preflight, false).await?;
+    let images: Vec<String> = services
+        .iter()
+        .filter_map(|svc| facts.attached_image(svc).map(str::to_owned))
+        .collect();
+    let mut texts = if images.is_empty() {
+        BTreeMap::new()
+    } else {
+        let out = s
+            .step(&ops::read_manifests(&images), Stage::Preflight)
+            .await?;
+        ops::parse_manifests(&out.stdout)
+    };
+    Ok(services
+        .iter()
+        .map(|svc| {
+            let image = facts.attached_image(svc).map(str::to_owned);
+            let manifest = image.as_ref().and_then(|i| texts.remove(i).flatten());
+            AttachedManifest {
+                service: svc.clone(),
+                image,
+                manifest,
+            }
+        })
+        .collect())
+}
+
 /// Puts back the image attached before the last deploy of `service`, checks
 /// that its units run from it, and records the one it left as the next
 /// rollback's target. Returns (left, now attached).

@@ -31,7 +31,10 @@ mod report;
 mod session;
 
 pub use error::HostError;
-pub use manage::{detach_service, host_status, rollback_service, ServiceStatus};
+pub use manage::{
+    attached_manifests, detach_service, host_status, rollback_service, AttachedManifest,
+    ServiceStatus,
+};
 pub use plan::{check_timer, Action};
 pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage};
 pub use session::HostSession;
@@ -55,6 +58,8 @@ pub struct ServicePlan {
     /// The unit prefixes the image declares (`PORTABLE_PREFIXES`).
     pub prefixes: Vec<String>,
     pub checks: Vec<Check>,
+    /// The image's manifest as packed into it, kept next to it on the host.
+    pub manifest: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone)]
@@ -277,10 +282,17 @@ impl<E: Events> Run<'_, E> {
         if plan.steps.iter().any(|st| st.upload) {
             s.step(&ops::clear_partials(), Stage::Push).await?;
         }
-        for step in plan.steps.iter().filter(|st| st.upload) {
-            sent += self
-                .push(s, &self.plan.services[step.service], &step.target)
-                .await?;
+        for step in &plan.steps {
+            let svc = &self.plan.services[step.service];
+            if step.upload {
+                sent += self.push(s, svc, &step.target).await?;
+            } else if let Some(m) = &svc.manifest {
+                // The image is there already, maybe placed by an attache
+                // from before manifests: record its manifest now.
+                let tmp = self.push_manifest(s, m, &step.target).await?;
+                s.step(&ops::place_manifest(&tmp, &step.target), Stage::Push)
+                    .await?;
+            }
         }
         Ok(sent)
     }
@@ -313,9 +325,42 @@ impl<E: Events> Run<'_, E> {
             }
             .at(s.host(), Stage::Push));
         }
-        s.step(&ops::place(&tmp, target, &svc.prefixes), Stage::Push)
-            .await?;
+        let manifest = match &svc.manifest {
+            Some(m) => Some(self.push_manifest(s, m, target).await?),
+            None => None,
+        };
+        s.step(
+            &ops::place(&tmp, target, &svc.prefixes, manifest.as_deref()),
+            Stage::Push,
+        )
+        .await?;
         Ok(sent)
+    }
+
+    /// Uploads an image's manifest next to its partial upload; `place`
+    /// moves both.
+    async fn push_manifest(
+        &self,
+        s: &HostSession,
+        manifest: &[u8],
+        target: &str,
+    ) -> Result<String, HostError> {
+        let at = |c: Cause| c.at(s.host(), Stage::Push);
+        let local_io = |source| {
+            at(Cause::Remote(crate::remote::RemoteError::LocalIo {
+                host: s.host().to_owned(),
+                path: std::env::temp_dir().display().to_string(),
+                source,
+            }))
+        };
+        let mut local = tempfile::NamedTempFile::new().map_err(local_io)?;
+        std::io::Write::write_all(&mut local, manifest).map_err(local_io)?;
+        let tmp = ops::partial_path(&format!("{target}.json"));
+        s.remote
+            .upload(local.path(), &ops::receive(&tmp).text, &|_| {})
+            .await
+            .map_err(|e| at(e.into()))?;
+        Ok(tmp)
     }
 
     async fn activate_and_check(

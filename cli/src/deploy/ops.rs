@@ -8,6 +8,8 @@
 //! - `/var/lib/portables/NAME_VERSION.raw`: the images;
 //! - `/var/lib/attache/prefixes/FILE.raw`: the unit prefixes an image
 //!   declares (images from before these files declare their name);
+//! - `/var/lib/attache/manifests/FILE.raw.json`: the image's manifest (what
+//!   it holds, as packed into it), for `attache diff`;
 //! - `/var/lib/attache/NAME.previous`: what `attache rollback` goes back to;
 //! - `/var/lib/attache/unlink`: detaches one image's units by hand, where
 //!   portabled before 257 would take other images along;
@@ -314,14 +316,43 @@ pub fn remove(paths: &[String]) -> Script {
     Script::new("cleaning up", format!("rm -f {}", words(paths)))
 }
 
+/// Where the host keeps the manifest of `image`.
+pub fn manifest_path(image: &str) -> String {
+    format!(
+        "{STATE_DIR}/manifests/{}.json",
+        crate::names::basename(image)
+    )
+}
+
+/// Moves an uploaded manifest (`tmp`) to where the host keeps `image`'s.
+pub fn place_manifest(tmp: &str, image: &str) -> Script {
+    Script::new(
+        "recording the image's manifest",
+        format!(
+            "mkdir -p {STATE_DIR}/manifests && chmod 0644 {m} && mv -f {m} {r}",
+            m = quote(tmp),
+            r = quote(&manifest_path(image))
+        ),
+    )
+}
+
 /// Moves a checked upload into place and records the prefixes the image
-/// declares, so that later runs can pass them to portablectl.
-pub fn place(tmp: &str, target: &str, prefixes: &[String]) -> Script {
+/// declares, so that later runs can pass them to portablectl, and its
+/// manifest (uploaded to `manifest`), so that `attache diff` can read it.
+pub fn place(tmp: &str, target: &str, prefixes: &[String], manifest: Option<&str>) -> Script {
     let record = format!("{STATE_DIR}/prefixes/{}", crate::names::basename(target));
+    let manifest = match manifest {
+        Some(m) => format!(
+            "mkdir -p {STATE_DIR}/manifests && chmod 0644 {m} && mv -f {m} {r} && ",
+            m = quote(m),
+            r = quote(&manifest_path(target))
+        ),
+        None => String::new(),
+    };
     Script::new(
         "moving the image into place",
         format!(
-            "mkdir -p {STATE_DIR}/prefixes && printf '%s\\n' {p} > {r}.tmp && mv -f {r}.tmp {r} && \
+            "mkdir -p {STATE_DIR}/prefixes && printf '%s\\n' {p} > {r}.tmp && mv -f {r}.tmp {r} && {manifest}\
              chmod 0644 {t} && mv -f {t} {f} && {{ sync -f {f} 2>/dev/null || true; }}",
             p = quote(&prefixes.join(" ")),
             r = quote(&record),
@@ -331,7 +362,7 @@ pub fn place(tmp: &str, target: &str, prefixes: &[String]) -> Script {
     )
 }
 
-/// Deletes images with their prefix records.
+/// Deletes images with their prefix records and manifests.
 pub fn prune(images: &[String]) -> Script {
     let mut paths = images.to_vec();
     paths.extend(
@@ -339,7 +370,47 @@ pub fn prune(images: &[String]) -> Script {
             .iter()
             .map(|i| format!("{STATE_DIR}/prefixes/{}", crate::names::basename(i))),
     );
+    paths.extend(images.iter().map(|i| manifest_path(i)));
     Script::new("removing old images", format!("rm -f {}", words(&paths)))
+}
+
+/// The manifests the host keeps for `images`.
+pub fn read_manifests(images: &[String]) -> Script {
+    Script::new(
+        "reading image manifests",
+        format!(
+            r#"for f in {list}; do m={STATE_DIR}/manifests/${{f##*/}}.json
+if [ -f "$m" ]; then printf '@manifest\t%s\n' "$f"; cat "$m"; echo; else printf '@missing\t%s\n' "$f"; fi
+done"#,
+            list = words(images)
+        ),
+    )
+}
+
+/// Image path -> its manifest's text, `None` when the host has none.
+pub fn parse_manifests(out: &str) -> BTreeMap<String, Option<String>> {
+    let mut m = BTreeMap::new();
+    let mut cur: Option<(String, String)> = None;
+    for line in out.lines() {
+        if let Some(img) = line.strip_prefix("@manifest\t") {
+            if let Some((i, t)) = cur.take() {
+                m.insert(i, Some(t));
+            }
+            cur = Some((img.to_owned(), String::new()));
+        } else if let Some(img) = line.strip_prefix("@missing\t") {
+            if let Some((i, t)) = cur.take() {
+                m.insert(i, Some(t));
+            }
+            m.insert(img.to_owned(), None);
+        } else if let Some((_, t)) = cur.as_mut() {
+            t.push_str(line);
+            t.push('\n');
+        }
+    }
+    if let Some((i, t)) = cur {
+        m.insert(i, Some(t));
+    }
+    m
 }
 
 /// Which images of a service to delete: all but the `keep` newest, and never

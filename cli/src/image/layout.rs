@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::ImageError;
+use super::manifest::{Manifest, MANIFEST_PATH};
 use crate::spec::{self, ImageSpec};
 
 /// Longest symlink target the writer takes (backhand panics from 256 bytes).
@@ -117,6 +118,8 @@ pub(crate) struct Layout {
     pub(crate) files: u64,
     /// Sum of the sizes of the regular files.
     pub(crate) bytes: u64,
+    /// What the image holds, also written into it at [`MANIFEST_PATH`].
+    pub(crate) manifest: Option<Manifest>,
 }
 
 impl Layout {
@@ -231,6 +234,10 @@ pub(crate) fn plan(spec: &ImageSpec) -> Result<Layout, ImageError> {
     for link in &spec.symlinks {
         add_spec_symlink(&mut layout, &link.path, &link.target)?;
     }
+    let manifest = super::manifest::of_layout(spec, &layout);
+    layout.dir("/usr/lib/attache", 0o755)?;
+    layout.bytes(MANIFEST_PATH, manifest.to_bytes(), "attache manifest")?;
+    layout.manifest = Some(manifest);
     Ok(layout)
 }
 

@@ -14,6 +14,9 @@
 //! - [`inspect`]`(path) -> Result<Inspection, `[`ImageError`]`>` reads an
 //!   image: os-release, units with their `ExecStart=`, store paths, size,
 //!   compression, sha256 and the `problems` portabled would refuse.
+//! - [`read_manifest`]`(path) -> Result<Option<`[`Manifest`]`>, `[`ImageError`]`>`
+//!   reads the manifest every image carries at [`MANIFEST_PATH`] (`None`
+//!   for images packed before manifests).
 //! - [`Compression`] parses and prints `zstd`, `xz`, `gzip`.
 //!
 //! # Layout
@@ -21,7 +24,7 @@
 //! Root `0755`; dirs `proc sys dev run tmp var var/{tmp,lib,cache,log} etc
 //! etc/systemd/system usr/lib nix/store` (`tmp`, `var/tmp` mode `1777`); empty
 //! `etc/resolv.conf`, `etc/machine-id`; identical `etc/os-release` and
-//! `usr/lib/os-release`; units as regular files in `etc/systemd/system`;
+//! `usr/lib/os-release`; the manifest in `usr/lib/attache/manifest.json`; units as regular files in `etc/systemd/system`;
 //! store paths under `nix/store` (files `0444`/`0555`, dirs `0555`, symlinks
 //! verbatim); the spec's extra symlinks. Everything is owned by root, has
 //! mtime 0, and entries are sorted, so the same spec gives the same bytes on
@@ -42,6 +45,7 @@ mod compress;
 mod error;
 mod inspect;
 mod layout;
+mod manifest;
 mod pack;
 mod sqfs;
 mod writer;
@@ -56,6 +60,9 @@ pub use inspect::UnitInfo;
 pub use inspect::{inspect, Inspection};
 #[cfg(test)]
 pub use layout::check_layout;
+#[cfg(test)]
+pub use manifest::ManifestUnit;
+pub use manifest::{read as read_manifest, Manifest, StorePath, MANIFEST_PATH};
 // For benches/packbench.rs, which includes this module.
 #[allow(unused_imports)]
 pub(crate) use pack::pack_with_stats;

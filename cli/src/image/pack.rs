@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use super::compress::{check_level, Codec, Compression};
 use super::error::ImageError;
 use super::layout::plan;
+use super::manifest::Manifest;
 use super::writer::{write_image, Stats};
 use crate::names::ImageFile;
 use crate::spec::ImageSpec;
@@ -50,6 +51,8 @@ pub struct Image {
     pub sha256: String,
     /// File size in bytes.
     pub size: u64,
+    /// What the image holds (written into it too).
+    pub manifest: Manifest,
 }
 
 /// Progress of [`pack`], for a progress bar. `Progress` comes at most every
@@ -87,7 +90,11 @@ pub(crate) fn pack_with_stats(
 ) -> Result<(Image, Stats), ImageError> {
     check_block_size(opts.block_size)?;
     let level = check_level(opts.compression, opts.level)?;
-    let layout = plan(spec)?;
+    let mut layout = plan(spec)?;
+    let manifest = layout
+        .manifest
+        .take()
+        .ok_or_else(|| ImageError::Writer("the layout has no manifest".into()))?;
     let file_name = ImageFile::new(&spec.name, &spec.version).file_name();
     let dest = out_dir.join(&file_name);
 
@@ -150,6 +157,7 @@ pub(crate) fn pack_with_stats(
         version: spec.version.clone(),
         sha256,
         size: len,
+        manifest,
     };
     Ok((image, stats))
 }

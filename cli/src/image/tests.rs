@@ -804,3 +804,46 @@ fn xz_at_one_mib_blocks_uses_a_half_block_dictionary() {
     let back = fs::read(dest.join("nix/store/bbbb-big/blob")).unwrap();
     assert!(back == content, "blob differs after unsquashfs");
 }
+
+/// The manifest's NAR sizes are what `nix-store --dump` writes, byte for
+/// byte; it sits at its fixed path, and reads back as packed.
+#[test]
+fn the_manifest_lists_the_closure_with_nar_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = tree(dir.path());
+    let out = tempfile::tempdir().unwrap();
+    let image = pack_quiet(&spec, &opts(Compression::Zstd), out.path()).unwrap();
+    let m = &image.manifest;
+    assert_eq!((m.name.as_str(), m.version.as_str()), ("demo", "1.0"));
+    let sizes: Vec<(&str, u64)> = m
+        .store_paths
+        .iter()
+        .map(|p| (p.path.as_str(), p.nar_size))
+        .collect();
+    assert_eq!(
+        sizes,
+        [
+            ("/nix/store/aaaa-demo-1.0", 83152),
+            ("/nix/store/bbbb-config.json", 120)
+        ]
+    );
+    for (path, (_, size)) in spec.store_paths.iter().zip(&sizes) {
+        // Where there is a nix-store, it must agree.
+        if let Ok(o) = Command::new("nix-store").arg("--dump").arg(path).output() {
+            if o.status.success() {
+                assert_eq!(o.stdout.len() as u64, *size);
+            }
+        }
+    }
+    let units: Vec<&str> = m.units.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(units, ["demo.service", "demo.socket"]);
+    assert_eq!(
+        m.units[0].sha256,
+        sha256_of(&spec.units[0].source),
+        "the unit as packed"
+    );
+    assert_eq!(read_manifest(&image.path).unwrap().as_ref(), Some(m));
+    // Nothing of attache's own version in it: the same closure, the same bytes.
+    let text = String::from_utf8(m.to_bytes()).unwrap();
+    assert!(!text.contains(env!("CARGO_PKG_VERSION")), "{text}");
+}

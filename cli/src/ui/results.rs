@@ -1,9 +1,10 @@
-//! The human form of what `status` and `inspect` found (their `--json` is
+//! The human form of what `status`, `inspect` and `diff` found (their `--json` is
 //! the data itself).
 
 use std::path::Path;
 
 use crate::deploy::ServiceStatus;
+use crate::diff::{Change, ClosureDiff};
 use crate::image::Inspection;
 
 /// One host's part of `attache status`: each attached service with its
@@ -72,6 +73,90 @@ pub fn inspection(path: &Path, i: &Inspection) -> String {
         h += "portabled would accept this image\n";
     }
     h
+}
+
+/// A size as `nix store diff-closures` prints it: KiB with one decimal,
+/// MiB from 1 MiB on.
+fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes >= 1 << 20 {
+        format!("{:.1} MiB", b / f64::from(1u32 << 20))
+    } else {
+        format!("{:.1} KiB", b / 1024.0)
+    }
+}
+
+fn delta(d: i64) -> String {
+    let sign = if d < 0 { "-" } else { "+" };
+    format!("{sign}{}", size(d.unsigned_abs()))
+}
+
+fn versions(v: &[String]) -> String {
+    if v.is_empty() {
+        return "∅".into();
+    }
+    v.iter()
+        .map(|v| if v.is_empty() { "ε" } else { v.as_str() })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The body of one image diff, like `nix store diff-closures`: a line per
+/// package that changed (versions and size delta; a rebuild names its new
+/// store path and size), the units, the total. Empty when nothing differs.
+pub fn closure_diff(d: &ClosureDiff) -> String {
+    let mut h = String::new();
+    for p in &d.packages {
+        if p.rebuilt() {
+            let paths: Vec<String> = p
+                .added
+                .iter()
+                .map(|a| format!("{} ({})", a.path, size(a.nar_size)))
+                .collect();
+            h += &format!(
+                "  {}: {} rebuilt, {}: {}\n",
+                p.name,
+                versions(&p.new_versions),
+                delta(p.size_delta),
+                paths.join(", ")
+            );
+        } else {
+            h += &format!(
+                "  {}: {} → {}, {}\n",
+                p.name,
+                versions(&p.old_versions),
+                versions(&p.new_versions),
+                delta(p.size_delta)
+            );
+        }
+    }
+    for u in &d.units {
+        let what = match u.change {
+            Change::Added => "added",
+            Change::Removed => "removed",
+            Change::Changed => "changed",
+        };
+        h += &format!("  unit {}: {what}\n", u.name);
+    }
+    if !h.is_empty() {
+        h += &format!(
+            "  total: {} ({} → {})\n",
+            delta(d.size_delta()),
+            size(d.old_size),
+            size(d.new_size)
+        );
+    }
+    h
+}
+
+/// The heading of one image diff: `OLD → NEW`.
+pub fn diff_heading(d: &ClosureDiff) -> String {
+    let side = |s: &Option<String>| s.clone().unwrap_or_else(|| "nothing".into());
+    if d.is_empty() {
+        format!("{}: no change", side(&d.new))
+    } else {
+        format!("{} → {}", side(&d.old), side(&d.new))
+    }
 }
 
 #[cfg(test)]

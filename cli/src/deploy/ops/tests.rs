@@ -205,8 +205,10 @@ fn scripts_pass_shellcheck() {
         clear_partials(),
         receive("/a"),
         sha256("/a"),
-        place("/a", "/b.raw", &["b".into()]),
+        place("/a", "/b.raw", &["b".into()], Some("/m")),
         prune(&["/b.raw".into()]),
+        read_manifests(&["/b.raw".into()]),
+        place_manifest("/m", "/b.raw"),
         portablectl("x-1", &c),
         portablectl(
             "x-2",
@@ -294,4 +296,19 @@ fn a_revert_attaches_the_old_image_when_the_switch_stopped_half_way() {
     assert!(postpone(Duration::from_secs(60))
         .text
         .contains("--on-active=60"));
+}
+
+#[test]
+fn manifests_are_read_per_image_and_missing_ones_said() {
+    let out = "@manifest\t/var/lib/portables/a_1.raw\n{\n  \"x\": 1\n}\n\n@missing\t/var/lib/portables/b_1.raw\n@manifest\t/var/lib/portables/c_1.raw\n{}\n";
+    let m = parse_manifests(out);
+    assert_eq!(
+        m["/var/lib/portables/a_1.raw"].as_deref(),
+        Some("{\n  \"x\": 1\n}\n\n")
+    );
+    assert_eq!(m["/var/lib/portables/b_1.raw"], None);
+    assert_eq!(m["/var/lib/portables/c_1.raw"].as_deref(), Some("{}\n"));
+    assert!(prune(&["/var/lib/portables/a_1.raw".into()])
+        .text
+        .contains("/var/lib/attache/manifests/a_1.raw.json"));
 }

@@ -24,6 +24,7 @@ fn svc(name: &str, version: &str, sha: &str, units: &[&str]) -> ServicePlan {
             .collect(),
         prefixes: crate::names::unit_prefixes(units.iter().copied()),
         checks: Vec::new(),
+        manifest: None,
     }
 }
 
