@@ -73,6 +73,7 @@ pub enum Command {
     Detach(HostServiceArgs),
     Inspect(InspectArgs),
     Diff(DiffArgs),
+    Logs(LogsArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
 }
@@ -469,6 +470,43 @@ pub struct DiffArgs {
     pub fleet: FleetArgs,
     #[command(flatten)]
     pub nix: NixArgs,
+}
+
+/// Show the journal of a service's units on hosts, merged by time.
+///
+/// Examples:
+///
+///   attache logs web1 shop -n 50
+///
+///   attache logs @web shop --since '1 hour ago'
+///
+///   attache logs @web -f
+///
+/// Template instances are included (`echo@*.service` for `echo@.service`);
+/// each line starts with its host. `-f` follows every host at once until
+/// Ctrl-C; nothing keeps running on a host once attache stops. `--json`
+/// prints each journal entry's fields (as `journalctl -o json`) plus `host`.
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct LogsArgs {
+    /// Host (name, @tag, or SSH destination).
+    #[arg(value_name = "HOST|@TAG")]
+    pub host: String,
+    /// Service (image) name; every attached service when left out.
+    pub service: Option<String>,
+    /// Keep printing new entries until Ctrl-C.
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+    /// Entries from this time on, in journalctl's words (`1 hour ago`, `2026-12-01 10:00`).
+    #[arg(long, value_name = "TIME")]
+    pub since: Option<String>,
+    /// The last N entries of each host [default: 100, or all since --since].
+    #[arg(short = 'n', long = "lines", value_name = "N")]
+    pub lines: Option<u32>,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub nix: NixBin,
 }
 
 /// Print shell completions to stdout.

@@ -207,6 +207,11 @@ pub struct Background {
     args: String,
 }
 
+/// [`attache_in`], started in the background.
+pub fn attache_in_background(cwd: &Path, cache: &Path, args: &[&str]) -> Background {
+    attache_spawn(cwd, cache, args, &[])
+}
+
 /// [`attache_in`], started in the background with extra environment.
 fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
     let mut child = attache_command(cwd, cache, args)
@@ -248,6 +253,32 @@ fn pump(
 impl Background {
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until attache's stdout contains `needle`: false when attache
+    /// ended, or `limit` passed, first.
+    pub fn wait_stdout(&mut self, needle: &str, limit: Duration) -> bool {
+        let start = Instant::now();
+        while !self.stdout().contains(needle) {
+            let ended = self.child.try_wait().ok().flatten().is_some();
+            if ended || start.elapsed() > limit {
+                std::thread::sleep(Duration::from_millis(200));
+                return self.stdout().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    }
+
+    /// Sends SIGINT, as Ctrl-C would.
+    pub fn interrupt(&self) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill").args(["-INT", &pid]).status();
+        assert!(ok.is_ok_and(|s| s.success()), "kill -INT {pid}");
     }
 
     /// Waits until attache's stderr contains `needle`: false when attache

@@ -130,6 +130,9 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     for p in &plans {
         deploy::check_timer(p, &settings).map_err(|e| Error::Usage(format!("{}: {e}", p.name)))?;
     }
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let names: Vec<String> = plans.iter().map(|p| p.name.clone()).collect();
     let wants: Vec<diff::HostWant> = plans.iter().map(host_want).collect();
     let view = DeployView::new(ui, &names);
@@ -165,7 +168,44 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     } else {
         None
     };
-    report(ui, &reports, args.dry_run, diffs.as_deref())
+    let result = report(ui, &reports, args.dry_run, diffs.as_deref());
+    if result.is_err() {
+        for hint in logs_hints(&reports, started, args) {
+            ui.status("Logs", hint);
+        }
+    }
+    result
+}
+
+/// For each host where a changed service failed, the `attache logs`
+/// command that shows what its units said since the deploy began.
+fn logs_hints(reports: &[HostReport], started: u64, args: &DeployArgs) -> Vec<String> {
+    let since = super::logs::utc(started);
+    let mut extra = String::new();
+    if args.to.is_none() && args.fleet.flake != "." {
+        extra += &format!(" --flake {}", deploy::quote(&args.fleet.flake));
+    }
+    if let Some(c) = &args.fleet.ssh.ssh_config {
+        extra += &format!(" --ssh-config {}", deploy::quote(&c.display().to_string()));
+    }
+    reports
+        .iter()
+        .filter(|r| matches!(r.outcome, Outcome::RolledBack | Outcome::Failed))
+        .flat_map(|r| {
+            r.services
+                .iter()
+                .filter(|s| s.action != deploy::Action::Unchanged)
+                .map(|s| {
+                    format!(
+                        "attache logs {} {} --since {}{extra}",
+                        deploy::quote(&r.host),
+                        s.name,
+                        deploy::quote(&since)
+                    )
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// What `--dry-run`'s diff compares each host's services with.

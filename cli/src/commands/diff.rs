@@ -38,7 +38,11 @@ pub fn run(args: &DiffArgs, ui: &Ui) -> Result<(), Error> {
     }
 }
 
+/// Nothing at all for identical closures, like `nix store diff-closures`.
 fn render_one(d: &ClosureDiff) -> String {
+    if d.is_empty() {
+        return String::new();
+    }
     format!("{}\n{}", ui::diff_heading(d), ui::closure_diff(d))
 }
 

@@ -9,6 +9,7 @@ mod detach;
 mod diff;
 mod hosts;
 mod inspect;
+mod logs;
 mod rollback;
 mod status;
 
@@ -46,6 +47,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
         Command::Detach(args) => detach::run(&args, ui),
         Command::Inspect(args) => inspect::run(&args, ui),
         Command::Diff(args) => diff::run(&args, ui),
+        Command::Logs(args) => logs::run(&args, ui),
         Command::Completions(args) => {
             let mut buf = Vec::new();
             clap_complete::generate(args.shell, &mut Cli::command(), "attache", &mut buf);

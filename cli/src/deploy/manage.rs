@@ -117,6 +117,16 @@ pub async fn attached_manifests(
         .collect())
 }
 
+/// The units whose journal `attache logs` reads on this host: `service`'s
+/// (every attached service's when `None`), template instances included.
+pub async fn journal_units(
+    s: &HostSession,
+    service: Option<&str>,
+) -> Result<Vec<String>, HostError> {
+    let (facts, _) = s.facts(&[], false, Stage::Preflight, false).await?;
+    Ok(ops::journal_units(&facts, service))
+}
+
 /// Puts back the image attached before the last deploy of `service`, checks
 /// that its units run from it, and records the one it left as the next
 /// rollback's target. Returns (left, now attached).

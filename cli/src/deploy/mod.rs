@@ -32,9 +32,10 @@ mod session;
 
 pub use error::HostError;
 pub use manage::{
-    attached_manifests, detach_service, host_status, rollback_service, AttachedManifest,
-    ServiceStatus,
+    attached_manifests, detach_service, host_status, journal_units, rollback_service,
+    AttachedManifest, ServiceStatus,
 };
+pub use ops::{journal, quote, JournalQuery};
 pub use plan::{check_timer, Action};
 pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage};
 pub use session::HostSession;

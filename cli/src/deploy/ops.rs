@@ -598,6 +598,72 @@ pub fn record_previous(service: &str, previous: Option<&str>) -> Script {
     Script::new("recording the previous image", text)
 }
 
+// ---- the journal -----------------------------------------------------------
+
+/// What `attache logs` asks the journal for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JournalQuery {
+    /// Units, template instances as globs (`echo@*.service`).
+    pub units: Vec<String>,
+    pub since: Option<String>,
+    pub lines: Option<u32>,
+    pub follow: bool,
+}
+
+/// `journalctl -o json` for the units. Following, journalctl runs while our
+/// stdin stays open: when the channel closes, `cat` ends and takes it
+/// along, so nothing keeps running on the host; and if journalctl ends by
+/// itself (a bad `--since`), the script ends too.
+pub fn journal(q: &JournalQuery) -> Script {
+    let mut args: Vec<String> = vec![
+        "journalctl".into(),
+        "--no-pager".into(),
+        "-o".into(),
+        "json".into(),
+    ];
+    if let Some(s) = &q.since {
+        args.push(format!("--since={s}"));
+    }
+    match (q.lines, &q.since) {
+        (Some(n), _) => args.push(format!("--lines={n}")),
+        (None, None) if !q.follow => args.push("--lines=100".into()),
+        _ => {}
+    }
+    for u in &q.units {
+        args.push(format!("--unit={u}"));
+    }
+    let cmd = words(&args);
+    if !q.follow {
+        return Script::new("reading the journal", cmd);
+    }
+    Script::new(
+        "following the journal",
+        format!(
+            r#"{cmd} --follow & j=$!
+(while kill -0 $j 2>/dev/null; do sleep 1; done; kill $$ 2>/dev/null) >/dev/null 2>&1 &
+cat >/dev/null 2>&1
+kill $j 2>/dev/null
+exit 0"#
+        ),
+    )
+}
+
+/// The units a journal query for `service` (every attached service when
+/// `None`) reads: all its attached units, templates as globs.
+pub fn journal_units(facts: &HostFacts, service: Option<&str>) -> Vec<String> {
+    let mut units: Vec<String> = facts
+        .attached
+        .iter()
+        .filter(|a| {
+            service.is_none_or(|s| ImageFile::parse(&a.image).is_some_and(|f| f.name() == s))
+        })
+        .map(|a| a.unit.replace("@.", "@*."))
+        .collect();
+    units.sort();
+    units.dedup();
+    units
+}
+
 // ---- health ---------------------------------------------------------------
 
 /// `systemctl show` of the properties health needs, one block per unit.

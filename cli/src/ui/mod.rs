@@ -161,6 +161,20 @@ impl Ui {
         }
     }
 
+    /// One record of a stream (`attache logs`) as it comes: with `--json`
+    /// the record as one line, else `prefix` (coloured by `colour`, a
+    /// small number per host, on a terminal) and `text`.
+    pub fn stream(&self, json: &serde_json::Value, prefix: &str, colour: usize, text: &str) {
+        let line = if self.json {
+            serde_json::to_string(json).unwrap_or_default()
+        } else {
+            const COLOURS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
+            let c = COLOURS[colour % COLOURS.len()];
+            format!("{} {text}", self.paint(c, prefix))
+        };
+        Ui::write(&self.stdout, format!("{line}\n").as_bytes());
+    }
+
     /// Raw bytes to stdout (completions, man page).
     pub fn raw(&self, bytes: &[u8]) {
         Ui::write(&self.stdout, bytes);

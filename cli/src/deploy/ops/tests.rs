@@ -209,6 +209,12 @@ fn scripts_pass_shellcheck() {
         prune(&["/b.raw".into()]),
         read_manifests(&["/b.raw".into()]),
         place_manifest("/m", "/b.raw"),
+        journal(&JournalQuery {
+            units: vec!["a.service".into(), "b@*.service".into()],
+            since: Some("1 hour ago".into()),
+            lines: Some(5),
+            follow: true,
+        }),
         portablectl("x-1", &c),
         portablectl(
             "x-2",
@@ -311,4 +317,26 @@ fn manifests_are_read_per_image_and_missing_ones_said() {
     assert!(prune(&["/var/lib/portables/a_1.raw".into()])
         .text
         .contains("/var/lib/attache/manifests/a_1.raw.json"));
+}
+
+#[test]
+fn the_journal_of_a_service_includes_its_template_instances() {
+    let facts = parse_facts(
+        "attached\techo.socket\t/var/lib/portables/echo_1.0.raw\n\
+         attached\techo@.service\t/var/lib/portables/echo_1.0.raw\n\
+         attached\tshop-web.service\t/var/lib/portables/shop_1.0.raw\n",
+    );
+    assert_eq!(
+        journal_units(&facts, Some("echo")),
+        ["echo.socket", "echo@*.service"]
+    );
+    assert_eq!(journal_units(&facts, None).len(), 3);
+    let q = JournalQuery {
+        units: journal_units(&facts, Some("shop")),
+        ..JournalQuery::default()
+    };
+    assert_eq!(
+        journal(&q).text,
+        "'journalctl' '--no-pager' '-o' 'json' '--lines=100' '--unit=shop-web.service'"
+    );
 }
