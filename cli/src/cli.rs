@@ -410,6 +410,13 @@ pub struct StatusArgs {
     /// Hosts (names, @tags, or SSH destinations); none means all inventory hosts.
     #[arg(value_name = "HOST")]
     pub hosts: Vec<String>,
+    /// Every unit of every host, one host at a time, instead of one line
+    /// per service with hosts that agree grouped.
+    #[arg(long)]
+    pub wide: bool,
+    /// Hosts read at once.
+    #[arg(long, short = 'j', default_value_t = 8, value_name = "N")]
+    pub jobs: usize,
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]

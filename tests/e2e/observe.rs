@@ -1,6 +1,8 @@
 //! Seeing before and after on real hosts: `attache diff` between what runs
 //! and what a deploy would bring, `attache logs` merged across hosts and
-//! followed until Ctrl-C. Two Debian 12 guests and the shop fixture.
+//! followed until Ctrl-C, `attache status` of a fleet with a host down.
+//! Two Debian 12 guests (the third host does not resolve) and the shop
+//! fixture.
 
 use std::time::Duration;
 
@@ -44,11 +46,14 @@ impl Fleet {
             .iter()
             .map(|h| {
                 format!(
-                    "{} = {{ tags = [ \"obs\" ]; services = [ pkgs.{pkg} ]; }};\n",
+                    "{} = {{ tags = [ \"obs\" \"all\" ]; services = [ pkgs.{pkg} ]; }};\n",
                     h.name()
                 )
             })
             .collect();
+        // A host that cannot be reached: its name does not resolve.
+        let hosts = hosts
+            + "obsdown = { host = \"obsdown.invalid\"; tags = [ \"all\" ]; services = [ ]; };\n";
         std::fs::write(
             self.dir.path().join("shop/hosts.nix"),
             format!("pkgs: {{\n{hosts}}}\n"),
@@ -86,7 +91,7 @@ fn log_line(h: &Host, text: &str) {
 }
 
 #[test]
-fn diff_and_logs_across_two_hosts() {
+fn diff_logs_and_status_across_hosts() {
     let f = Fleet::new(&["obs1", "obs2"]);
     f.runs("shop");
     f.attache("deploy", &["--json", "@obs"]).ok();
@@ -163,6 +168,40 @@ fn diff_and_logs_across_two_hosts() {
     );
 
     logs_merged_and_followed(&f);
+    status_with_one_host_down(&f);
+}
+
+/// Three hosts, one down: the two that agree on one line, the third's
+/// error in the table, exit code 2.
+fn status_with_one_host_down(f: &Fleet) {
+    let r = f.attache("status", &["@all"]).fails(2);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", r.stdout);
+    assert!(lines[0].starts_with("HOSTS "), "{}", r.stdout);
+    let words: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        words[..7],
+        ["obs1,", "obs2", "shop", "2.0", "1/1", "active", "0"],
+        "{}",
+        r.stdout
+    );
+    assert!(
+        lines[2].starts_with("obsdown ") && lines[2].contains("error: obsdown: "),
+        "{}",
+        r.stdout
+    );
+    assert!(r.error().starts_with("obsdown: "), "{}", r.stderr);
+    let r = f
+        .attache("status", &["--wide", "--jobs", "1", "@all"])
+        .fails(2);
+    assert!(
+        r.stdout.contains("shop-web.service: active (running)"),
+        "{}",
+        r.stdout
+    );
+    let j = f.attache("status", &["--json", "@all"]).fails(2).json();
+    assert_eq!(j["hosts"][0]["services"][0]["units_active"], 1, "{j}");
+    assert!(j["hosts"][2]["error"].is_string(), "{j}");
 }
 
 fn logs_merged_and_followed(f: &Fleet) {

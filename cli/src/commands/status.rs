@@ -18,38 +18,54 @@ pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
         &args.fleet.ssh,
     )?;
     let opts = ssh_options(&args.fleet.ssh);
-    // Reading is harmless: every host at once, a failure stops nothing.
+    // Reading is harmless: a failure stops nothing.
     let results = hosts::runtime()?.block_on(hosts::on_hosts(
         hosts.clone(),
-        Policy::all_at_once(hosts.len()),
+        Policy::all_at_once(args.jobs.max(1)),
         |_| true,
         |(name, dest, elev)| {
             let opts = opts.clone();
             async move { host_status(&name, &dest, &opts, elev).await }
         },
     ));
-    let mut human = String::new();
-    let mut json_hosts = Vec::new();
-    let mut failed = Vec::new();
-    for ((name, _, _), result) in hosts.iter().zip(results) {
-        match result {
-            Ran::Done(Ok(services)) => {
-                human += &ui::host_status(name, Ok(&services));
-                json_hosts.push(json!({"host": name, "services": services}));
-            }
-            Ran::Done(Err(e)) => {
-                let e = e.to_string();
-                human += &ui::host_status(name, Err(&e));
-                json_hosts.push(json!({"host": name, "error": e}));
-                failed.push(e);
-            }
-            // As before the runner: a host whose task died is left out.
-            Ran::Skipped(_) => {}
-        }
-    }
+    let results: Vec<(&str, Result<Vec<deploy::ServiceStatus>, String>)> = hosts
+        .iter()
+        .zip(results)
+        .map(|((name, _, _), r)| {
+            let r = match r {
+                Ran::Done(r) => r.map_err(|e| e.to_string()),
+                Ran::Skipped(why) => Err(format!("{name}: {why}")),
+            };
+            (name.as_str(), r)
+        })
+        .collect();
+    let view: Vec<(&str, Result<&[deploy::ServiceStatus], &str>)> = results
+        .iter()
+        .map(|(n, r)| (*n, r.as_deref().map_err(String::as_str)))
+        .collect();
+    let human = if args.wide {
+        view.iter().map(|(n, r)| ui::host_status(n, *r)).collect()
+    } else {
+        ui::fleet_status(&view)
+    };
+    let json_hosts: Vec<serde_json::Value> = results
+        .iter()
+        .map(|(name, r)| match r {
+            Ok(services) => json!({"host": name, "services": services}),
+            Err(e) => json!({"host": name, "error": e}),
+        })
+        .collect();
+    let failed: Vec<&String> = results
+        .iter()
+        .filter_map(|(_, r)| r.as_ref().err())
+        .collect();
     ui.result(&json!({ "hosts": json_hosts }), &human);
-    if let Some(first) = failed.into_iter().next() {
-        return Err(Error::Remote(first));
+    if let Some(first) = failed.first() {
+        let more = match failed.len() {
+            1 => String::new(),
+            n => format!(" ({} more hosts could not be read)", n - 1),
+        };
+        return Err(Error::Remote(format!("{first}{more}")));
     }
     Ok(())
 }

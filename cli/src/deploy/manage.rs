@@ -26,6 +26,14 @@ pub struct ServiceStatus {
     pub sha256: String,
     /// Unit -> "ACTIVE (SUB)", or "template".
     pub units: BTreeMap<String, String>,
+    /// Units that are not templates, and how many of them are active.
+    pub units_total: usize,
+    pub units_active: usize,
+    /// Restarts of its units since they were started (systemd's NRestarts).
+    pub restarts: u64,
+    /// When its units became active (the earliest), `YYYY-MM-DD HH:MM:SS
+    /// TZ`; empty when none is.
+    pub since: String,
 }
 
 /// What is attached on the host, grouped by image.
@@ -50,7 +58,21 @@ pub async fn host_status(s: &HostSession) -> Result<Vec<ServiceStatus>, HostErro
         .into_iter()
         .map(|(image, units)| {
             let file = ImageFile::parse(image);
+            let own: Vec<&ops::UnitState> = units.iter().filter_map(|u| states.get(*u)).collect();
             ServiceStatus {
+                units_total: own.len(),
+                units_active: own.iter().filter(|s| s.active == "active").count(),
+                restarts: own
+                    .iter()
+                    .map(|s| s.restarts.parse::<u64>().unwrap_or(0))
+                    .sum(),
+                since: own
+                    .iter()
+                    .filter(|s| s.active == "active")
+                    .map(|s| wall_time(&s.since_wall))
+                    .filter(|s| !s.is_empty())
+                    .min()
+                    .unwrap_or_default(),
                 name: file
                     .as_ref()
                     .map_or_else(|| basename(image).to_owned(), |f| f.name().to_owned()),
@@ -73,6 +95,17 @@ pub async fn host_status(s: &HostSession) -> Result<Vec<ServiceStatus>, HostErro
             }
         })
         .collect())
+}
+
+/// `Tue 2026-12-01 17:05:07 UTC` without the weekday, which sorts.
+fn wall_time(systemd: &str) -> String {
+    let t = systemd.trim();
+    match t.split_once(' ') {
+        Some((day, rest)) if day.len() == 3 && day.chars().all(|c| c.is_ascii_alphabetic()) => {
+            rest.to_owned()
+        }
+        _ => t.to_owned(),
+    }
 }
 
 /// What one service has attached on a host, and the manifest the host

@@ -671,7 +671,7 @@ pub fn show(units: &[String]) -> Script {
     Script::new(
         "reading unit states",
         format!(
-            "for u in {}; do echo \"@unit=$u\"; systemctl show -p ActiveState -p SubState -p NRestarts -p Result -p Type -p RootImage -p ActiveEnterTimestampMonotonic \"$u\"; done",
+            "for u in {}; do echo \"@unit=$u\"; systemctl show -p ActiveState -p SubState -p NRestarts -p Result -p Type -p RootImage -p ActiveEnterTimestampMonotonic -p ActiveEnterTimestamp \"$u\"; done",
             words(units)
         ),
     )
@@ -686,6 +686,8 @@ pub struct UnitState {
     pub kind: String,
     pub root_image: String,
     pub since: String,
+    /// When the unit last became active, as systemd prints it.
+    pub since_wall: String,
 }
 
 pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
@@ -712,6 +714,7 @@ pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
             "Type" => s.kind = v,
             "RootImage" => s.root_image = v,
             "ActiveEnterTimestampMonotonic" => s.since = v,
+            "ActiveEnterTimestamp" => s.since_wall = v,
             _ => {}
         }
     }

@@ -33,6 +33,102 @@ pub fn host_status(host: &str, services: Result<&[ServiceStatus], &str>) -> Stri
     human
 }
 
+/// `attache status` without `--wide`: one line per host and service, hosts
+/// that agree (same image, same unit states and restarts) on one line; the
+/// earliest start of a group is its "since". Unreachable hosts say why.
+pub fn fleet_status(hosts: &[(&str, Result<&[ServiceStatus], &str>)]) -> String {
+    // (key, hosts, since) in first-seen order.
+    let mut rows: Vec<([String; 4], Vec<&str>, String)> = Vec::new();
+    for (host, r) in hosts {
+        let lines: Vec<([String; 4], String)> = match r {
+            Err(e) => vec![(
+                [
+                    format!("error: {e}"),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ],
+                String::new(),
+            )],
+            Ok([]) => vec![(
+                [
+                    "(no portable services attached)".into(),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ],
+                String::new(),
+            )],
+            Ok(services) => services
+                .iter()
+                .map(|s| {
+                    let state = if s.units_total == 0 {
+                        "no units".to_owned()
+                    } else {
+                        format!("{}/{} active", s.units_active, s.units_total)
+                    };
+                    (
+                        [
+                            s.name.clone(),
+                            s.version.clone(),
+                            state,
+                            s.restarts.to_string(),
+                        ],
+                        s.since.clone(),
+                    )
+                })
+                .collect(),
+        };
+        for (key, since) in lines {
+            match rows.iter_mut().find(|(k, _, _)| *k == key) {
+                Some((_, hs, first)) => {
+                    hs.push(host);
+                    if !since.is_empty() && (first.is_empty() || since < *first) {
+                        *first = since;
+                    }
+                }
+                None => rows.push((key, vec![host], since)),
+            }
+        }
+    }
+    let header = [
+        "HOSTS".to_owned(),
+        "SERVICE".into(),
+        "VERSION".into(),
+        "UNITS".into(),
+        "RESTARTS".into(),
+        "SINCE".into(),
+    ];
+    let table: Vec<[String; 6]> = std::iter::once(header)
+        .chain(rows.into_iter().map(|(k, hs, since)| {
+            let [a, b, c, d] = k;
+            [hs.join(", "), a, b, c, d, since]
+        }))
+        .collect();
+    let spans = |row: &[String; 6]| row[2..].iter().all(String::is_empty);
+    let mut widths = [0usize; 6];
+    for row in table.iter().filter(|r| !spans(r)) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in &table {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            // An error or "no services" spans the rest of the line.
+            if i == 5 || (i == 1 && spans(row)) {
+                line += cell;
+                break;
+            }
+            line += &format!("{cell:<w$}  ", w = widths[i]);
+        }
+        out += line.trim_end();
+        out.push('\n');
+    }
+    out
+}
+
 /// What `attache inspect` found in the image at `path`.
 pub fn inspection(path: &Path, i: &Inspection) -> String {
     let mut h = String::new();
@@ -177,6 +273,10 @@ mod tests {
                 ("demo.service".into(), "active (running)".into()),
                 ("demo@.service".into(), "template".into()),
             ]),
+            units_total: 1,
+            units_active: 1,
+            restarts: 0,
+            since: "2026-12-01 17:05:07 UTC".into(),
         }];
         assert_eq!(
             host_status("web1", Ok(&services)),
@@ -193,6 +293,40 @@ mod tests {
         assert_eq!(
             host_status("down", Err("down: connection refused")),
             "down\n  error: down: connection refused\n"
+        );
+    }
+
+    #[test]
+    fn fleet_status_groups_hosts_that_agree() {
+        let svc = |since: &str, restarts| ServiceStatus {
+            name: "shop".into(),
+            version: "1.0".into(),
+            image: "/var/lib/portables/shop_1.0.raw".into(),
+            sha256: String::new(),
+            units: BTreeMap::new(),
+            units_total: 1,
+            units_active: 1,
+            restarts,
+            since: since.into(),
+        };
+        let (a, b, c) = (
+            [svc("2026-12-01 17:05:09 UTC", 0)],
+            [svc("2026-12-01 17:05:07 UTC", 0)],
+            [svc("2026-12-01 17:05:08 UTC", 2)],
+        );
+        let text = fleet_status(&[
+            ("h1", Ok(&a)),
+            ("h2", Ok(&b)),
+            ("h3", Ok(&c)),
+            ("h0", Err("h0: cannot connect over SSH: no such host")),
+        ]);
+        assert_eq!(
+            text,
+            "HOSTS   SERVICE  VERSION  UNITS       RESTARTS  SINCE
+h1, h2  shop     1.0      1/1 active  0         2026-12-01 17:05:07 UTC
+h3      shop     1.0      1/1 active  2         2026-12-01 17:05:08 UTC
+h0      error: h0: cannot connect over SSH: no such host
+"
         );
     }
 
