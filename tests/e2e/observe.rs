@@ -4,6 +4,7 @@
 //! Two Debian 12 guests (the third host does not resolve) and the shop
 //! fixture.
 
+use std::path::Path;
 use std::time::Duration;
 
 use attache_lab::{shared, Guest, Host};
@@ -279,4 +280,34 @@ fn logs_merged_and_followed(f: &Fleet) {
             h.ssh_ok("ps -ef")
         );
     }
+}
+
+/// Every image carries its manifest at a fixed path; its NAR sizes are
+/// Nix's own, and two builds of one closure carry the same one.
+#[test]
+fn the_image_knows_its_closure() {
+    let out = tempfile::tempdir().unwrap();
+    let o = out.path().display().to_string();
+    let j = attache(&["build", "--json", "-o", &o, "./examples/demo#demo"])
+        .ok()
+        .json();
+    let image = Path::new(j["path"].as_str().unwrap()).to_owned();
+    let text = unsquashfs_cat(&image, "usr/lib/attache/manifest.json");
+    let m: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (m["name"].as_str(), m["version"].as_str()),
+        (Some("demo"), Some("1.0"))
+    );
+    let paths = m["store_paths"].as_array().unwrap();
+    assert!(!paths.is_empty(), "{m}");
+    for p in paths {
+        let path = p["path"].as_str().unwrap();
+        let out = std::process::Command::new("nix-store")
+            .args(["--query", "--size", path])
+            .output()
+            .unwrap();
+        let nix: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        assert_eq!(p["nar_size"].as_u64(), Some(nix), "{path}");
+    }
+    assert!(!text.contains(env!("CARGO_PKG_VERSION")), "{text}");
 }

@@ -368,6 +368,42 @@ mod tests {
         );
     }
 
+    /// A failed service's logs, from the deploy's start, on the host the
+    /// report names, with the flags that reach it.
+    #[test]
+    fn a_failed_deploy_names_its_logs_command() {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from([
+            "attache",
+            "deploy",
+            "--flake",
+            "path:/x y",
+            "--ssh-config",
+            "/c",
+        ])
+        .unwrap();
+        let crate::cli::Command::Deploy(args) = cli.command else {
+            panic!("not deploy")
+        };
+        let mut bad = HostReport::new("web1");
+        bad.outcome = Outcome::RolledBack;
+        bad.services.push(deploy::ServiceReport {
+            name: "shop".into(),
+            image: "/var/lib/portables/shop_2.0.raw".into(),
+            sha256: String::new(),
+            upload: true,
+            action: deploy::Action::Reattach,
+            previous: None,
+            outcome: Outcome::RolledBack,
+        });
+        let mut ok = HostReport::new("web2");
+        ok.outcome = Outcome::Healthy;
+        assert_eq!(
+            logs_hints(&[bad, ok], 1_764_608_523, &args),
+            ["attache logs 'web1' shop --since '2025-12-01 17:02:03 UTC' --flake 'path:/x y' --ssh-config '/c'"]
+        );
+    }
+
     /// With nothing but skipped hosts, nothing is above to point at.
     #[test]
     fn no_details_above_when_there_are_none() {
