@@ -168,8 +168,47 @@ fn diff_logs_and_status_across_hosts() {
         r.stdout
     );
 
+    // An image placed before manifests: diff says so and what to do; the
+    // next deploy, with nothing to change, records it.
+    f.hosts[0].ssh_ok("rm /var/lib/attache/manifests/shop_2.0.raw.json");
+    let r = f.attache("diff", &["@obs", "shop"]).ok();
+    assert!(
+        r.stdout.starts_with(
+            "obs1\n  shop: the host keeps no manifest of shop_2.0.raw: it was placed by an attache from before manifests. The next `attache deploy` records it"
+        ),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("obs2\n  shop: shop_2.0.raw: no change"),
+        "{}",
+        r.stdout
+    );
+    f.attache("deploy", &["@obs"]).ok();
+    f.hosts[0].ssh_ok("test -s /var/lib/attache/manifests/shop_2.0.raw.json");
+
     logs_merged_and_followed(&f);
     status_with_one_host_down(&f);
+
+    // A failed deploy names the command that shows why; its image stays,
+    // with its manifest, until prune takes both (shop-old is 1.0 with
+    // other content: 2.0 stays as what rollback goes back to, 2.1 goes).
+    f.runs("shop-broken");
+    let r = f.attache("deploy", &["--keep-going", "@obs"]).fails(3);
+    let hint = "attache logs 'obs1' shop --since '";
+    assert!(r.stderr.contains(hint), "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("--flake '{}'", f.flake)),
+        "{}",
+        r.stderr
+    );
+    let left = f.hosts[0].ssh_ok("ls /var/lib/portables /var/lib/attache/manifests");
+    assert!(left.contains("shop_2.1.raw.json"), "{left}");
+    f.runs("shop-old");
+    f.attache("deploy", &["--keep", "1", "@obs"]).ok();
+    let left = f.hosts[0].ssh_ok("ls /var/lib/portables /var/lib/attache/manifests");
+    assert!(!left.contains("shop_2.1.raw"), "{left}");
+    assert!(left.contains("shop_2.0.raw.json"), "{left}");
 }
 
 /// Three hosts, one down: the two that agree on one line, the third's

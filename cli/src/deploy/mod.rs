@@ -177,7 +177,7 @@ impl<E: Events> Run<'_, E> {
         let t = self.stage(Stage::Preflight);
         let prepared = self.prepare(s).await;
         t.end(r, prepared.is_ok());
-        let plan = prepared?;
+        let (plan, facts) = prepared?;
         for step in &plan.steps {
             let svc = &self.plan.services[step.service];
             if let Some(n) = &step.note {
@@ -198,7 +198,7 @@ impl<E: Events> Run<'_, E> {
         }
 
         let t = self.stage(Stage::Push);
-        let pushed = self.push_all(s, &plan).await;
+        let pushed = self.push_all(s, &plan, &facts).await;
         r.bytes_sent = *pushed.as_ref().unwrap_or(&0);
         t.end(r, pushed.is_ok());
         pushed?;
@@ -268,17 +268,24 @@ impl<E: Events> Run<'_, E> {
 
     /// Reads the host and plans; finishes first an earlier deploy that was
     /// never confirmed, so the plan starts from the host's last good state.
-    async fn prepare(&self, s: &HostSession) -> Result<Plan, HostError> {
+    async fn prepare(&self, s: &HostSession) -> Result<(Plan, HostFacts), HostError> {
         let hash = plan::files_to_hash(self.plan);
         let finish = !self.settings.dry_run;
         let (facts, finished) = s.facts(&hash, false, Stage::Preflight, finish).await?;
         if finished {
             self.note("an earlier deploy was never confirmed; its automatic rollback put back what it replaced first");
         }
-        plan::plan(&facts, self.plan).map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))
+        let plan = plan::plan(&facts, self.plan)
+            .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
+        Ok((plan, facts))
     }
 
-    async fn push_all(&self, s: &HostSession, plan: &Plan) -> Result<u64, HostError> {
+    async fn push_all(
+        &self,
+        s: &HostSession,
+        plan: &Plan,
+        facts: &HostFacts,
+    ) -> Result<u64, HostError> {
         let mut sent = 0;
         if plan.steps.iter().any(|st| st.upload) {
             s.step(&ops::clear_partials(), Stage::Push).await?;
@@ -287,9 +294,9 @@ impl<E: Events> Run<'_, E> {
             let svc = &self.plan.services[step.service];
             if step.upload {
                 sent += self.push(s, svc, &step.target).await?;
-            } else if let Some(m) = &svc.manifest {
-                // The image is there already, maybe placed by an attache
-                // from before manifests: record its manifest now.
+            } else if let (Some(m), false) = (&svc.manifest, facts.has_manifest(&step.target)) {
+                // The image is there already, placed by an attache from
+                // before manifests: record its manifest now.
                 let tmp = self.push_manifest(s, m, &step.target).await?;
                 s.step(&ops::place_manifest(&tmp, &step.target), Stage::Push)
                     .await?;

@@ -104,6 +104,8 @@ pub struct HostFacts {
     pub revert_pending: bool,
     /// portabled's profiles on the host (sorted).
     pub profiles: Vec<String>,
+    /// Image file names whose manifest the host keeps.
+    pub manifests: std::collections::BTreeSet<String>,
 }
 
 impl HostFacts {
@@ -114,6 +116,11 @@ impl HostFacts {
             .iter()
             .find(|a| ImageFile::parse(&a.image).is_some_and(|f| f.name() == service))
             .map(|a| a.image.as_str())
+    }
+
+    /// The host keeps the manifest of `image`.
+    pub fn has_manifest(&self, image: &str) -> bool {
+        self.manifests.contains(crate::names::basename(image))
     }
 
     /// Units attached from `image`.
@@ -218,6 +225,7 @@ for f in /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.a
 done
 for f in {PORTABLES}/*.raw; do [ -f "$f" ] && printf 'image\t%s\t%s\n' "$(stat -c %Y "$f")" "$f"; done
 for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\n' "${{f##*/}}" "$(cat "$f")"; done
+for f in {STATE_DIR}/manifests/*.raw.json; do [ -f "$f" ] && f=${{f##*/}} && printf 'manifest\t%s\n' "${{f%.json}}"; done
 for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
 {{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
 for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
@@ -259,6 +267,9 @@ pub fn parse_facts(out: &str) -> HostFacts {
             }
             "revert" => f.revert_pending = true,
             "profile" => f.profiles.push(a.to_owned()),
+            "manifest" => {
+                f.manifests.insert(a.to_owned());
+            }
             "sha256" => {
                 if let Some((hash, path)) = a.split_once("  ") {
                     if hash.len() == 64 {

@@ -314,6 +314,9 @@ fn manifests_are_read_per_image_and_missing_ones_said() {
     );
     assert_eq!(m["/var/lib/portables/b_1.raw"], None);
     assert_eq!(m["/var/lib/portables/c_1.raw"].as_deref(), Some("{}\n"));
+    let facts = parse_facts("manifest\ta_1.raw\n");
+    assert!(facts.has_manifest("/var/lib/portables/a_1.raw"));
+    assert!(!facts.has_manifest("/var/lib/portables/b_1.raw"));
     assert!(prune(&["/var/lib/portables/a_1.raw".into()])
         .text
         .contains("/var/lib/attache/manifests/a_1.raw.json"));
