@@ -1,4 +1,5 @@
-//! `status`, `rollback` and `detach` of one service on one host, on the same
+//! `status`, `rollback` and `detach` of one service on one host (and what
+//! `diff` and `logs` read there: attached manifests, journal units), on the same
 //! protocol and the same rules as a deploy: services are told apart by image
 //! file, changes happen under the host's lock, and a call whose unit
 //! prefixes would reach another service is refused before anything changes.

@@ -55,6 +55,9 @@ pub struct Ui {
     json: bool,
     verbosity: Verbosity,
     color: bool,
+    /// Colour in what goes to stdout (`attache logs`): stdout is a
+    /// terminal, or colour was asked for.
+    stdout_color: bool,
     /// stderr is a terminal worth drawing bars on (not CI).
     bars: bool,
     stdout: Sink,
@@ -70,9 +73,16 @@ impl Ui {
             Color::Auto => stderr_tty && std::env::var_os("NO_COLOR").is_none(),
             c => c == Color::Always,
         };
+        let stdout_color = match settings.color {
+            Color::Auto => {
+                std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+            }
+            c => c == Color::Always,
+        };
         Ui {
             bars: stderr_tty && std::env::var_os("CI").is_none(),
             color,
+            stdout_color,
             ..Ui::with_output(
                 settings,
                 Box::new(std::io::stdout()),
@@ -92,6 +102,7 @@ impl Ui {
             json: settings.json,
             verbosity: settings.verbosity,
             color: settings.color == Color::Always,
+            stdout_color: settings.color == Color::Always,
             bars: false,
             stdout: Arc::new(Mutex::new(stdout)),
             stderr: Arc::new(Mutex::new(stderr)),
@@ -170,7 +181,11 @@ impl Ui {
         } else {
             const COLOURS: [&str; 6] = ["36", "33", "35", "32", "34", "31"];
             let c = COLOURS[colour % COLOURS.len()];
-            format!("{} {text}", self.paint(c, prefix))
+            if self.stdout_color {
+                format!("\x1b[{c}m{prefix}\x1b[0m {text}")
+            } else {
+                format!("{prefix} {text}")
+            }
         };
         Ui::write(&self.stdout, format!("{line}\n").as_bytes());
     }
@@ -294,5 +309,25 @@ mod tests {
             err.text(),
             "\x1b[2m       debug\x1b[0m detail\n\x1b[1;31merror:\x1b[0m x\n"
         );
+    }
+
+    /// `attache logs`: a colour per host when asked, the record as one
+    /// JSON line with --json.
+    #[test]
+    fn streams_colour_each_host_or_print_json_lines() {
+        let (ui, out, _) = capture::ui(Settings {
+            color: Color::Always,
+            ..settings(Verbosity::Normal)
+        });
+        let v = serde_json::json!({"MESSAGE": "hi", "host": "h2"});
+        ui.stream(&v, "h1 |", 0, "a");
+        ui.stream(&v, "h2 |", 1, "b");
+        assert_eq!(out.text(), "\x1b[36mh1 |\x1b[0m a\n\x1b[33mh2 |\x1b[0m b\n");
+        let (ui, out, _) = capture::ui(Settings {
+            json: true,
+            ..settings(Verbosity::Normal)
+        });
+        ui.stream(&v, "h2 |", 1, "b");
+        assert_eq!(out.text(), "{\"MESSAGE\":\"hi\",\"host\":\"h2\"}\n");
     }
 }
