@@ -278,6 +278,15 @@ fn logs_merged_and_followed(f: &Fleet) {
         .unwrap_or_else(|| panic!("{}", j.stdout));
     assert_eq!(first["host"], "obs2");
     assert_eq!(first["OBJECT_SYSTEMD_UNIT"], "shop-web.service");
+    let r = f
+        .attache("logs", &["@obs", "shop", "--since", "not a time"])
+        .fails(1);
+    assert!(
+        r.error()
+            .starts_with("--since \"not a time\" is not a time"),
+        "{}",
+        r.stderr
+    );
 
     // -f: a new line shows up; Ctrl-C ends it cleanly and leaves nothing
     // running on the hosts.

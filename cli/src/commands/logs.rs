@@ -38,6 +38,16 @@ pub fn run(args: &LogsArgs, ui: &Ui) -> Result<(), Error> {
     } else {
         rt.block_on(read_all(targets, opts, service, q, &out))
     };
+    if let (Some(since), true) = (
+        &args.since,
+        failed
+            .iter()
+            .any(|e| e.contains("Failed to parse timestamp")),
+    ) {
+        return Err(Error::Usage(format!(
+            "--since {since:?} is not a time journalctl reads: use e.g. '1 hour ago', 'today' or '2026-12-01 10:00'"
+        )));
+    }
     for e in &failed {
         ui.error(e);
     }
@@ -267,11 +277,33 @@ async fn follow(
                     }
                 }
             }
+            let by_itself = !*stop.borrow();
             // Closing stdin ends the remote `cat`, which ends journalctl.
             drop(child.stdin().take());
+            let stderr = child.stderr().take();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
             s.close().await;
-            Ok(())
+            if !by_itself {
+                return Ok(());
+            }
+            // journalctl ended before Ctrl-C: say what it said.
+            let mut said = String::new();
+            if let Some(mut e) = stderr {
+                use tokio::io::AsyncReadExt;
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_secs(1),
+                    e.read_to_string(&mut said),
+                )
+                .await;
+            }
+            Err(format!(
+                "{}: journalctl stopped: {}",
+                t.0,
+                said.trim()
+                    .lines()
+                    .last()
+                    .unwrap_or("the connection closed")
+            ))
         });
     }
     let mut errors = Vec::new();

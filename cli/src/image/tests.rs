@@ -847,3 +847,41 @@ fn the_manifest_lists_the_closure_with_nar_sizes() {
     let text = String::from_utf8(m.to_bytes()).unwrap();
     assert!(!text.contains(env!("CARGO_PKG_VERSION")), "{text}");
 }
+
+/// `attache diff OLD.raw NEW.raw`: two packed images, read back, differ
+/// in the one store path that changed, by its NAR size; an image and
+/// itself do not differ.
+#[test]
+fn two_images_diff_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = tree(dir.path());
+    // Store path names as Nix writes them: a 32-character hash first.
+    let config = |c: char| format!("{}-config.json", c.to_string().repeat(32));
+    let first = dir.path().join("store").join(config('b'));
+    fs::write(&first, b"{\"a\":1}\n").unwrap();
+    spec.store_paths[1] = first;
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let old = pack_quiet(&spec, &opts(Compression::Zstd), a.path()).unwrap();
+    // The same closure with one path rebuilt: new hash, more bytes.
+    let rebuilt = dir.path().join("store").join(config('c'));
+    fs::write(&rebuilt, b"{\"a\":1,\"b\":2}\n").unwrap();
+    let mut spec2 = spec.clone();
+    spec2.version = "1.1".into();
+    spec2.store_paths[1] = rebuilt;
+    let new = pack_quiet(&spec2, &opts(Compression::Zstd), b.path()).unwrap();
+
+    let read = |p: &Path| read_manifest(p).unwrap().unwrap();
+    let d = crate::diff::diff(Some(&read(&old.path)), Some(&read(&new.path)));
+    assert_eq!(d.old.as_deref(), Some("demo_1.0.raw"));
+    assert_eq!(d.new.as_deref(), Some("demo_1.1.raw"));
+    assert_eq!(d.packages.len(), 1, "{d:?}");
+    let p = &d.packages[0];
+    assert_eq!(p.name, "config.json");
+    assert_eq!(p.added[0].path, format!("/nix/store/{}", config('c')));
+    assert_eq!(p.removed[0].nar_size, 120);
+    assert_eq!(p.added[0].nar_size, 128);
+    assert_eq!(p.size_delta, 8);
+    assert!(d.units.is_empty());
+    let same = crate::diff::diff(Some(&read(&old.path)), Some(&read(&old.path)));
+    assert!(same.is_empty(), "{same:?}");
+}
