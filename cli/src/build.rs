@@ -73,9 +73,8 @@ pub struct Source {
     pub installable: Installable,
     /// The user's nix binary.
     pub nix: PathBuf,
-    /// Passed to every nix call.
+    /// Passed to every nix call (`--impure` among them).
     pub nix_args: Vec<String>,
-    pub impure: bool,
     /// Image name and version instead of the derivation's.
     pub naming: Naming,
 }
@@ -87,18 +86,12 @@ impl Source {
             installable,
             nix,
             nix_args,
-            impure: false,
             naming: Naming::default(),
         }
     }
 
     fn nix(&self) -> Nix {
-        let mut extra = Vec::new();
-        if self.impure {
-            extra.push("--impure".to_owned());
-        }
-        extra.extend(self.nix_args.iter().cloned());
-        Nix::new(self.nix.clone(), extra)
+        Nix::new(self.nix.clone(), self.nix_args.clone())
     }
 }
 

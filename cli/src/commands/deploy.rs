@@ -84,10 +84,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 flags.join(", ")
             )));
         }
-        let mut nix_args = args.nix.args.clone();
-        if args.form.impure {
-            nix_args.insert(0, "--impure".into());
-        }
+        let nix_args = args.nix.to_nix();
         let nix = Nix::new(args.nix.bin.path.clone(), nix_args.clone());
         nix.version()?;
         ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
