@@ -38,6 +38,7 @@
 //! blocks per thread plus the metadata tables. Measured against mksquashfs in
 //! `cli/benches/RESULTS.md`.
 
+mod bounds;
 mod compress;
 mod error;
 mod inspect;
