@@ -200,7 +200,6 @@ pub fn facts(hash: &[String], hash_attached: bool) -> Script {
         format!(
             r#"set -u
 tmp=$(mktemp)
-mkdir -p {PORTABLES} {STATE_DIR}/prefixes 2>/dev/null
 printf 'systemd\t%s\n' "$(systemctl --version | head -n1 | awk '{{print $2}}')"
 p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
 printf 'portablectl\t%s\n' "$p"
@@ -283,11 +282,13 @@ pub fn partial_path(target: &str) -> String {
     )
 }
 
-/// Leftovers of an interrupted upload (we hold the host's lock).
+/// Leftovers of an interrupted upload (we hold the host's lock); makes the
+/// image directory on a host that never had one, since reading the host
+/// (as `--dry-run` and `status` do) creates nothing.
 pub fn clear_partials() -> Script {
     Script::new(
         "removing partial uploads",
-        format!("rm -f {PORTABLES}/.*.attache-partial"),
+        format!("mkdir -p {PORTABLES} && rm -f {PORTABLES}/.*.attache-partial"),
     )
 }
 
