@@ -96,7 +96,11 @@ impl HttpUrl {
             let Some((h, after)) = v6.split_once(']') else {
                 return Err(bad("has no closing ] after its IPv6 address"));
             };
-            (h, after.strip_prefix(':'))
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => return Err(bad("has something other than :PORT after its IPv6 address")),
+            }
         } else {
             match authority.split_once(':') {
                 Some((h, p)) => (h, Some(p)),
@@ -535,6 +539,8 @@ mod tests {
         assert!(http("http://x:0/", None).contains("port that is not a number"));
         assert!(http("http://x/a b", None).contains("percent-encode"));
         assert!(http("http:///a", None).contains("names no host"));
+        assert!(http("http://[::1]x/", None).contains("other than :PORT"));
+        assert!(http("http://u:p@h/", None).contains("credentials"));
     }
 
     #[test]
