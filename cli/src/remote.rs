@@ -87,7 +87,7 @@ pub enum RemoteError {
     BadDestination { destination: String },
     #[error("the host key has changed (the host now offers {fingerprint}). If the host was reinstalled, remove the old key with `ssh-keygen -R {host}`; otherwise someone may be intercepting the connection")]
     HostKeyChanged { host: String, fingerprint: String },
-    #[error("the host key is unknown: the host offers {fingerprint}. Compare it with what `ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub` prints on the host itself, then trust it with `ssh {host} true` or rerun with --accept-new-host-keys")]
+    #[error("the host key is unknown: the host offers {fingerprint}. Compare it with what `ssh-keygen -lf` prints for that type's /etc/ssh/ssh_host_*_key.pub on the host itself, then trust it with `ssh {host} true` or rerun with --accept-new-host-keys")]
     HostKeyUnknown { host: String, fingerprint: String },
     #[error("cannot connect over SSH: {reason}. Check that the host is up and that `ssh {host} true` works")]
     Unreachable { host: String, reason: String },
