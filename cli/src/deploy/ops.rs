@@ -193,7 +193,7 @@ impl HostFacts {
 pub fn facts(hash: &[String], hash_attached: bool) -> Script {
     let hash_list = words(hash);
     let attached_hash = if hash_attached {
-        r#"printf '%s\n' "$img" >>"$tmp""#
+        r#"set -- "$@" "$img""#
     } else {
         ":"
     };
@@ -201,7 +201,6 @@ pub fn facts(hash: &[String], hash_attached: bool) -> Script {
         "reading the host's state",
         format!(
             r#"set -u
-tmp=$(mktemp)
 printf 'systemd\t%s\n' "$(systemctl --version | head -n1 | awk '{{print $2}}')"
 p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
 printf 'portablectl\t%s\n' "$p"
@@ -221,9 +220,8 @@ for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\
 for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
 {{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
 for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
-for f in {hash_list}; do printf '%s\n' "$f" >>"$tmp"; done
-sort -u "$tmp" | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
-rm -f "$tmp"
+set -- {hash_list} "$@"
+printf '%s\n' "$@" | sort -u | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
 true"#,
         ),
     )
