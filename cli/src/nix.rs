@@ -266,9 +266,7 @@ impl Nix {
 /// Maps a failed evaluation to the most specific error we can tell apart.
 fn eval_error(inst: &Installable, stderr: &[u8]) -> NixError {
     let nix_says = nix_message(stderr);
-    if nix_says.contains("does not provide attribute")
-        || nix_says.contains("attribute '") && nix_says.contains("missing")
-    {
+    if names_missing_installable(&nix_says) {
         NixError::MissingAttribute {
             installable: inst.to_string(),
             nix_says,
@@ -279,6 +277,20 @@ fn eval_error(inst: &Installable, stderr: &[u8]) -> NixError {
             nix_says,
         }
     }
+}
+
+/// Whether Nix says the installable's own attribute is missing. Only the
+/// lookup of the installable says so in these words (`flake '…' does not
+/// provide attribute …`, or `attribute 'x' in selection path 'a.x' not
+/// found` for `-f`); an `attribute 'x' missing` is an evaluation that
+/// failed somewhere inside, e.g. an overlay using what the package set
+/// lacks, and its location is what the user needs.
+fn names_missing_installable(nix_says: &str) -> bool {
+    let Some(first) = nix_says.lines().find(|l| l.starts_with("error:")) else {
+        return false;
+    };
+    first.contains("does not provide attribute")
+        || first.contains("in selection path") && first.ends_with("not found")
 }
 
 /// Nix's stderr without progress noise, trimmed to what a user needs.
@@ -398,6 +410,70 @@ mod tests {
             vec!["--file", "default.nix", "demo"]
         );
         assert_eq!(Installable::Expr("1".into()).args(), vec!["--expr", "1"]);
+    }
+
+    /// Real messages of Nix 2.8 (`nix eval`/`nix build` on a flake whose
+    /// overlay uses `prev.rustPlatform`, which the package set lacks, and
+    /// on attributes that do not exist).
+    const OVERLAY_LACKS_ATTRIBUTE: &str = "error: attribute 'rustPlatform' missing
+
+       at /nix/store/d90frc8zb69swfbbws94fgm5vgh7w7qh-source/flake.nix:5:17:
+
+            4|       overlay = final: prev: {
+            5|         myapp = prev.rustPlatform.buildRustPackage { pname = \"myapp\"; version = \"1\"; };
+             |                 ^
+            6|       };
+(use '--show-trace' to show detailed location information)
+";
+    const FILE_OVERLAY_LACKS_ATTRIBUTE: &str = "error: attribute 'rustPlatform' missing
+
+       at /tmp/edges-nix/ov/default.nix:1:53:
+
+            1| { demo = (import ./pkgs.nix (final: prev: { myapp = prev.rustPlatform.x; })).myapp; }
+             |                                                     ^
+(use '--show-trace' to show detailed location information)
+";
+    const FLAKE_LACKS_OUTPUT: &str = "error: flake 'path:/tmp/edges-nix/ov' does not provide attribute 'packages.x86_64-linux.nope', 'legacyPackages.x86_64-linux.nope' or 'nope'\n";
+    const FILE_LACKS_ATTRIBUTE: &str =
+        "error: attribute 'nope' in selection path 'nope' not found\n";
+
+    #[test]
+    fn a_missing_attribute_inside_a_library_is_an_evaluation_error() {
+        let inst = Installable::Flake("path:/tmp/edges-nix/ov#myapp".into());
+        let e = eval_error(&inst, OVERLAY_LACKS_ATTRIBUTE.as_bytes());
+        assert!(matches!(e, NixError::Eval { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("Nix could not evaluate path:/tmp/edges-nix/ov#myapp:\nerror: attribute 'rustPlatform' missing"),
+            "{msg}"
+        );
+        // Nix's location stays in the message.
+        assert!(msg.contains("flake.nix:5:17:"), "{msg}");
+        assert!(msg.contains("prev.rustPlatform.buildRustPackage"), "{msg}");
+
+        let inst = Installable::File {
+            file: "default.nix".into(),
+            attr: "demo".into(),
+        };
+        let e = eval_error(&inst, FILE_OVERLAY_LACKS_ATTRIBUTE.as_bytes());
+        assert!(matches!(e, NixError::Eval { .. }), "{e:?}");
+        assert!(e.to_string().contains("default.nix:1:53:"), "{e}");
+    }
+
+    #[test]
+    fn the_installables_own_attribute_missing() {
+        let inst = Installable::Flake("path:/tmp/edges-nix/ov#nope".into());
+        let e = eval_error(&inst, FLAKE_LACKS_OUTPUT.as_bytes());
+        assert!(matches!(e, NixError::MissingAttribute { .. }), "{e:?}");
+        assert!(e.to_string().starts_with(
+            "path:/tmp/edges-nix/ov#nope does not provide that attribute:\nerror: flake"
+        ));
+        let inst = Installable::File {
+            file: "default.nix".into(),
+            attr: "nope".into(),
+        };
+        let e = eval_error(&inst, FILE_LACKS_ATTRIBUTE.as_bytes());
+        assert!(matches!(e, NixError::MissingAttribute { .. }), "{e:?}");
     }
 
     #[test]

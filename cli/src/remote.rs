@@ -87,7 +87,7 @@ pub enum RemoteError {
     BadDestination { destination: String },
     #[error("the host key has changed (the host now offers {fingerprint}). If the host was reinstalled, remove the old key with `ssh-keygen -R {host}`; otherwise someone may be intercepting the connection")]
     HostKeyChanged { host: String, fingerprint: String },
-    #[error("the host key is unknown ({fingerprint}). Check it, then add it with `ssh {host} true` or rerun with --accept-new-host-keys")]
+    #[error("the host key is unknown: the host offers {fingerprint}. Compare it with what `ssh-keygen -lf` prints for that type's /etc/ssh/ssh_host_*_key.pub on the host itself, then trust it with `ssh {host} true` or rerun with --accept-new-host-keys")]
     HostKeyUnknown { host: String, fingerprint: String },
     #[error("cannot connect over SSH: {reason}. Check that the host is up and that `ssh {host} true` works")]
     Unreachable { host: String, reason: String },
@@ -189,10 +189,18 @@ impl Remote {
         if let Some(p) = dest.port {
             b.port(p);
         }
-        let session = b
-            .connect_mux(&dest.host)
-            .await
-            .map_err(|e| connect_error(name, &e))?;
+        let session = match b.connect_mux(&dest.host).await {
+            Ok(s) => s,
+            Err(e) => {
+                let mut err = connect_error(name, &e);
+                if let RemoteError::HostKeyUnknown { fingerprint, .. } = &mut err {
+                    if let Some(fp) = offered_host_key(dest, opts).await {
+                        *fingerprint = fp;
+                    }
+                }
+                return Err(err);
+            }
+        };
         let mut remote = Remote {
             name: name.to_owned(),
             session: Arc::new(session),
@@ -365,7 +373,7 @@ fn connect_error(host: &str, e: &openssh::Error) -> RemoteError {
         .split_whitespace()
         .find(|w| w.starts_with("SHA256:"))
         .map(|w| w.trim_end_matches('.').to_owned())
-        .unwrap_or_else(|| "fingerprint not shown".into());
+        .unwrap_or_else(|| "a key ssh did not show".into());
     if text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
         return RemoteError::HostKeyChanged {
             host: host.to_owned(),
@@ -393,6 +401,61 @@ fn connect_error(host: &str, e: &openssh::Error) -> RemoteError {
     }
 }
 
+/// The key an unknown host offers, as `ED25519 key SHA256:…`. ssh refuses
+/// an unknown key under strict checking without printing it; its debug log
+/// names it, and the connection stops at the same point (nothing is
+/// authenticated, nothing is run, nothing is written to known_hosts).
+async fn offered_host_key(dest: &Destination, opts: &SshOptions) -> Option<String> {
+    let mut c = tokio::process::Command::new("ssh");
+    if let Some(f) = &opts.config_file {
+        c.arg("-F").arg(f);
+    }
+    if let Some(u) = &dest.user {
+        c.arg("-l").arg(u);
+    }
+    if let Some(p) = dest.port {
+        c.arg("-p").arg(p.to_string());
+    }
+    c.args([
+        "-v",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "ControlPath=none",
+        "-o",
+        "ConnectTimeout=15",
+        "--",
+        &dest.host,
+        "true",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), c.output())
+        .await
+        .ok()?
+        .ok()?;
+    server_host_key(&String::from_utf8_lossy(&out.stderr))
+}
+
+/// From ssh's debug log: `debug1: Server host key: ssh-ed25519 SHA256:…`.
+/// The last one is the host's own (a ProxyJump's comes first).
+fn server_host_key(log: &str) -> Option<String> {
+    let line = log.lines().rfind(|l| l.contains("Server host key: "))?;
+    let rest = &line[line.find("Server host key: ")? + "Server host key: ".len()..];
+    let mut words = rest.split_whitespace();
+    let kind = words.next()?;
+    let fp = words.next().filter(|w| w.contains(':'))?;
+    let kind = kind
+        .strip_prefix("ssh-")
+        .or_else(|| kind.strip_prefix("ecdsa-sha2-").map(|_| "ecdsa"))
+        .unwrap_or(kind)
+        .to_uppercase();
+    Some(format!("{kind} key {fp}"))
+}
+
 /// Quotes one word for the remote POSIX shell.
 pub fn q(s: &str) -> String {
     shell_escape::unix::escape(s.into()).into_owned()
@@ -401,6 +464,25 @@ pub fn q(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_offered_host_key_from_ssh_debug_output() {
+        let log = "OpenSSH_9.2p1 Debian-2+deb12u6, OpenSSL 3.0.19 27 Jan 2026
+debug1: Connecting to 127.0.0.1 [127.0.0.1] port 2222.
+debug1: Server host key: ssh-ed25519 SHA256:n4rC6ozm3ZTZiBZGNFoUbMVbM1ZvfWE4g5sGxyh2qq0
+No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.
+Host key verification failed.
+";
+        assert_eq!(
+            server_host_key(log).as_deref(),
+            Some("ED25519 key SHA256:n4rC6ozm3ZTZiBZGNFoUbMVbM1ZvfWE4g5sGxyh2qq0")
+        );
+        assert_eq!(
+            server_host_key("debug1: Server host key: ecdsa-sha2-nistp256 SHA256:abc").as_deref(),
+            Some("ECDSA key SHA256:abc")
+        );
+        assert_eq!(server_host_key("Host key verification failed."), None);
+    }
 
     #[test]
     fn destinations() {

@@ -5,6 +5,7 @@
 mod build;
 mod busy_host;
 mod deploy;
+mod edges;
 mod lab_smoke;
 mod readme;
 mod support;

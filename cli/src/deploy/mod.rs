@@ -152,10 +152,14 @@ impl<E: Events> Run<'_, E> {
             HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
         t.end(r, s.is_ok());
         let mut s = s?;
-        let t = self.stage(Stage::Lock);
-        let locked = s.lock().await;
-        t.end(r, locked.is_ok());
-        locked?;
+        // A dry run only reads, and must leave the host as it was: taking
+        // the lock would create its file.
+        if !self.settings.dry_run {
+            let t = self.stage(Stage::Lock);
+            let locked = s.lock().await;
+            t.end(r, locked.is_ok());
+            locked?;
+        }
         let result = self.locked(&s, r).await;
         s.close().await;
         result

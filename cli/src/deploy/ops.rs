@@ -19,7 +19,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::inventory::Check;
+use crate::inventory::{Check, HttpUrl};
 use crate::names::{ImageFile, PORTABLES};
 
 pub const STATE_DIR: &str = "/var/lib/attache";
@@ -88,6 +88,8 @@ pub struct AttachedUnit {
 pub struct HostFacts {
     pub systemd: u32,
     pub portablectl: bool,
+    /// curl is installed: HTTPS checks need it.
+    pub curl: bool,
     pub free_kb: u64,
     pub attached: Vec<AttachedUnit>,
     /// Images in /var/lib/portables: path -> mtime.
@@ -191,7 +193,7 @@ impl HostFacts {
 pub fn facts(hash: &[String], hash_attached: bool) -> Script {
     let hash_list = words(hash);
     let attached_hash = if hash_attached {
-        r#"printf '%s\n' "$img" >>"$tmp""#
+        r#"set -- "$@" "$img""#
     } else {
         ":"
     };
@@ -199,11 +201,10 @@ pub fn facts(hash: &[String], hash_attached: bool) -> Script {
         "reading the host's state",
         format!(
             r#"set -u
-tmp=$(mktemp)
-mkdir -p {PORTABLES} {STATE_DIR}/prefixes 2>/dev/null
 printf 'systemd\t%s\n' "$(systemctl --version | head -n1 | awk '{{print $2}}')"
 p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
 printf 'portablectl\t%s\n' "$p"
+printf 'curl\t%s\n' "$(command -v curl || true)"
 d={PORTABLES}; [ -d $d ] || d=/var/lib
 printf 'free_kb\t%s\n' "$(df -Pk $d | awk 'NR==2 {{print $4}}')"
 for f in /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; do
@@ -219,9 +220,8 @@ for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\
 for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
 {{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
 for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
-for f in {hash_list}; do printf '%s\n' "$f" >>"$tmp"; done
-sort -u "$tmp" | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
-rm -f "$tmp"
+set -- {hash_list} "$@"
+printf '%s\n' "$@" | sort -u | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
 true"#,
         ),
     )
@@ -238,6 +238,7 @@ pub fn parse_facts(out: &str) -> HostFacts {
         match key {
             "systemd" => f.systemd = a.trim().parse().unwrap_or(0),
             "portablectl" => f.portablectl = !a.trim().is_empty(),
+            "curl" => f.curl = !a.trim().is_empty(),
             "free_kb" => f.free_kb = a.trim().parse().unwrap_or(u64::MAX),
             "attached" => f.attached.push(AttachedUnit {
                 unit: a.to_owned(),
@@ -283,11 +284,13 @@ pub fn partial_path(target: &str) -> String {
     )
 }
 
-/// Leftovers of an interrupted upload (we hold the host's lock).
+/// Leftovers of an interrupted upload (we hold the host's lock); makes the
+/// image directory on a host that never had one, since reading the host
+/// (as `--dry-run` and `status` do) creates nothing.
 pub fn clear_partials() -> Script {
     Script::new(
         "removing partial uploads",
-        format!("rm -f {PORTABLES}/.*.attache-partial"),
+        format!("mkdir -p {PORTABLES} && rm -f {PORTABLES}/.*.attache-partial"),
     )
 }
 
@@ -584,10 +587,12 @@ pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
     m
 }
 
-/// A check from the inventory as a script that exits 0 when healthy. The
-/// URL's parts are passed as arguments, so no `%` or quote in it is ever
-/// read by the shell; HTTP goes through bash's /dev/tcp when there is no
-/// curl.
+/// A check from the inventory as a script that exits 0 when healthy, run
+/// as root. The URL's parts are passed as arguments, so no `%` or quote in
+/// it is ever read by the shell or by printf; HTTP goes through bash's
+/// /dev/tcp when there is no curl. HTTPS needs curl: planning refuses a
+/// host without it (see [`HostFacts::curl`]), so it is never tried as
+/// plain HTTP.
 pub fn check(c: &Check) -> Script {
     let text = match c {
         Check::Command {
@@ -595,14 +600,21 @@ pub fn check(c: &Check) -> Script {
         } => format!("timeout {} sh -c {}", timeout.unwrap_or(10), quote(command)),
         Check::Http { url, timeout, .. } => {
             let t = timeout.unwrap_or(10);
-            let (host, port, path) = split_url(url);
-            let tcp = r#"exec 3<>"/dev/tcp/$1/$2" && printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$1" >&3 && head -n1 <&3 | grep -q ' [23][0-9][0-9] '"#;
-            format!(
-                "if command -v curl >/dev/null; then curl -fsS -o /dev/null --max-time {t} {url}; else timeout {t} bash -c {tcp} sh {args}; fi",
-                url = quote(url),
-                tcp = quote(tcp),
-                args = words(&[host, port.to_string(), path]),
-            )
+            // `-g`: brackets and braces in the URL are not curl globs.
+            let curl = format!("curl -gfsS -o /dev/null --max-time {t} {}", quote(url));
+            match HttpUrl::parse(url) {
+                Ok(u) if !u.https => {
+                    let tcp = r#"exec 3<>"/dev/tcp/$1/$2" && printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$4" >&3 && head -n1 <&3 | grep -q ' [23][0-9][0-9] '"#;
+                    format!(
+                        "if command -v curl >/dev/null; then {curl}; else timeout {t} bash -c {tcp} sh {args}; fi",
+                        tcp = quote(tcp),
+                        args = words(&[u.host, u.port.to_string(), u.path, u.authority]),
+                    )
+                }
+                _ => format!(
+                    "command -v curl >/dev/null || {{ echo 'curl is missing: HTTPS checks need it' >&2; exit 1; }}; {curl}"
+                ),
+            }
         }
     };
     Script::new("running a health check", text)
@@ -627,22 +639,6 @@ pub fn check_retries(c: &Check) -> u32 {
     match c {
         Check::Command { retries, .. } | Check::Http { retries, .. } => retries.unwrap_or(5).max(1),
     }
-}
-
-fn split_url(url: &str) -> (String, u16, String) {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .unwrap_or(url);
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].to_owned()),
-        None => (rest, "/".to_owned()),
-    };
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(80)),
-        None => (hostport.to_owned(), 80),
-    };
-    (host, port, path)
 }
 
 mod revert;

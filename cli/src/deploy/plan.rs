@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use super::ops::{self, HostFacts, PortableCall, Revert, Verb};
 use super::{HostPlan, ServicePlan, Settings};
+use crate::inventory::{Check, HttpUrl};
 use crate::names::{basename, ImageFile};
 
 /// What a deploy does to one service.
@@ -72,6 +73,8 @@ pub enum PlanError {
     UnknownProfile { profile: String, known: String },
     #[error("not enough space in {}: {free_mb} MB free, {need_mb} MB needed; free some space (old images: attache prunes to --keep)", crate::names::PORTABLES)]
     NoSpace { free_mb: u64, need_mb: u64 },
+    #[error("{service}'s check {url} needs curl on the host, which has none (attache checks plain HTTP without it, never HTTPS); nothing was changed. Install curl on the host, or check an http:// URL")]
+    HttpsWithoutCurl { service: String, url: String },
     #[error("{}", .0)]
     Collision(Box<Collision>),
     #[error("--rollback-after {after} is too short: activating and checking {what} can take up to {need} s, and the host would put back a deploy that was still being checked; nothing was changed. Pass --rollback-after {suggest} or more, or give the checks fewer retries or a shorter timeout")]
@@ -122,6 +125,18 @@ pub fn plan(facts: &HostFacts, host: &HostPlan) -> Result<Plan, PlanError> {
         });
     }
     check_profile(facts, &host.profile)?;
+    if !facts.curl {
+        if let Some((svc, url)) = host.services.iter().find_map(|s| {
+            s.checks.iter().find_map(|c| match c {
+                Check::Http { url, .. } if HttpUrl::parse(url).is_ok_and(|u| u.https) => {
+                    Some((s.name.clone(), url.clone()))
+                }
+                _ => None,
+            })
+        }) {
+            return Err(PlanError::HttpsWithoutCurl { service: svc, url });
+        }
+    }
     let mut steps = Vec::new();
     let mut need_kb = 0u64;
     for (i, svc) in host.services.iter().enumerate() {

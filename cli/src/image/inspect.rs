@@ -8,6 +8,7 @@ use std::path::{Component, Path, PathBuf};
 
 use backhand::{FilesystemReader, InnerNode, Node, SquashfsFileReader};
 
+use super::bounds;
 use super::error::ImageError;
 use super::layout::{parse_os_release, BASE_DIRS, EMPTY_FILES};
 use super::sqfs::{self, SUPERBLOCK_SIZE};
@@ -70,6 +71,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
     }
     let sha256 = super::pack::hash_file(&file, size).map_err(read_err)?;
 
+    bounds::check(&mut file, size, bounds::LIMITS).map_err(corrupt)?;
     file.rewind().map_err(read_err)?;
     let opened = panic::catch_unwind(AssertUnwindSafe(|| {
         FilesystemReader::from_reader(BufReader::new(file)).map_err(|e| corrupt(e.to_string()))

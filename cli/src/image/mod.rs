@@ -14,6 +14,8 @@
 //! - [`inspect`]`(path) -> Result<Inspection, `[`ImageError`]`>` reads an
 //!   image: os-release, units with their `ExecStart=`, store paths, size,
 //!   compression, sha256 and the `problems` portabled would refuse.
+//!   `bounds` first checks that what backhand would load from the image
+//!   fits the file and fixed limits, so a crafted image costs little memory.
 //! - [`Compression`] parses and prints `zstd`, `xz`, `gzip`.
 //!
 //! # Layout
@@ -38,6 +40,7 @@
 //! blocks per thread plus the metadata tables. Measured against mksquashfs in
 //! `cli/benches/RESULTS.md`.
 
+mod bounds;
 mod compress;
 mod error;
 mod inspect;

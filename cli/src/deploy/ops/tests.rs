@@ -162,7 +162,23 @@ fn checks_pass_url_parts_as_arguments() {
     };
     let s = check(&c).text;
     assert!(s.contains(r#""/dev/tcp/$1/$2""#), "{s}");
-    assert!(s.contains("'127.0.0.1' '8080'"), "{s}");
+    assert!(
+        s.contains(r"'127.0.0.1' '8080' '/a%20b'\''c' '127.0.0.1:8080'"),
+        "{s}"
+    );
+    assert!(
+        s.contains(r"curl -gfsS -o /dev/null --max-time 10 'http://127.0.0.1:8080/a%20b'\''c'"),
+        "{s}"
+    );
+    // HTTPS is curl's or nothing: never plain HTTP on port 80.
+    let https = Check::Http {
+        url: "https://example.org/".into(),
+        timeout: None,
+        retries: None,
+    };
+    let s = check(&https).text;
+    assert!(!s.contains("/dev/tcp"), "{s}");
+    assert!(s.contains("curl is missing"), "{s}");
     assert_eq!(check_retries(&c), 2);
     assert_eq!(check_budget(&c), Duration::from_secs(24));
     assert!(lock("me; rm -rf /").text.contains("'me; rm -rf /'"));
@@ -224,6 +240,11 @@ fn scripts_pass_shellcheck() {
         show(&["a.service".into()]),
         check(&Check::Http {
             url: "http://h/x".into(),
+            timeout: None,
+            retries: None,
+        }),
+        check(&Check::Http {
+            url: "https://h/x".into(),
             timeout: None,
             retries: None,
         }),

@@ -303,3 +303,26 @@ fn an_unknown_profile_is_refused_with_the_known_ones() {
     f.profiles.clear();
     assert!(plan(&f, &bogus).is_ok());
 }
+
+#[test]
+fn https_checks_without_curl_are_refused_before_anything_changes() {
+    let mut s = svc("demo", "1.0", "a", &["demo.service"]);
+    s.checks.push(Check::Http {
+        url: "http://127.0.0.1:8080/".into(),
+        timeout: None,
+        retries: None,
+    });
+    // Plain HTTP needs no curl.
+    plan(&facts(""), &host(vec![s.clone()])).unwrap();
+    s.checks.push(Check::Http {
+        url: "https://127.0.0.1:8443/".into(),
+        timeout: None,
+        retries: None,
+    });
+    let e = plan(&facts(""), &host(vec![s.clone()])).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "demo's check https://127.0.0.1:8443/ needs curl on the host, which has none (attache checks plain HTTP without it, never HTTPS); nothing was changed. Install curl on the host, or check an http:// URL"
+    );
+    plan(&facts("curl\t/usr/bin/curl\n"), &host(vec![s])).unwrap();
+}
