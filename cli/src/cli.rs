@@ -74,6 +74,8 @@ pub enum Command {
     Inspect(InspectArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
+    #[command(hide = true)]
+    PackSpec(PackSpecArgs),
 }
 
 /// Build a portable image (NAME_VERSION.raw) from a Nix installable.
@@ -440,6 +442,20 @@ pub struct HostServiceArgs {
 pub struct InspectArgs {
     /// The image file.
     pub image: PathBuf,
+}
+
+/// The builder of portableService's `nix build`, inside the Nix sandbox:
+/// packs a spec file as `attache build` would.
+#[derive(Debug, Args)]
+pub struct PackSpecArgs {
+    /// The spec file portableService wrote.
+    pub spec: PathBuf,
+    /// Its runtime closure, as Nix's exportReferencesGraph writes it.
+    #[arg(long, value_name = "FILE")]
+    pub closure: PathBuf,
+    /// Directory for the image ($out).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
 }
 
 /// Print shell completions to stdout.

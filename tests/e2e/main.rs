@@ -6,4 +6,5 @@ mod build;
 mod busy_host;
 mod deploy;
 mod lab_smoke;
+mod nix_build;
 mod support;
