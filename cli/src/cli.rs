@@ -81,8 +81,10 @@ pub enum Command {
 /// Build a portable image (NAME_VERSION.raw) from a Nix installable.
 ///
 /// The installable is the result of attache's `portableService` (same
-/// arguments as nixpkgs' `pkgs.portableService`), or any derivation that
-/// ships unit files in lib/systemd/system or etc/systemd/system.
+/// arguments as nixpkgs' `pkgs.portableService`; attache builds only its
+/// spec, never the image `nix build` would pack), any derivation that ships
+/// unit files in lib/systemd/system or etc/systemd/system, or one whose
+/// output is an image already (checked as `inspect` does, copied as it is).
 ///
 /// Examples:
 ///

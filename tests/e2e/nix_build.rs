@@ -127,10 +127,7 @@ fn nix_build_of_the_demo_gives_the_image_attache_build_writes() {
         list.join("\n")
     );
     let os = unsquashfs_cat(&image, "etc/os-release");
-    assert!(
-        os.lines().any(|l| l == "PORTABLE_PREFIXES=demo demo-tick"),
-        "{os}"
-    );
+    assert!(os.lines().any(|l| l == "PORTABLE_PREFIXES=demo"), "{os}");
     // The spec is reachable on its own, and stays out of the image.
     let spec = dir.path().join("spec");
     nix_build_ok(&spec, &[&format!("{demo}#demo.spec")]);
@@ -198,6 +195,12 @@ fn attache_build_never_builds_the_image_and_names_another_packer_version() {
         r.stderr
     );
     assert_eq!(files_in(out.path()), ["demo_1.0.raw"]);
+    // An inventory service is what deploy builds: the spec too.
+    let service = format!("{demo}#attache.hosts.h1.services.demo");
+    let again = attache(&["build", "--json", "-o", &o, &service])
+        .ok()
+        .json();
+    assert_eq!(again["name"], "demo");
     let failed = nix_build(&dir.path().join("result"), &[&installable]);
     assert!(
         !failed.status.success(),
