@@ -11,7 +11,7 @@ use crate::cache::{self, Cache};
 use crate::error::Error;
 use crate::image::{self, Compression, PackEvent, PackOptions};
 use crate::names::{portable_prefixes, unit_installs, ImageFile};
-use crate::nix::{self as nixcmd, Installable, Nix};
+use crate::nix::{parse_references_graph, Installable, Nix};
 use crate::spec::from_nix::{self, Naming, PackHints};
 use crate::spec::{self, ImageSpec};
 use crate::ui::Ui;
@@ -245,6 +245,7 @@ fn prebuilt_image(out: &Path) -> Option<PathBuf> {
         std::fs::File::open(p)
             .and_then(|mut f| f.read_exact(&mut magic))
             .is_ok()
+            // squashfs' magic number, as it starts the superblock
             && &magic == b"hsqs"
     };
     if out.is_file() {
@@ -466,7 +467,7 @@ pub fn pack_spec_file(
 ) -> Result<image::Image, Error> {
     let graph = std::fs::read_to_string(closure_graph)
         .map_err(|e| Error::io(format!("reading {}", closure_graph.display()), e))?;
-    let closure = nixcmd::parse_references_graph(&graph)?;
+    let closure = parse_references_graph(&graph)?;
     let (spec, hints) = from_nix::from_spec_file(spec_file, closure, &Naming::default())?;
     let Ready { spec, opts } = ready(spec, &hints, &PackChoice::default())?;
     std::fs::create_dir_all(out_dir)
