@@ -74,13 +74,17 @@ pub enum Command {
     Inspect(InspectArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
+    #[command(hide = true)]
+    PackSpec(PackSpecArgs),
 }
 
 /// Build a portable image (NAME_VERSION.raw) from a Nix installable.
 ///
 /// The installable is the result of attache's `portableService` (same
-/// arguments as nixpkgs' `pkgs.portableService`), or any derivation that
-/// ships unit files in lib/systemd/system or etc/systemd/system.
+/// arguments as nixpkgs' `pkgs.portableService`; attache builds only its
+/// spec, never the image `nix build` would pack), any derivation that ships
+/// unit files in lib/systemd/system or etc/systemd/system, or one whose
+/// output is an image already (checked as `inspect` does, copied as it is).
 ///
 /// Examples:
 ///
@@ -507,6 +511,20 @@ pub struct HostServiceArgs {
 pub struct InspectArgs {
     /// The image file.
     pub image: PathBuf,
+}
+
+/// The builder of portableService's `nix build`, inside the Nix sandbox:
+/// packs a spec file as `attache build` would.
+#[derive(Debug, Args)]
+pub struct PackSpecArgs {
+    /// The spec file portableService wrote.
+    pub spec: PathBuf,
+    /// Its runtime closure, as Nix's exportReferencesGraph writes it.
+    #[arg(long, value_name = "FILE")]
+    pub closure: PathBuf,
+    /// Directory for the image ($out).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
 }
 
 /// Print shell completions to stdout.

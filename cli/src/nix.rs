@@ -109,6 +109,23 @@ pub struct Described {
     pub name: Option<String>,
     #[serde(default)]
     pub attache_spec: bool,
+    /// The spec file derivation of a portableService whose own output is
+    /// the image (`nix build` packs it): attache builds only this.
+    #[serde(default)]
+    pub spec: Option<SpecDrv>,
+    /// The version of the attache package that packs the image under
+    /// `nix build`, when the library was given one.
+    #[serde(default)]
+    pub packer: Option<String>,
+}
+
+/// A derivation known by evaluation, built with `nix-store --realise`.
+/// (Not `drvPath`/`outPath`: `builtins.toJSON` turns a set with an
+/// `outPath` into that string.)
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SpecDrv {
+    pub drv: PathBuf,
+    pub out: PathBuf,
 }
 
 /// Applied by `nix eval` so one call tells what the installable is without
@@ -121,6 +138,11 @@ const DESCRIBE: &str = r#"d:
     version = str (d.version or null);
     name = str (d.name or null);
     attacheSpec = (d.attacheSpec or false) == true;
+    spec = if (d.attacheSpec or false) == true && builtins.isAttrs (d.spec or null)
+      && (d.spec.type or null) == "derivation"
+      then { drv = d.spec.drvPath; out = d.spec.outPath; } else null;
+    packer = if (d.attacheSpec or false) == true && builtins.isAttrs (d.packer or null)
+      then str (d.packer.version or null) else null;
   } else { derivation = false; type = builtins.typeOf d; }"#;
 
 /// The user's `nix`, with the arguments they want on every call.
@@ -223,6 +245,29 @@ impl Nix {
         parse_build_json(&out.stdout)
     }
 
+    /// Builds a derivation evaluation has written (`nix-store --realise`,
+    /// unchanged since before 2.8, unlike what `nix build` makes of a
+    /// `.drv` path) and keeps its output alive with the GC root `out_link`.
+    pub fn realise(&self, drv: &SpecDrv, what: &str, out_link: &Path) -> Result<(), NixError> {
+        let mut c = Command::new(self.nix_store_bin());
+        c.arg("--realise")
+            .arg(&drv.drv)
+            .arg("--add-root")
+            .arg(out_link)
+            .stdin(Stdio::null());
+        let out = c.output().map_err(|source| NixError::NotInstalled {
+            bin: self.nix_store_bin().display().to_string(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(NixError::Build {
+                installable: what.to_owned(),
+                nix_says: nix_message(&out.stderr),
+            });
+        }
+        Ok(())
+    }
+
     /// The runtime closure of `path`, sorted. `nix-store -qR` prints one path
     /// a line and has done so unchanged for a decade, unlike
     /// `nix path-info --json`, whose shape changed three times.
@@ -312,6 +357,37 @@ pub fn nix_message(stderr: &[u8]) -> String {
     }
 }
 
+/// The store paths of a closure as Nix writes it for `exportReferencesGraph`
+/// (per path: the path, its deriver or an empty line, the number of
+/// references, the references), sorted like [`Nix::closure`] returns them.
+pub fn parse_references_graph(text: &str) -> Result<Vec<PathBuf>, NixError> {
+    let unexpected = |detail: String| NixError::Unexpected {
+        what: "exportReferencesGraph",
+        detail,
+    };
+    let mut lines = text.lines();
+    let mut paths = Vec::new();
+    while let Some(path) = lines.next() {
+        if path.is_empty() {
+            continue;
+        }
+        let _deriver = lines.next();
+        let count: usize = lines
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| unexpected(format!("no reference count after {path}")))?;
+        for _ in 0..count {
+            lines
+                .next()
+                .ok_or_else(|| unexpected(format!("references of {path} cut short")))?;
+        }
+        paths.push(PathBuf::from(path));
+    }
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
+}
+
 /// Reads `nix build --json`: `[{"drvPath":…,"outputs":{"out":…}}]` on every
 /// version since 2.4; newer versions may add fields, and a path-only
 /// installable may come without `drvPath`.
@@ -387,6 +463,21 @@ mod tests {
     }
 
     #[test]
+    fn references_graph() {
+        let g = "/nix/store/b-spec.json\n\n2\n/nix/store/a-unit\n/nix/store/b-spec.json\n\
+                 /nix/store/a-unit\n/nix/store/x-unit.drv\n0\n";
+        assert_eq!(
+            parse_references_graph(g).unwrap(),
+            [
+                PathBuf::from("/nix/store/a-unit"),
+                PathBuf::from("/nix/store/b-spec.json")
+            ]
+        );
+        assert!(parse_references_graph("/nix/store/a\n\n2\n/nix/store/b\n").is_err());
+        assert!(parse_references_graph("/nix/store/a\n\nmany\n").is_err());
+    }
+
+    #[test]
     fn describe_json_shapes() {
         let d: Described = serde_json::from_str(
             r#"{"attacheSpec":true,"derivation":true,"name":"x.json","pname":"demo","version":"1.0"}"#,
@@ -394,6 +485,13 @@ mod tests {
         .unwrap();
         assert!(d.attache_spec && d.derivation);
         assert_eq!(d.pname.as_deref(), Some("demo"));
+        assert_eq!((d.spec, d.packer), (None, None));
+        let d: Described = serde_json::from_str(
+            r#"{"attacheSpec":true,"derivation":true,"packer":"0.1.0","spec":{"drv":"/nix/store/a-s.json.drv","out":"/nix/store/b-s.json"}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.spec.unwrap().out, PathBuf::from("/nix/store/b-s.json"));
+        assert_eq!(d.packer.as_deref(), Some("0.1.0"));
         let d: Described = serde_json::from_str(r#"{"derivation":false,"type":"string"}"#).unwrap();
         assert_eq!(d.kind.as_deref(), Some("string"));
     }

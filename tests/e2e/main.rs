@@ -7,5 +7,6 @@ mod busy_host;
 mod deploy;
 mod edges;
 mod lab_smoke;
+mod nix_build;
 mod readme;
 mod support;

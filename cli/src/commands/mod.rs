@@ -8,6 +8,7 @@ mod deploy;
 mod detach;
 mod hosts;
 mod inspect;
+mod pack_spec;
 mod rollback;
 mod status;
 
@@ -44,6 +45,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
         Command::Rollback(args) => rollback::run(&args, ui),
         Command::Detach(args) => detach::run(&args, ui),
         Command::Inspect(args) => inspect::run(&args, ui),
+        Command::PackSpec(args) => pack_spec::run(&args, ui),
         Command::Completions(args) => {
             let mut buf = Vec::new();
             clap_complete::generate(args.shell, &mut Cli::command(), "attache", &mut buf);

@@ -123,6 +123,7 @@ mod tests {
             units: vec![UnitInfo {
                 name: "demo.service".into(),
                 exec_start: vec!["/nix/store/aaa-demo/bin/demo".into()],
+                install: true,
             }],
             store_paths: vec!["/nix/store/aaa-demo".into()],
             size: 4096,
