@@ -5,5 +5,6 @@
 mod build;
 mod busy_host;
 mod deploy;
+mod faults;
 mod lab_smoke;
 mod support;

@@ -10,6 +10,7 @@ mod hosts;
 mod inspect;
 mod rollback;
 mod status;
+mod unlock;
 
 use clap::CommandFactory;
 
@@ -43,6 +44,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
         Command::Status(args) => status::run(&args, ui),
         Command::Rollback(args) => rollback::run(&args, ui),
         Command::Detach(args) => detach::run(&args, ui),
+        Command::Unlock(args) => unlock::run(&args, ui),
         Command::Inspect(args) => inspect::run(&args, ui),
         Command::Completions(args) => {
             let mut buf = Vec::new();
