@@ -229,7 +229,7 @@ fn interrupt_during_upload() {
         h["error"]
             .as_str()
             .unwrap()
-            .starts_with("intupload: interrupted (Ctrl-C or SIGTERM) before the image was in place; the host runs what it ran before"),
+            .starts_with("intupload: interrupted (Ctrl-C or SIGTERM) before the image was in place (its partial file was removed); the host runs what it ran before"),
         "{h}"
     );
     expect_demo_1(&t, &r, &["demo_1.0.raw"]);

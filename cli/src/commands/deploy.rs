@@ -348,6 +348,23 @@ mod tests {
         );
     }
 
+    /// A second Ctrl-C names each host left to its own timer, and when.
+    #[test]
+    fn leaving_at_once_says_when_hosts_revert() {
+        let stop = Interrupt::never();
+        let e = left_at_once(&stop).to_string();
+        assert!(e.contains("no host was mid-activation"), "{e}");
+        stop.armed("web1", Duration::from_secs(300));
+        let e = left_at_once(&stop);
+        assert_eq!(e.exit_code(), crate::error::ExitCode::DeployFailed);
+        let e = e.to_string();
+        assert!(
+            e.starts_with("interrupted twice: attache left at once; web1 was left mid-activation: its automatic rollback puts back its previous services at "),
+            "{e}"
+        );
+        assert!(e.contains(" UTC (in 29"), "{e}");
+    }
+
     /// -f and friends name what to build; the inventory already does, so
     /// they are refused there before any nix runs.
     #[test]

@@ -44,7 +44,7 @@ pub enum Cause {
     Unhealthy { image: String, reason: String },
     #[error("the host's automatic rollback ran before attache could confirm the deploy (the checks took longer than --rollback-after); the host runs its previous services. Deploy again with a longer --rollback-after")]
     RevertedByHost,
-    #[error("interrupted (Ctrl-C or SIGTERM) before {before}; the host runs what it ran before, nothing of this deploy is left on it")]
+    #[error("interrupted (Ctrl-C or SIGTERM) before {before}; the host runs what it ran before")]
     Interrupted { before: &'static str },
     #[error("a remote step failed ({doing}): {output}")]
     Step { doing: String, output: String },

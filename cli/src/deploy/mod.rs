@@ -223,7 +223,10 @@ impl<E: Events> Run<'_, E> {
         r.bytes_sent = *pushed.as_ref().unwrap_or(&0);
         t.end(r, pushed.is_ok());
         pushed?;
-        self.go_on(s, "the activation")?;
+        self.go_on(
+            s,
+            "the activation (the checked images stay in /var/lib/portables for the next deploy)",
+        )?;
 
         let changes: Vec<&Step> = plan.changes().collect();
         let reverts: Vec<ops::Revert> = changes.iter().filter_map(|c| c.revert.clone()).collect();
@@ -344,7 +347,7 @@ impl<E: Events> Run<'_, E> {
             () = self.stop.after(1) => {
                 // The upload is dropped, which closes its channel.
                 let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
-                return Err(Cause::Interrupted { before: "the image was in place" }
+                return Err(Cause::Interrupted { before: "the image was in place (its partial file was removed)" }
                     .at(s.host(), Stage::Push));
             }
         };
