@@ -239,13 +239,14 @@ fn interrupt_during_upload() {
     assert_eq!(t.portables(), ["demo_1.0.raw", "demo_2.0.raw"]);
 }
 
-/// Row 7: Ctrl-C after the new version was attached: attache finishes its
-/// checks and confirms, as it would have, and says it is stopping.
+/// Row 7: SIGTERM (what Ctrl-C does, from a supervisor) after the new
+/// version was attached: attache finishes its checks and confirms, as it
+/// would have, and says it is stopping.
 #[test]
 fn interrupt_during_activation_finishes_it() {
     let t = demo_host("intactive");
     let bg = t.deploy_paused(&["./examples/demo#demo-v2"], &[], "after-activate", 10);
-    bg.signal("INT");
+    bg.signal("TERM");
     let r = bg.join();
     assert_eq!(r.code, 0, "{}", t.diag(&r, DEMO));
     assert!(r.stderr.contains("warning: stopping:"), "{}", r.stderr);

@@ -103,7 +103,10 @@ pub async fn deploy_host<E: Events>(
     match run.host(&mut r).await {
         Ok(outcome) => r.outcome = outcome,
         Err(e) => {
-            if matches!(e.cause, Cause::Interrupted { .. }) {
+            // A terminal's Ctrl-C also reaches an ssh still logging in; a
+            // host stopped before its upload is unchanged either way.
+            let early = matches!(e.stage, Stage::Connect | Stage::Lock | Stage::Preflight);
+            if matches!(e.cause, Cause::Interrupted { .. }) || (early && stop.asked()) {
                 r.outcome = Outcome::Interrupted;
             }
             r.error = Some(e.to_string());
