@@ -108,7 +108,7 @@ pub enum RemoteError {
         reason: String,
     },
     /// A command on the host failed with the connection still up.
-    #[error("the host failed {doing}: {says}")]
+    #[error("{doing} failed on the host: {says}")]
     HostRefused {
         host: String,
         doing: String,

@@ -591,8 +591,9 @@ pub(crate) async fn portablectl(
 }
 
 /// A test-only hook: `ATTACHE_TEST_FAULT=NAME` makes attache meet the fault
-/// `NAME` (`corrupt-upload`: the uploaded file changes on the host before it
-/// is hashed), so the e2e suite can see what the user would.
+/// `NAME`, so the e2e suite can see what the user would: `corrupt-upload`
+/// (the uploaded file changes on the host before it is hashed),
+/// `stall-upload` (the host stops reading after the first MiB for a minute).
 fn test_fault(name: &str) -> bool {
     std::env::var("ATTACHE_TEST_FAULT").ok().as_deref() == Some(name)
 }
