@@ -285,6 +285,9 @@ fn second_interrupt_leaves_it_to_the_host() {
         "{}",
         r.stderr
     );
+    let json = r.json();
+    assert_eq!(json["interrupted"], true, "{json}");
+    assert_eq!(json["pending_reverts"][0]["host"], "intagain", "{json}");
     assert_eq!(t.ssh_left_behind(), Vec::<String>::new());
     assert!(
         wait_for(

@@ -173,6 +173,20 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         // Dropping the runtime drops every host's session: its lock ends,
         // then its connection and control socket.
         drop(rt);
+        let reverts: Vec<serde_json::Value> = stop
+            .pending_reverts()
+            .into_iter()
+            .map(|(host, at)| {
+                let at = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                json!({ "host": host, "reverts_at": at })
+            })
+            .collect();
+        ui.result(
+            &json!({ "ok": false, "interrupted": true, "pending_reverts": reverts }),
+            "",
+        );
         return Err(left_at_once(&stop));
     };
     let reports: Vec<HostReport> = ran
