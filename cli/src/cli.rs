@@ -18,7 +18,8 @@ Exit codes:
   0  success
   1  bad input: a wrong installable, a unit portabled would refuse, an unknown host
   2  environment: nix missing, I/O error, a host that cannot be reached
-  3  deploy failed on at least one host (rolled back where possible)";
+  3  deploy failed on at least one host (rolled back where possible), or a
+     deploy or build was interrupted (Ctrl-C, SIGTERM)";
 
 /// Turn Nix into running systemd portable services.
 ///
@@ -71,6 +72,7 @@ pub enum Command {
     ///
     /// Example: attache detach root@10.0.0.5 demo
     Detach(HostServiceArgs),
+    Unlock(UnlockArgs),
     Inspect(InspectArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
@@ -375,6 +377,11 @@ impl InstallableForm {
 /// check the units stay up and run the inventory's checks, and roll back to
 /// the previous image if anything fails. Old images are pruned to --keep.
 ///
+/// Ctrl-C (or SIGTERM) stops uploads and skips hosts not started; a host
+/// already activating finishes its checks and confirms or rolls back. A
+/// second Ctrl-C leaves at once: the host's own timer reverts it, at the
+/// time printed.
+///
 /// Examples:
 ///
 ///   attache deploy                      every host of ./flake.nix
@@ -498,6 +505,31 @@ pub struct HostServiceArgs {
     /// portabled profile for the reattach [default: the inventory's, else default].
     #[arg(long, value_name = "PROFILE")]
     pub profile: Option<String>,
+    #[command(flatten)]
+    pub nix: NixBin,
+}
+
+/// Free a host whose deploy lock is held by an attache that is gone.
+///
+/// A deploy holds the host's lock (/run/attache/lock) for as long as its SSH
+/// session lives; a client that vanished behind a broken network can hold it
+/// until the host's TCP keepalive gives up, hours later. `unlock` shows who
+/// holds it (user, machine, host-side process and age), then ends that one
+/// process on the host, found by the flock it holds, and nothing else. A
+/// deploy that is still running loses its lock: use it only when the attache
+/// named is gone. It asks first on a terminal; otherwise pass --yes.
+///
+/// Example: attache unlock h1
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct UnlockArgs {
+    /// Inventory host name, or an SSH destination.
+    pub host: String,
+    /// Do not ask: end the lock's holder.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
     #[command(flatten)]
     pub nix: NixBin,
 }

@@ -107,6 +107,13 @@ pub enum RemoteError {
         doing: String,
         reason: String,
     },
+    /// A command on the host failed with the connection still up.
+    #[error("{doing} failed on the host: {says}")]
+    HostRefused {
+        host: String,
+        doing: String,
+        says: String,
+    },
     #[error("could not read {path}: {source}")]
     LocalIo {
         host: String,
@@ -323,26 +330,42 @@ impl Remote {
             .ok_or_else(|| self.lost("uploading", "no stdin"))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut sent = 0u64;
-        let io_lost = |e: std::io::Error| self.lost("uploading", e);
+        // A write that fails may be the host's receiver having stopped (a
+        // full disk): its own words, read below, say why better than ours.
+        let mut broken = None;
         loop {
             let n = file.read(&mut buf).await.map_err(local_io)?;
             if n == 0 {
                 break;
             }
-            stdin.write_all(&buf[..n]).await.map_err(io_lost)?;
+            if let Err(e) = stdin.write_all(&buf[..n]).await {
+                broken = Some(e);
+                break;
+            }
             sent += n as u64;
             progress(sent);
         }
-        stdin.shutdown().await.map_err(io_lost)?;
+        if broken.is_none() {
+            broken = stdin.shutdown().await.err();
+        }
         drop(stdin);
         let out = child
             .wait_with_output()
             .await
             .map_err(|e| self.lost("uploading", &e))?;
-        if !out.status.success() {
-            return Err(self.lost("uploading", String::from_utf8_lossy(&out.stderr).trim()));
+        let says = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        match (out.status.code(), broken) {
+            (Some(0), None) => Ok(sent),
+            // The receiver ended with an error of its own, the connection
+            // still up (ssh reports a lost connection as 255).
+            (Some(code), _) if code != 255 && !says.is_empty() => Err(RemoteError::HostRefused {
+                host: self.name.clone(),
+                doing: "receiving the upload".into(),
+                says,
+            }),
+            (_, Some(e)) if says.is_empty() => Err(self.lost("uploading", e)),
+            _ => Err(self.lost("uploading", says)),
         }
-        Ok(sent)
     }
 
     fn lost(&self, doing: &str, e: impl std::fmt::Display) -> RemoteError {

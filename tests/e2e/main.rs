@@ -6,6 +6,7 @@ mod build;
 mod busy_host;
 mod deploy;
 mod edges;
+mod faults;
 mod lab_smoke;
 mod nix_build;
 mod readme;

@@ -11,6 +11,7 @@ mod inspect;
 mod pack_spec;
 mod rollback;
 mod status;
+mod unlock;
 
 use clap::CommandFactory;
 
@@ -44,6 +45,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
         Command::Status(args) => status::run(&args, ui),
         Command::Rollback(args) => rollback::run(&args, ui),
         Command::Detach(args) => detach::run(&args, ui),
+        Command::Unlock(args) => unlock::run(&args, ui),
         Command::Inspect(args) => inspect::run(&args, ui),
         Command::PackSpec(args) => pack_spec::run(&args, ui),
         Command::Completions(args) => {

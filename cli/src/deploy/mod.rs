@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 use crate::build::BuiltUnit;
 use crate::inventory::Check;
 use crate::names::basename;
-use crate::remote::{Destination, Elevation, SshOptions};
+use crate::remote::{Destination, Elevation, RemoteError, SshOptions};
 
 mod error;
 mod health;
+mod interrupt;
 mod manage;
 mod ops;
 mod plan;
@@ -31,6 +32,7 @@ mod report;
 mod session;
 
 pub use error::HostError;
+pub use interrupt::{clock, Interrupt};
 pub use manage::{detach_service, host_status, rollback_service, ServiceStatus};
 pub use plan::{check_timer, Action};
 pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage};
@@ -82,19 +84,36 @@ pub struct Settings {
 
 /// Runs the whole pipeline on one host. Never panics; always returns a
 /// report saying where the host ended.
-pub async fn deploy_host<E: Events>(plan: HostPlan, settings: Arc<Settings>, ev: E) -> HostReport {
+pub async fn deploy_host<E: Events>(
+    plan: HostPlan,
+    settings: Arc<Settings>,
+    ev: E,
+    stop: Interrupt,
+) -> HostReport {
     let mut r = HostReport::new(&plan.name);
+    if stop.asked() {
+        return HostReport::skipped(&plan.name, "interrupted before it started");
+    }
     let run = Run {
         plan: &plan,
         settings: &settings,
         ev: &ev,
+        stop: &stop,
     };
     match run.host(&mut r).await {
         Ok(outcome) => r.outcome = outcome,
-        Err(e) => r.error = Some(e.to_string()),
+        Err(e) => {
+            // A terminal's Ctrl-C also reaches an ssh still logging in; a
+            // host stopped before its upload is unchanged either way.
+            let early = matches!(e.stage, Stage::Connect | Stage::Lock | Stage::Preflight);
+            if matches!(e.cause, Cause::Interrupted { .. }) || (early && stop.asked()) {
+                r.outcome = Outcome::Interrupted;
+            }
+            r.error = Some(e.to_string());
+        }
     }
-    if r.outcome == Outcome::Failed {
-        r.set_changed(Outcome::Failed);
+    if matches!(r.outcome, Outcome::Failed | Outcome::Interrupted) {
+        r.set_changed(r.outcome);
     }
     ev.emit(
         &plan.name,
@@ -110,6 +129,7 @@ struct Run<'a, E> {
     plan: &'a HostPlan,
     settings: &'a Settings,
     ev: &'a E,
+    stop: &'a Interrupt,
 }
 
 /// Times a stage into the report.
@@ -143,6 +163,14 @@ impl<E: Events> Run<'_, E> {
 
     fn note(&self, msg: &str) {
         self.ev.emit(self.host_name(), Event::Note(msg));
+    }
+
+    /// Stops here if a stop was asked for: nothing has changed yet.
+    fn go_on(&self, s: &HostSession, before: &'static str) -> Result<(), HostError> {
+        if self.stop.asked() {
+            return Err(Cause::Interrupted { before }.at(s.host(), Stage::Push));
+        }
+        Ok(())
     }
 
     async fn host(&self, r: &mut HostReport) -> Result<Outcome, HostError> {
@@ -195,11 +223,17 @@ impl<E: Events> Run<'_, E> {
             return Ok(Outcome::Planned);
         }
 
+        test_pause("before-push").await;
+        self.go_on(s, "the upload")?;
         let t = self.stage(Stage::Push);
         let pushed = self.push_all(s, &plan).await;
         r.bytes_sent = *pushed.as_ref().unwrap_or(&0);
         t.end(r, pushed.is_ok());
         pushed?;
+        self.go_on(
+            s,
+            "the activation (the checked images stay in /var/lib/portables for the next deploy)",
+        )?;
 
         let changes: Vec<&Step> = plan.changes().collect();
         let reverts: Vec<ops::Revert> = changes.iter().filter_map(|c| c.revert.clone()).collect();
@@ -214,6 +248,8 @@ impl<E: Events> Run<'_, E> {
                 .await;
             t.end(r, a.is_ok());
             a?;
+            self.stop
+                .armed(self.host_name(), self.settings.rollback_after);
         }
         let failure = self.activate_and_check(s, &plan, r).await.err();
         match failure {
@@ -235,6 +271,8 @@ impl<E: Events> Run<'_, E> {
                         )
                         .await
                         .map(drop);
+                    self.stop
+                        .armed(self.host_name(), self.settings.rollback_after);
                 }
                 if back.is_ok() {
                     back = self.roll_back(s, &changes).await;
@@ -244,7 +282,9 @@ impl<E: Events> Run<'_, E> {
                     Ok(()) => {
                         // Only now: a connection lost before this point is
                         // still covered by the host's own revert.
-                        let _ = s.run(&ops::disarm(), Stage::Rollback).await;
+                        if s.run(&ops::disarm(), Stage::Rollback).await.is_ok() {
+                            self.stop.disarmed(self.host_name());
+                        }
                         r.set_changed(Outcome::RolledBack);
                         Ok(Outcome::RolledBack)
                     }
@@ -282,6 +322,7 @@ impl<E: Events> Run<'_, E> {
             s.step(&ops::clear_partials(), Stage::Push).await?;
         }
         for step in plan.steps.iter().filter(|st| st.upload) {
+            self.go_on(s, "the upload")?;
             sent += self
                 .push(s, &self.plan.services[step.service], &step.target)
                 .await?;
@@ -301,17 +342,46 @@ impl<E: Events> Run<'_, E> {
         self.ev
             .emit(self.host_name(), Event::PushStarted { bytes: svc.size });
         let progress = |sent: u64| self.ev.emit(self.host_name(), Event::PushProgress { sent });
-        let sent = s
-            .remote
-            .upload(&svc.local, &ops::receive(&tmp).text, &progress)
-            .await
-            .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
+        let image = basename(target).to_owned();
+        let receive = if test_fault("stall-upload") {
+            ops::receive_stalled(&tmp)
+        } else {
+            ops::receive(&tmp)
+        };
+        let upload = s.remote.upload(&svc.local, &receive.text, &progress);
+        let sent = tokio::select! {
+            sent = upload => sent,
+            () = self.stop.after(1) => {
+                // The upload is dropped, which closes its channel.
+                let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
+                return Err(Cause::Interrupted { before: "the image was in place (its partial file was removed)" }
+                    .at(s.host(), Stage::Push));
+            }
+        };
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                // Best effort: with the connection gone, the next deploy
+                // clears it under the lock.
+                let removed = s.run(&ops::remove(&[tmp]), Stage::Push).await;
+                let cause = match e {
+                    RemoteError::HostRefused { says, .. } if removed.is_ok() => {
+                        Cause::NotStored { image, says }
+                    }
+                    e => Cause::from(e),
+                };
+                return Err(cause.at(s.host(), Stage::Push));
+            }
+        };
+        if test_fault("corrupt-upload") {
+            s.step(&ops::corrupt(&tmp), Stage::Push).await?;
+        }
         let got = ops::parse_sha256(&s.step(&ops::sha256(&tmp), Stage::Push).await?.stdout)
             .unwrap_or_default();
         if got != svc.sha256 {
             let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
             return Err(Cause::Corrupt {
-                image: basename(target).to_owned(),
+                image,
                 got,
                 want: svc.sha256.clone(),
             }
@@ -367,6 +437,7 @@ impl<E: Events> Run<'_, E> {
     ) -> Result<Outcome, HostError> {
         if armed {
             let out = s.step(&ops::disarm(), Stage::Health).await?;
+            self.stop.disarmed(self.host_name());
             if let Disarmed::AlreadyReverted(_) = ops::parse_disarm(&out.stdout) {
                 r.set_changed(Outcome::RolledBack);
                 r.error = Some(
@@ -521,6 +592,14 @@ pub(crate) async fn portablectl(
         output: ops::strip_harmless(&out.tail()),
     }
     .at(s.host(), stage))
+}
+
+/// A test-only hook: `ATTACHE_TEST_FAULT=NAME` makes attache meet the fault
+/// `NAME`, so the e2e suite can see what the user would: `corrupt-upload`
+/// (the uploaded file changes on the host before it is hashed),
+/// `stall-upload` (the host stops reading after the first MiB for a minute).
+fn test_fault(name: &str) -> bool {
+    std::env::var("ATTACHE_TEST_FAULT").ok().as_deref() == Some(name)
 }
 
 /// A test-only hook: `ATTACHE_TEST_PAUSE=STEP` stops here for

@@ -56,22 +56,137 @@ pub fn words<S: AsRef<str>>(args: &[S]) -> String {
 
 // ---- the lock -------------------------------------------------------------
 
+/// Prints what is known of the lock's holder: the record it wrote, the
+/// host's clock, and the processes that hold the flock now. Those come from
+/// /proc/PID/fdinfo, which lists a flock only on the open file that took it,
+/// so a process that merely has the file open is not counted.
+const LOCK_HOLDERS: &str = r#"cat /run/attache/lock.holder 2>/dev/null
+printf 'now\t%s\n' "$(date +%s)"
+for fd in /proc/[0-9]*/fd/*; do
+  [ "$(readlink "$fd" 2>/dev/null)" = /run/attache/lock ] || continue
+  p=${fd#/proc/}; p=${p%%/*}
+  grep -qs '^lock:.*FLOCK' "/proc/$p/fdinfo/${fd##*/}" && printf 'holder_pid\t%s\n' "$p"
+done
+true"#;
+
 /// Takes the per-host lock and holds it while our stdin stays open: the lock
 /// ends with the connection, so a killed attache never leaves it behind.
+/// The holder's record names the host-side process that holds it (`$$`,
+/// which becomes the `cat`), for `attache unlock`. flock is looked for
+/// before anything is written.
 pub fn lock(holder: &str) -> Script {
     Script::new(
         "taking the deploy lock",
         format!(
-            r#"mkdir -p /run/attache
-command -v flock >/dev/null || {{ echo NOFLOCK; exit 69; }}
+            r#"command -v flock >/dev/null || {{ echo NOFLOCK; exit 69; }}
+mkdir -p /run/attache
 exec 9>>/run/attache/lock
-if ! flock -n 9; then echo BUSY; cat /run/attache/lock.holder 2>/dev/null; exit 75; fi
-echo {holder} > /run/attache/lock.holder
+if ! flock -n 9; then echo BUSY; exec 9>&-; {LOCK_HOLDERS}; exit 75; fi
+printf 'holder\t%s\nfrom\t%s\npid\t%s\nsince\t%s\n' {holder} "${{SSH_CLIENT%% *}}" $$ "$(date +%s)" > /run/attache/lock.holder
 echo LOCKED
 exec cat >/dev/null"#,
             holder = quote(holder)
         ),
     )
+}
+
+/// Who holds the lock, without taking it.
+pub fn lock_holder() -> Script {
+    Script::new(
+        "reading who holds the deploy lock",
+        format!("[ -e /run/attache/lock ] || exit 0\n{LOCK_HOLDERS}"),
+    )
+}
+
+/// Ends the process `pid` if, and only if, it holds the lock now; prints
+/// `UNLOCKED`, or `GONE` when it no longer does.
+pub fn unlock(pid: u32) -> Script {
+    Script::new(
+        "ending the lock's holder",
+        format!(
+            r#"pid={pid}
+if ! {{ {LOCK_HOLDERS}; }} | grep -qx "$(printf 'holder_pid\t%s' "$pid")"; then echo GONE; exit 0; fi
+kill -TERM "$pid"
+i=0; while [ -d "/proc/$pid" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+if [ -d "/proc/$pid" ]; then kill -KILL "$pid"; fi
+echo UNLOCKED"#
+        ),
+    )
+}
+
+/// What is known of the lock's holder (see [`lock_holder`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LockHolder {
+    /// Who: `user@machine pid N` of the attache that took it.
+    pub who: String,
+    /// The SSH client address it came from, when the host knew it.
+    pub from: String,
+    /// When it took the lock, and the host's clock now (seconds).
+    pub since: Option<u64>,
+    pub now: Option<u64>,
+    /// The host-side processes holding the lock now.
+    pub pids: Vec<u32>,
+}
+
+impl LockHolder {
+    pub fn age(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.now?.checked_sub(self.since?)?))
+    }
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.who.is_empty() {
+            "holder unknown"
+        } else {
+            &self.who
+        })?;
+        if !self.from.is_empty() {
+            write!(f, " from {}", self.from)?;
+        }
+        let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
+        match pids.len() {
+            0 => {}
+            1 => write!(f, "; host process {}", pids[0])?,
+            _ => write!(f, "; host processes {}", pids.join(", "))?,
+        }
+        if let Some(age) = self.age() {
+            write!(f, ", held for {}", human_age(age))?;
+        }
+        Ok(())
+    }
+}
+
+fn human_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// Reads [`lock_holder`]'s output (also what [`lock`] prints after `BUSY`).
+/// A record from before the fields existed is one line: who.
+pub fn parse_lock_holder(out: &str) -> LockHolder {
+    let mut h = LockHolder::default();
+    for line in out.lines() {
+        match line.split_once('\t') {
+            Some(("holder", v)) => h.who = v.trim().to_owned(),
+            Some(("from", v)) => h.from = v.trim().to_owned(),
+            Some(("since", v)) => h.since = v.trim().parse().ok(),
+            Some(("now", v)) => h.now = v.trim().parse().ok(),
+            Some(("holder_pid", v)) => h.pids.extend(v.trim().parse::<u32>().ok()),
+            Some(("pid", _)) => {}
+            _ if h.who.is_empty() && !line.trim().is_empty() && line.trim() != "BUSY" => {
+                h.who = line.trim().to_owned()
+            }
+            _ => {}
+        }
+    }
+    h.pids.sort_unstable();
+    h.pids.dedup();
+    h
 }
 
 // ---- what the host has ----------------------------------------------------
@@ -297,6 +412,29 @@ pub fn clear_partials() -> Script {
 /// Streams stdin into `tmp`.
 pub fn receive(tmp: &str) -> Script {
     Script::new("uploading", format!("umask 077; exec cat > {}", quote(tmp)))
+}
+
+/// Changes one byte of an upload: the e2e suite's corrupted transfer.
+pub fn corrupt(path: &str) -> Script {
+    Script::new(
+        "corrupting the upload (test)",
+        format!(
+            "printf x | dd of={} bs=1 seek=4096 conv=notrunc 2>/dev/null",
+            quote(path)
+        ),
+    )
+}
+
+/// [`receive`] that takes the first MiB and then stops reading for a
+/// minute: the e2e suite's upload in progress, to interrupt.
+pub fn receive_stalled(tmp: &str) -> Script {
+    Script::new(
+        "uploading",
+        format!(
+            "umask 077; {{ head -c 1048576; sleep 60; cat; }} > {}",
+            quote(tmp)
+        ),
+    )
 }
 
 pub fn sha256(path: &str) -> Script {

@@ -186,6 +186,32 @@ fn checks_pass_url_parts_as_arguments() {
 }
 
 #[test]
+fn lock_holder_parsing() {
+    let out = "BUSY\nholder\talice@laptop pid 42\nfrom\t10.0.0.2\npid\t4567\nsince\t1000\nnow\t11920\nholder_pid\t4567\n";
+    let h = parse_lock_holder(out);
+    assert_eq!(h.pids, [4567]);
+    assert_eq!(h.age(), Some(Duration::from_secs(10920)));
+    assert_eq!(
+        h.to_string(),
+        "alice@laptop pid 42 from 10.0.0.2; host process 4567, held for 3 h 2 min"
+    );
+    // A record written before the fields existed, and a holder that is gone.
+    let h = parse_lock_holder("BUSY\nbob@desk pid 7 since 5\nnow\t65\n");
+    assert_eq!(h.to_string(), "bob@desk pid 7 since 5");
+    assert!(h.pids.is_empty());
+    // Nobody ever took it.
+    assert_eq!(parse_lock_holder("now\t5\n").to_string(), "holder unknown");
+}
+
+/// flock is looked for before anything is written on the host.
+#[test]
+fn lock_needs_flock_before_it_writes() {
+    let s = lock("me").text;
+    let flock = s.find("command -v flock").unwrap();
+    assert!(flock < s.find("mkdir").unwrap(), "{s}");
+}
+
+#[test]
 fn show_parsing() {
     let out = "@unit=demo.service\nActiveState=active\nSubState=running\nRootImage=/x.raw\n@unit=echo.socket\nActiveState=active\n";
     let s = parse_show(out);
@@ -217,6 +243,10 @@ fn scripts_pass_shellcheck() {
     };
     let scripts = [
         lock("me"),
+        lock_holder(),
+        unlock(42),
+        receive_stalled("/a"),
+        corrupt("/a"),
         facts(&["/a.raw".into()], true),
         clear_partials(),
         receive("/a"),
