@@ -8,4 +8,5 @@ mod deploy;
 mod edges;
 mod lab_smoke;
 mod readme;
+mod settings;
 mod support;

@@ -26,6 +26,17 @@ pub struct ServiceStatus {
     pub sha256: String,
     /// Unit -> "ACTIVE (SUB)", or "template".
     pub units: BTreeMap<String, String>,
+    /// The credentials attache stored for it: never their values.
+    pub secrets: Vec<SecretStatus>,
+}
+
+/// A stored secret as `status` shows it: name, size and age only.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecretStatus {
+    pub name: String,
+    pub size: u64,
+    pub encrypted: bool,
+    pub age_secs: u64,
 }
 
 /// What is attached on the host, grouped by image.
@@ -50,7 +61,24 @@ pub async fn host_status(s: &HostSession) -> Result<Vec<ServiceStatus>, HostErro
         .into_iter()
         .map(|(image, units)| {
             let file = ImageFile::parse(image);
+            let now = super::session::unix_now();
+            let secrets = file
+                .as_ref()
+                .and_then(|f| facts.settings.get(f.name()))
+                .map(|st| {
+                    st.secrets
+                        .iter()
+                        .map(|(name, c)| SecretStatus {
+                            name: name.clone(),
+                            size: c.size,
+                            encrypted: c.encrypted,
+                            age_secs: now.saturating_sub(c.since),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             ServiceStatus {
+                secrets,
                 name: file
                     .as_ref()
                     .map_or_else(|| basename(image).to_owned(), |f| f.name().to_owned()),
@@ -118,6 +146,9 @@ pub async fn rollback_service(
         )
         .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?,
     };
+    // The settings go back with the image, before it starts again.
+    s.step(&ops::swap_settings(service), Stage::Rollback)
+        .await?;
     for c in &calls {
         portablectl(s, c, service).await?;
     }
@@ -173,5 +204,7 @@ pub async fn detach_service(s: &mut HostSession, service: &str) -> Result<String
         .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
     }
     portablectl(s, &PortableCall::new(verb, &image, &prefixes, ""), service).await?;
+    s.step(&ops::forget_settings(service), Stage::Rollback)
+        .await?;
     Ok(image)
 }

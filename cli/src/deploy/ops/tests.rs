@@ -93,6 +93,8 @@ fn portablectl_calls_pass_path_and_prefixes() {
 #[test]
 fn revert_looks_before_it_acts_and_goes_last_first() {
     let back = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -104,6 +106,8 @@ fn revert_looks_before_it_acts_and_goes_last_first() {
         }],
     };
     let gone = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "new".into(),
         previous: None,
         new: "/var/lib/portables/new_1.raw".into(),
@@ -204,6 +208,8 @@ fn scripts_pass_shellcheck() {
         return;
     }
     let revert = Revert {
+        settings: true,
+        restart: vec!["shop-web.service".into()],
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -237,6 +243,19 @@ fn scripts_pass_shellcheck() {
         run_pending_revert(),
         record_previous("x", Some("/x.raw")),
         record_previous("x", None),
+        stage(
+            "x",
+            &BTreeMap::from([("x.service".into(), "[Service]\nA=b\n".into())]),
+            &["db".into()],
+        ),
+        stage_secret("x", "db", true),
+        stage_secret("x", "db", false),
+        apply("x", &["x.service".into()]),
+        restore("x", &[]),
+        record_settings("x", true),
+        record_settings("x", false),
+        swap_settings("x"),
+        forget_settings("x"),
         show(&["a.service".into()]),
         check(&Check::Http {
             url: "http://h/x".into(),
@@ -288,6 +307,8 @@ fn scripts_pass_shellcheck() {
 #[test]
 fn a_revert_attaches_the_old_image_when_the_switch_stopped_half_way() {
     let r = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
