@@ -453,6 +453,55 @@ fn host_that_cannot_encrypt_trixie() {
         .ssh_ok(&format!("cat {DROPIN}"))
         .contains(&format!("LoadCredential=db:{CRED}")));
     h.ssh_ok("mv /usr/bin/systemd-creds.hidden /usr/bin/systemd-creds");
+
+    // A settings change whose deploy is cut off after the switch: the
+    // host's own revert puts the settings (and the plain credential) back.
+    f.inventory(&format!(
+        "pkgs: {{\n{}\n}}",
+        entry(
+            "nocreds",
+            8093,
+            &["PORT=8093", "GREETING=away"],
+            Some(&file),
+            ""
+        )
+    ));
+    let mut args = f.args("deploy", &["--rollback-after", "90"]);
+    args.push("nocreds");
+    let mut bg = attache_spawn(
+        &repo(),
+        f.cache.path(),
+        &args,
+        &[
+            ("ATTACHE_TEST_PAUSE", "after-activate"),
+            ("ATTACHE_TEST_PAUSE_SECS", "600"),
+        ],
+    );
+    bg.expect_pause("after-activate");
+    assert!(f
+        .page("nocreds", 8093)
+        .starts_with("greeting=away port=8093"));
+    assert!(h
+        .ssh_ok(&format!("cat {DROPIN}"))
+        .contains(&format!("LoadCredentialEncrypted=db:{CRED}")));
+    drop(bg);
+    assert!(
+        wait_for(
+            h,
+            "busybox wget -q -O - http://127.0.0.1:8093/ | grep -q greeting=default",
+            Duration::from_secs(90 + 120),
+            Duration::from_secs(2)
+        ),
+        "the host did not put the settings back\n{}",
+        h.diagnostics(Some(UNIT))
+    );
+    assert_eq!(
+        f.page("nocreds", 8093),
+        format!("greeting=default port=8093 db-sha256={}", sha256_hex(&s))
+    );
+    assert!(h
+        .ssh_ok(&format!("cat {DROPIN}"))
+        .contains(&format!("LoadCredential=db:{CRED}")));
 }
 
 /// A Nix path as a secret would be copied into the store by evaluation:
