@@ -140,7 +140,7 @@ pub fn stage_secret(service: &str, name: &str, encrypted: bool) -> Script {
     let cred = format!("{dir}/{name}.cred");
     let store = if encrypted {
         format!(
-            "systemd-creds encrypt --name={} - {} 2>/dev/null",
+            "systemd-creds encrypt --name={} - {}",
             quote(name),
             quote(&format!("{cred}.tmp"))
         )

@@ -337,3 +337,36 @@ fn a_revert_attaches_the_old_image_when_the_switch_stopped_half_way() {
         .text
         .contains("--on-active=60"));
 }
+
+/// A settings-only change goes back by restoring the settings and
+/// restarting; an image change restores them before the portablectl calls.
+#[test]
+fn revert_puts_settings_back_first() {
+    let only = Revert {
+        service: "conf".into(),
+        previous: Some("/var/lib/portables/conf_1.0.raw".into()),
+        new: "/var/lib/portables/conf_1.0.raw".into(),
+        calls: vec![],
+        settings: true,
+        restart: vec!["conf.service".into()],
+    };
+    let body = revert_body(std::slice::from_ref(&only));
+    assert!(body.contains(
+        "if restore 'conf'; then systemctl daemon-reload || rc=1; systemctl restart 'conf.service' || rc=1; fi\n"
+    ));
+    assert!(!body.contains("portablectl"));
+    let with_image = Revert {
+        new: "/var/lib/portables/conf_2.0.raw".into(),
+        calls: vec![PortableCall::new(
+            Verb::Reattach,
+            "/var/lib/portables/conf_1.0.raw",
+            &["conf".into()],
+            "default",
+        )],
+        restart: vec![],
+        ..only
+    };
+    let body = revert_body(&[with_image]);
+    let restore = body.find("if restore 'conf'").unwrap();
+    assert!(restore < body.find("portablectl").unwrap(), "{body}");
+}
