@@ -390,6 +390,15 @@ fn settings_and_secrets_bookworm() {
     assert_eq!(secret["size"], s1b.len(), "{st}");
     assert!(!r.stdout.contains(&s1b));
 
+    // rollback undoes the last deploy, a settings-only one: the secret
+    // before the rotation is back.
+    let r = f.attache("rollback", &["set1", "conf"]);
+    assert_eq!(r.code, 0, "{}", f.diag(&r, "set1"));
+    assert_eq!(
+        f.page("set1", 8091),
+        format!("greeting=hi-again port=8091 db-sha256={}", sha256_hex(&s1))
+    );
+
     // Detach takes the drop-in and the credentials along.
     let r = f.attache("detach", &["set1", "conf"]);
     assert_eq!(r.code, 0, "{}", r.stderr);

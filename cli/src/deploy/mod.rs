@@ -473,11 +473,6 @@ impl<E: Events> Run<'_, E> {
                     svc.name
                 ));
             }
-            // The image did not change: rollback still goes back to the
-            // image before it.
-            if step.action == Action::Restart {
-                continue;
-            }
             let rec = ops::record_previous(&svc.name, step.previous.as_deref());
             if let Err(e) = s.step(&rec, Stage::Prune).await {
                 failed.push(format!(

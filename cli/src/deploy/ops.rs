@@ -272,7 +272,9 @@ pub fn parse_facts(out: &str) -> HostFacts {
             "revert" => f.revert_pending = true,
             "profile" => f.profiles.push(a.to_owned()),
             "creds" => f.creds = !a.trim().is_empty(),
-            "setting" | "secret" => settings::parse_facts_line(&mut f.settings, key, a, b),
+            "setting" | "secret" | "settings-previous" => {
+                settings::parse_facts_line(&mut f.settings, key, a, b)
+            }
             "sha256" => {
                 if let Some((hash, path)) = a.split_once("  ") {
                     if hash.len() == 64 {

@@ -38,6 +38,8 @@ pub struct SettingsState {
     /// Unit -> sha256 of its drop-in in /etc (empty when it is missing).
     pub units: BTreeMap<String, String>,
     pub secrets: BTreeMap<String, SecretState>,
+    /// Settings for `attache rollback` are recorded.
+    pub previous: bool,
 }
 
 /// A credential on the host, as its `.sum` file tells (never its value).
@@ -61,6 +63,7 @@ for f in {SETTINGS_DIR}/live/*/units/*.conf; do
   h=$(sha256sum "/etc/systemd/system/$u.d/attache.conf" 2>/dev/null | cut -d' ' -f1)
   printf 'setting\t%s\t%s %s\n' "$s" "$u" "$h"
 done
+for d in {SETTINGS_DIR}/previous/*/; do [ -d "$d" ] && printf 'settings-previous\t%s\n' "$(basename "$d")"; done
 for f in {SETTINGS_DIR}/live/*/credentials/*.sum; do
   [ -f "$f" ] || continue
   s=${{f%/credentials/*}}; s=${{s##*/}}; n=${{f##*/}}; n=${{n%.sum}}
@@ -80,6 +83,7 @@ pub fn parse_facts_line(
     let st = state.entry(service.to_owned()).or_default();
     let w: Vec<&str> = rest.split_whitespace().collect();
     match (key, w.as_slice()) {
+        ("settings-previous", _) => st.previous = true,
         ("setting", [unit, hash @ ..]) => {
             st.units
                 .insert((*unit).to_owned(), hash.first().unwrap_or(&"").to_string());
@@ -223,15 +227,16 @@ pub fn record_settings(service: &str, applied: bool) -> Script {
 }
 
 /// `attache rollback`: the live and previous settings trade places, when
-/// previous ones are recorded.
-pub fn swap_settings(service: &str) -> Script {
+/// previous ones are recorded; `restart` starts units again on them.
+pub fn swap_settings(service: &str, restart: &[String]) -> Script {
     let svc = quote(service);
-    Script::new(
-        "putting the previous settings back",
-        format!(
-            "set -e\n{SETTINGS_FNS}[ -d \"$S/previous/\"{svc} ] || exit 0\nmkdir -p \"$S/live/\"{svc}\nunplug {svc}\nrm -rf \"$S/swap\"\nmv \"$S/live/\"{svc} \"$S/swap\"\nmv \"$S/previous/\"{svc} \"$S/live/\"{svc}\nmv \"$S/swap\" \"$S/previous/\"{svc}\nplug {svc}\nsystemctl daemon-reload\n"
-        ),
-    )
+    let mut s = format!(
+        "set -e\n{SETTINGS_FNS}[ -d \"$S/previous/\"{svc} ] || exit 0\nmkdir -p \"$S/live/\"{svc}\nunplug {svc}\nrm -rf \"$S/swap\"\nmv \"$S/live/\"{svc} \"$S/swap\"\nmv \"$S/previous/\"{svc} \"$S/live/\"{svc}\nmv \"$S/swap\" \"$S/previous/\"{svc}\nplug {svc}\nsystemctl daemon-reload\n"
+    );
+    if !restart.is_empty() {
+        s += &format!("systemctl restart {}\n", words(restart));
+    }
+    Script::new("putting the previous settings back", s)
 }
 
 /// Detach: the service's drop-ins and credentials go with its image.

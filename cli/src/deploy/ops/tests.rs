@@ -254,7 +254,7 @@ fn scripts_pass_shellcheck() {
         restore("x", &[]),
         record_settings("x", true),
         record_settings("x", false),
-        swap_settings("x"),
+        swap_settings("x", &["x.service".into()]),
         forget_settings("x"),
         show(&["a.service".into()]),
         check(&Check::Http {
