@@ -411,8 +411,12 @@ fn settings_and_secrets_bookworm() {
     );
 }
 
+/// Through sudo: secrets reach root's stdin as they do without it.
+const DEPLOY: &str = r#"user = "deploy";"#;
+
 /// A Debian 13 host without systemd-creds: refused before anything
-/// changes, unless the inventory asks for plain credentials.
+/// changes, unless the inventory asks for plain credentials. attache logs
+/// in as a user that deploys through sudo.
 #[test]
 fn host_that_cannot_encrypt_trixie() {
     let f = Fleet::new(Guest::Trixie, &["nocreds"]);
@@ -422,7 +426,7 @@ fn host_that_cannot_encrypt_trixie() {
     let file = f.secret("db", &s);
     f.inventory(&format!(
         "pkgs: {{\n{}\n}}",
-        entry("nocreds", 8093, &["PORT=8093"], Some(&file), "")
+        entry("nocreds", 8093, &["PORT=8093"], Some(&file), DEPLOY)
     ));
     let r = f.attache("deploy", &[]);
     assert_eq!(r.code, 3, "{}", f.diag(&r, "nocreds"));
@@ -448,7 +452,7 @@ fn host_that_cannot_encrypt_trixie() {
             8093,
             &["PORT=8093"],
             Some(&file),
-            "unencryptedSecrets = true;"
+            &format!("{DEPLOY} unencryptedSecrets = true;")
         )
     ));
     let r = f.attache("deploy", &[]);
@@ -472,7 +476,7 @@ fn host_that_cannot_encrypt_trixie() {
             8093,
             &["PORT=8093", "GREETING=away"],
             Some(&file),
-            ""
+            DEPLOY
         )
     ));
     let mut args = f.args("deploy", &["--rollback-after", "90"]);
