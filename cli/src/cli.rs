@@ -64,7 +64,9 @@ pub enum Command {
     Build(BuildArgs),
     Deploy(DeployArgs),
     Status(StatusArgs),
-    /// Reattach the image that was attached before the last deploy.
+    /// Reattach the image that was attached before the last deploy (with
+    /// its settings), or put back the settings a settings-only deploy
+    /// replaced.
     ///
     /// Example: attache rollback h1 demo
     Rollback(HostServiceArgs),

@@ -126,6 +126,18 @@ impl HttpUrl {
         })
     }
 }
+/// Where the CLI reads a secret at deploy time; the inventory never holds
+/// its value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretSource {
+    File(String),
+    Command(Vec<String>),
+}
+
+/// Per-host settings of one service: unit -> section -> key -> value (a
+/// string, number, boolean, or a list of them).
+pub type UnitSettings = BTreeMap<String, BTreeMap<String, BTreeMap<String, serde_json::Value>>>;
 
 /// One service of a host: its name in the inventory and how to build it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,6 +155,12 @@ pub struct Host {
     pub profile: String,
     pub sudo: bool,
     pub checks: BTreeMap<String, Vec<Check>>,
+    /// Service -> its per-host settings.
+    pub settings: BTreeMap<String, UnitSettings>,
+    /// Service -> credential name -> where to read it.
+    pub secrets: BTreeMap<String, BTreeMap<String, SecretSource>>,
+    /// Hand secrets over unencrypted where the host cannot encrypt them.
+    pub unencrypted_secrets: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +178,12 @@ struct RawHost {
     sudo: Option<bool>,
     #[serde(default)]
     checks: BTreeMap<String, Vec<Check>>,
+    #[serde(default)]
+    settings: BTreeMap<String, UnitSettings>,
+    #[serde(default)]
+    secrets: BTreeMap<String, BTreeMap<String, SecretSource>>,
+    #[serde(default, rename = "unencryptedSecrets")]
+    unencrypted_secrets: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -293,6 +317,9 @@ pub fn parse(flake: &str, v: serde_json::Value) -> Result<Vec<Host>, InventoryEr
             profile: h.profile.unwrap_or_else(|| "default".into()),
             sudo: h.sudo.unwrap_or(false),
             checks: h.checks,
+            settings: h.settings,
+            secrets: h.secrets,
+            unencrypted_secrets: h.unencrypted_secrets,
             name,
         })
         .collect())
@@ -422,6 +449,8 @@ mod tests {
             json!({
                 "h1": {"host": "h1", "user": null, "port": null, "tags": ["web"], "services": ["demo"],
                        "profile": "default", "sudo": false,
+                       "settings": {"demo": {"demo.service": {"Service": {"Environment": ["PORT=8081"]}}}},
+                       "secrets": {"demo": {"db": {"file": "/etc/db"}, "api": {"command": ["pass", "show", "api"]}}},
                        "checks": {"demo": [{"type": "http", "url": "http://127.0.0.1:8080/", "timeout": null, "retries": null}]}},
                 "h2": {"host": "h2.example", "user": "deploy", "port": 2222, "tags": ["web", "canary"],
                        "services": ["demo", "echo"], "profile": "default", "sudo": true,
@@ -446,6 +475,20 @@ mod tests {
             h2.services[1].installable,
             Installable::Flake(".#attache.hosts.\"h2\".services.\"echo\"".into())
         );
+        let h1 = h.iter().find(|h| h.name == "h1").unwrap();
+        assert_eq!(
+            h1.settings["demo"]["demo.service"]["Service"]["Environment"],
+            json!(["PORT=8081"])
+        );
+        assert_eq!(
+            h1.secrets["demo"]["db"],
+            SecretSource::File("/etc/db".into())
+        );
+        assert_eq!(
+            h1.secrets["demo"]["api"],
+            SecretSource::Command(vec!["pass".into(), "show".into(), "api".into()])
+        );
+        assert!(!h1.unencrypted_secrets);
         assert!(matches!(
             h2.checks["echo"][0],
             Check::Command {

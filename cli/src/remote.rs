@@ -368,6 +368,44 @@ impl Remote {
         }
     }
 
+    /// Runs `script` as root with `input` on its stdin: how a secret
+    /// reaches a host (never as an argument, never as a file on the way).
+    pub async fn run_with_input(
+        &self,
+        script: &str,
+        doing: &str,
+        input: &[u8],
+    ) -> Result<RemoteOutput, RemoteError> {
+        let mut child = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(self.as_root(script))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.lost(doing, &e))?;
+        let mut stdin = child
+            .stdin()
+            .take()
+            .ok_or_else(|| self.lost(doing, "no stdin"))?;
+        let io_lost = |e: std::io::Error| self.lost(doing, e);
+        stdin.write_all(input).await.map_err(io_lost)?;
+        stdin.shutdown().await.map_err(io_lost)?;
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| self.lost(doing, &e))?;
+        Ok(RemoteOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
+    }
+
     fn lost(&self, doing: &str, e: impl std::fmt::Display) -> RemoteError {
         RemoteError::Lost {
             host: self.name.clone(),

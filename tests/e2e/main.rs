@@ -10,4 +10,5 @@ mod faults;
 mod lab_smoke;
 mod nix_build;
 mod readme;
+mod settings;
 mod support;

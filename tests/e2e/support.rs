@@ -208,7 +208,7 @@ pub struct Background {
 }
 
 /// [`attache_in`], started in the background with extra environment.
-fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
+pub fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
     let mut child = attache_command(cwd, cache, args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())

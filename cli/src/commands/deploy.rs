@@ -12,7 +12,9 @@ use super::hosts::{self, elevation, ssh_options, Policy, Ran};
 use crate::build::{self, Built, PackChoice, Source};
 use crate::cache;
 use crate::cli::DeployArgs;
-use crate::deploy::{self, HostPlan, HostReport, Interrupt, Outcome, ServicePlan, Settings};
+use crate::deploy::{
+    self, HostPlan, HostReport, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
+};
 use crate::error::Error;
 use crate::inventory::{self, Host};
 use crate::nix::{Nix, NixError};
@@ -64,6 +66,7 @@ fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
         units: b.units.clone(),
         prefixes: b.prefixes.clone(),
         checks,
+        settings: Default::default(),
     }
 }
 
@@ -122,7 +125,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         hosts
             .into_iter()
             .map(|h| host_plan(h, &built, args))
-            .collect()
+            .collect::<Result<_, _>>()?
     };
     if plans.is_empty() {
         return Err(Error::Usage("no hosts selected".into()));
@@ -229,22 +232,56 @@ fn inventory_error(e: inventory::InventoryError, flake: &str) -> Error {
     }
 }
 
-fn host_plan(h: Host, built: &BTreeMap<String, Built>, args: &DeployArgs) -> HostPlan {
+/// A host's plan: its services' images, checks, settings and secrets (read
+/// here, before any host is contacted).
+fn host_plan(
+    h: Host,
+    built: &BTreeMap<String, Built>,
+    args: &DeployArgs,
+) -> Result<HostPlan, Error> {
+    for (what, svc) in h
+        .settings
+        .keys()
+        .map(|k| ("settings", k))
+        .chain(h.secrets.keys().map(|k| ("secrets", k)))
+    {
+        if !h.services.iter().any(|s| &s.name == svc) {
+            return Err(Error::Usage(format!(
+                "{}: {what}.{svc} names no service of this host (its services: {}); fix the name in the inventory",
+                h.name,
+                h.services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
     let services = h
         .services
         .iter()
         .map(|s| {
             let b = &built[&s.installable.to_string()];
-            plan_service(b, h.checks.get(&s.name).cloned().unwrap_or_default())
+            let mut p = plan_service(b, h.checks.get(&s.name).cloned().unwrap_or_default());
+            let units: Vec<String> = b.units.iter().map(|u| u.name.clone()).collect();
+            p.settings = ServiceSettings::load(
+                &s.name,
+                &units,
+                h.settings.get(&s.name),
+                h.secrets.get(&s.name),
+                h.unencrypted_secrets,
+            )
+            .map_err(|e| Error::Usage(format!("{}: {e}", h.name)))?;
+            Ok(p)
         })
-        .collect();
-    HostPlan {
+        .collect::<Result<_, Error>>()?;
+    Ok(HostPlan {
         name: h.name,
         destination: h.destination,
         elevation: elevation(h.sudo || args.fleet.ssh.sudo),
         profile: args.profile.clone().unwrap_or(h.profile),
         services,
-    }
+    })
 }
 
 fn good(o: Outcome) -> bool {

@@ -30,13 +30,17 @@ mod ops;
 mod plan;
 mod report;
 mod session;
+mod settings;
 
 pub use error::HostError;
 pub use interrupt::{clock, Interrupt};
+#[cfg(test)]
+pub use manage::SecretStatus;
 pub use manage::{detach_service, host_status, rollback_service, ServiceStatus};
 pub use plan::{check_timer, Action};
 pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage};
 pub use session::HostSession;
+pub use settings::ServiceSettings;
 
 use error::Cause;
 use report::StageTime;
@@ -57,6 +61,8 @@ pub struct ServicePlan {
     /// The unit prefixes the image declares (`PORTABLE_PREFIXES`).
     pub prefixes: Vec<String>,
     pub checks: Vec<Check>,
+    /// This host's settings and secrets for it.
+    pub settings: ServiceSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -216,6 +222,11 @@ impl<E: Events> Run<'_, E> {
                 upload: step.upload,
                 action: step.action,
                 previous: step.previous.clone(),
+                settings: step
+                    .settings
+                    .as_ref()
+                    .map(|c| c.what.clone())
+                    .unwrap_or_default(),
                 outcome: Outcome::Planned,
             });
         }
@@ -327,7 +338,54 @@ impl<E: Events> Run<'_, E> {
                 .push(s, &self.plan.services[step.service], &step.target)
                 .await?;
         }
+        for step in &plan.steps {
+            if let Some(change) = &step.settings {
+                self.stage_settings(s, &self.plan.services[step.service], change)
+                    .await?;
+            }
+        }
         Ok(sent)
+    }
+
+    /// Writes a service's next settings on the host, next to the live ones;
+    /// each new secret travels on its own session's stdin.
+    async fn stage_settings(
+        &self,
+        s: &HostSession,
+        svc: &ServicePlan,
+        change: &plan::SettingsChange,
+    ) -> Result<(), HostError> {
+        s.step(
+            &ops::stage(&svc.name, &change.dropins, &change.keep),
+            Stage::Push,
+        )
+        .await?;
+        for &i in &change.send {
+            let secret = &svc.settings.secrets[i];
+            let salt = settings::new_salt();
+            let mut input = ops::secret_sum(
+                &salt,
+                &secret.value.salted_hash(&salt),
+                secret.value.bytes().len(),
+                change.encrypted,
+            )
+            .into_bytes();
+            input.extend_from_slice(secret.value.bytes());
+            let script = ops::stage_secret(&svc.name, &secret.name, change.encrypted);
+            let out = s
+                .remote
+                .run_with_input(&script.text, script.doing, &input)
+                .await
+                .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
+            if !out.success() {
+                return Err(Cause::Step {
+                    doing: format!("storing the secret {} of {}", secret.name, svc.name),
+                    output: out.tail(),
+                }
+                .at(s.host(), Stage::Push));
+            }
+        }
+        Ok(())
     }
 
     /// Uploads under a temporary name, checks its sha256 on the host, then
@@ -401,11 +459,23 @@ impl<E: Events> Run<'_, E> {
         for step in plan.changes() {
             let t = self.stage(Stage::Activate);
             let mut done = Ok(());
+            if step.settings.is_some() {
+                let svc = &self.plan.services[step.service];
+                let restart = if step.action == Action::Restart {
+                    health::units_to_check(&svc.units)
+                } else {
+                    Vec::new()
+                };
+                done = s
+                    .step(&ops::apply(&svc.name, &restart), Stage::Activate)
+                    .await
+                    .map(drop);
+            }
             for call in &step.activate {
-                done = portablectl(s, call, &self.plan.services[step.service].name).await;
                 if done.is_err() {
                     break;
                 }
+                done = portablectl(s, call, &self.plan.services[step.service].name).await;
             }
             t.end(r, done.is_ok());
             done?;
@@ -467,6 +537,13 @@ impl<E: Events> Run<'_, E> {
         let mut failed = Vec::new();
         for step in plan.changes() {
             let svc = &self.plan.services[step.service];
+            let rec = ops::record_settings(&svc.name, step.settings.is_some());
+            if let Err(e) = s.step(&rec, Stage::Prune).await {
+                failed.push(format!(
+                    "recording the previous settings of {} failed, so `attache rollback` will not find them: {e}",
+                    svc.name
+                ));
+            }
             let rec = ops::record_previous(&svc.name, step.previous.as_deref());
             if let Err(e) = s.step(&rec, Stage::Prune).await {
                 failed.push(format!(
@@ -552,11 +629,21 @@ impl<E: Events> Run<'_, E> {
             .zip(plan::rollback_calls(&facts, &reverts));
         for (step, (service, calls)) in back {
             let mut done = Ok(());
+            if step.settings.is_some() {
+                let restart = match &step.revert {
+                    Some(r) if calls.is_empty() => r.restart.clone(),
+                    _ => Vec::new(),
+                };
+                done = s
+                    .step(&ops::restore(&service, &restart), Stage::Rollback)
+                    .await
+                    .map(drop);
+            }
             for call in &calls {
-                done = portablectl(s, call, &service).await;
                 if done.is_err() {
                     break;
                 }
+                done = portablectl(s, call, &service).await;
             }
             if let (Ok(()), Some(prev)) = (&done, step.previous.as_deref()) {
                 let units = &self.plan.services[step.service].units;

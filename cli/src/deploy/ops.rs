@@ -14,6 +14,8 @@
 //! - `/var/lib/attache/revert.sh` (+ `run-revert`, the boot unit
 //!   `attache-revert.service` and the timer `attache-revert-now.timer`): the
 //!   dead-man revert of a deploy that was never confirmed;
+//! - `/var/lib/attache/settings/`: per-host settings and credentials (see
+//!   [`settings`]);
 //! - `/run/attache/lock`: the per-host lock, held while our SSH session is.
 
 use std::collections::BTreeMap;
@@ -219,9 +221,19 @@ pub struct HostFacts {
     pub revert_pending: bool,
     /// portabled's profiles on the host (sorted).
     pub profiles: Vec<String>,
+    /// `systemd-creds` is there (with systemd >= 250: credentials can be
+    /// encrypted with the host's key).
+    pub creds: bool,
+    /// Service -> the settings attache wrote for it.
+    pub settings: BTreeMap<String, SettingsState>,
 }
 
 impl HostFacts {
+    /// Credentials can be encrypted for this host.
+    pub fn can_encrypt(&self) -> bool {
+        self.creds && self.systemd >= 250
+    }
+
     /// The image `service` has attached: the one its units' drop-ins name,
     /// told apart by file name, never by unit prefix.
     pub fn attached_image(&self, service: &str) -> Option<&str> {
@@ -335,9 +347,10 @@ for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\
 for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
 {{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
 for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
-set -- {hash_list} "$@"
+{settings}set -- {hash_list} "$@"
 printf '%s\n' "$@" | sort -u | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
 true"#,
+            settings = settings::facts_part(),
         ),
     )
 }
@@ -373,6 +386,10 @@ pub fn parse_facts(out: &str) -> HostFacts {
             }
             "revert" => f.revert_pending = true,
             "profile" => f.profiles.push(a.to_owned()),
+            "creds" => f.creds = !a.trim().is_empty(),
+            "setting" | "secret" | "settings-previous" => {
+                settings::parse_facts_line(&mut f.settings, key, a, b)
+            }
             "sha256" => {
                 if let Some((hash, path)) = a.split_once("  ") {
                     if hash.len() == 64 {
@@ -781,6 +798,8 @@ pub fn check_retries(c: &Check) -> u32 {
 
 mod revert;
 pub use revert::*;
+mod settings;
+pub use settings::*;
 
 #[cfg(test)]
 mod tests;

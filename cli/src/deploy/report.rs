@@ -82,6 +82,8 @@ pub struct ServiceReport {
     pub upload: bool,
     pub action: Action,
     pub previous: Option<String>,
+    /// What changes in the service's per-host settings (never a value).
+    pub settings: Vec<String>,
     pub outcome: Outcome,
 }
 

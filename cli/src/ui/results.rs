@@ -28,6 +28,19 @@ pub fn host_status(host: &str, services: Result<&[ServiceStatus], &str>) -> Stri
         for (u, st) in &s.units {
             human += &format!("      {u}: {st}\n");
         }
+        for c in &s.secrets {
+            human += &format!(
+                "      secret {}: {} bytes, {}, stored {} s ago\n",
+                c.name,
+                c.size,
+                if c.encrypted {
+                    "encrypted"
+                } else {
+                    "not encrypted"
+                },
+                c.age_secs
+            );
+        }
     }
     human
 }
@@ -92,6 +105,12 @@ mod tests {
                 ("demo.service".into(), "active (running)".into()),
                 ("demo@.service".into(), "template".into()),
             ]),
+            secrets: vec![crate::deploy::SecretStatus {
+                name: "db".into(),
+                size: 12,
+                encrypted: true,
+                age_secs: 60,
+            }],
         }];
         assert_eq!(
             host_status("web1", Ok(&services)),
@@ -99,6 +118,7 @@ mod tests {
   demo         1.0        demo_1.0.raw  sha256 0123456789ab
       demo.service: active (running)
       demo@.service: template
+      secret db: 12 bytes, encrypted, stored 60 s ago
 "
         );
         assert_eq!(

@@ -93,6 +93,8 @@ fn portablectl_calls_pass_path_and_prefixes() {
 #[test]
 fn revert_looks_before_it_acts_and_goes_last_first() {
     let back = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -104,6 +106,8 @@ fn revert_looks_before_it_acts_and_goes_last_first() {
         }],
     };
     let gone = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "new".into(),
         previous: None,
         new: "/var/lib/portables/new_1.raw".into(),
@@ -230,6 +234,8 @@ fn scripts_pass_shellcheck() {
         return;
     }
     let revert = Revert {
+        settings: true,
+        restart: vec!["shop-web.service".into()],
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -267,6 +273,19 @@ fn scripts_pass_shellcheck() {
         run_pending_revert(),
         record_previous("x", Some("/x.raw")),
         record_previous("x", None),
+        stage(
+            "x",
+            &BTreeMap::from([("x.service".into(), "[Service]\nA=b\n".into())]),
+            &["db".into()],
+        ),
+        stage_secret("x", "db", true),
+        stage_secret("x", "db", false),
+        apply("x", &["x.service".into()]),
+        restore("x", &[]),
+        record_settings("x", true),
+        record_settings("x", false),
+        swap_settings("x", &["x.service".into()]),
+        forget_settings("x"),
         show(&["a.service".into()]),
         check(&Check::Http {
             url: "http://h/x".into(),
@@ -318,6 +337,8 @@ fn scripts_pass_shellcheck() {
 #[test]
 fn a_revert_attaches_the_old_image_when_the_switch_stopped_half_way() {
     let r = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -345,4 +366,37 @@ fn a_revert_attaches_the_old_image_when_the_switch_stopped_half_way() {
     assert!(postpone(Duration::from_secs(60))
         .text
         .contains("--on-active=60"));
+}
+
+/// A settings-only change goes back by restoring the settings and
+/// restarting; an image change restores them before the portablectl calls.
+#[test]
+fn revert_puts_settings_back_first() {
+    let only = Revert {
+        service: "conf".into(),
+        previous: Some("/var/lib/portables/conf_1.0.raw".into()),
+        new: "/var/lib/portables/conf_1.0.raw".into(),
+        calls: vec![],
+        settings: true,
+        restart: vec!["conf.service".into()],
+    };
+    let body = revert_body(std::slice::from_ref(&only));
+    assert!(body.contains(
+        "if restore 'conf'; then systemctl daemon-reload || rc=1; systemctl restart 'conf.service' || rc=1; fi\n"
+    ));
+    assert!(!body.contains("portablectl"));
+    let with_image = Revert {
+        new: "/var/lib/portables/conf_2.0.raw".into(),
+        calls: vec![PortableCall::new(
+            Verb::Reattach,
+            "/var/lib/portables/conf_1.0.raw",
+            &["conf".into()],
+            "default",
+        )],
+        restart: vec![],
+        ..only
+    };
+    let body = revert_body(&[with_image]);
+    let restore = body.find("if restore 'conf'").unwrap();
+    assert!(restore < body.find("portablectl").unwrap(), "{body}");
 }
