@@ -12,8 +12,9 @@
 
       # Pure: no package set needed.
       hosts = import ./nix/hosts.nix;
-      # { portableService, hosts } for a package set.
-      mkLib = pkgs: import ./nix/lib.nix { inherit pkgs; };
+      # { portableService, hosts } for a package set; images that `nix build`
+      # gives are packed by this flake's attache, built with the same set.
+      mkLib = pkgs: import ./nix/lib.nix { inherit pkgs; attache = mkPackage pkgs; };
 
       cargoToml = builtins.fromTOML (builtins.readFile ./cli/Cargo.toml);
 
@@ -30,38 +31,40 @@
       mkPackage = pkgs:
         let
           inherit (pkgs) lib stdenv;
-          attacheLib = mkLib pkgs;
+          # The package packs the images of its own portableService.
+          attacheLib = import ./nix/lib.nix { inherit pkgs; attache = package; };
+          package = pkgs.rustPlatform.buildRustPackage {
+            pname = "attache";
+            version = cargoToml.package.version;
+            inherit src;
+            cargoLock.lockFile = ./Cargo.lock;
+            cargoBuildFlags = [ "-p" "attache" ];
+            nativeBuildInputs = [ pkgs.pkg-config pkgs.installShellFiles ];
+            buildInputs = [ pkgs.xz pkgs.zstd ];
+            env.ZSTD_SYS_USE_PKG_CONFIG = true;
+            # The test suite boots VMs; it does not run in the Nix sandbox.
+            doCheck = false;
+            postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
+              installShellCompletion --cmd attache \
+                --bash <($out/bin/attache completions bash) \
+                --zsh <($out/bin/attache completions zsh) \
+                --fish <($out/bin/attache completions fish)
+              $out/bin/attache man > attache.1
+              installManPage attache.1
+            '';
+            passthru = {
+              inherit (attacheLib) portableService;
+              lib = attacheLib;
+            };
+            meta = {
+              description = cargoToml.package.description;
+              license = with lib.licenses; [ mit asl20 ];
+              mainProgram = "attache";
+              platforms = lib.platforms.linux;
+            };
+          };
         in
-        pkgs.rustPlatform.buildRustPackage {
-          pname = "attache";
-          version = cargoToml.package.version;
-          inherit src;
-          cargoLock.lockFile = ./Cargo.lock;
-          cargoBuildFlags = [ "-p" "attache" ];
-          nativeBuildInputs = [ pkgs.pkg-config pkgs.installShellFiles ];
-          buildInputs = [ pkgs.xz pkgs.zstd ];
-          env.ZSTD_SYS_USE_PKG_CONFIG = true;
-          # The test suite boots VMs; it does not run in the Nix sandbox.
-          doCheck = false;
-          postInstall = lib.optionalString (stdenv.buildPlatform.canExecute stdenv.hostPlatform) ''
-            installShellCompletion --cmd attache \
-              --bash <($out/bin/attache completions bash) \
-              --zsh <($out/bin/attache completions zsh) \
-              --fish <($out/bin/attache completions fish)
-            $out/bin/attache man > attache.1
-            installManPage attache.1
-          '';
-          passthru = {
-            inherit (attacheLib) portableService;
-            lib = attacheLib;
-          };
-          meta = {
-            description = cargoToml.package.description;
-            license = with lib.licenses; [ mit asl20 ];
-            mainProgram = "attache";
-            platforms = lib.platforms.linux;
-          };
-        };
+        package;
     in
     {
       lib = {

@@ -8,6 +8,12 @@
 # Every field is filled in (user and port with null: ssh's config decides); `services` becomes an attrset name -> derivation
 # (a list is keyed by each element's pname, else its name); each check gets
 # `timeout` and `retries` (null when not given: the CLI's defaults apply).
+#
+# Per host, per service: `settings.SERVICE."UNIT" = { Section.Key = value or [ values ]; }`
+# becomes a drop-in for that unit; `secrets.SERVICE.NAME = { file = "/abs/path"; }` or
+# `{ command = [ "pass" "show" "db" ]; }` is read by the CLI at deploy time and handed to the
+# service as the credential NAME. A secret is never a value here, and never a Nix path
+# (evaluation would copy it into the world-readable store).
 let
   serviceKey = s:
     if builtins.isAttrs s then s.pname or s.name or (throw "attache.hosts: a service has neither pname nor name")
@@ -24,6 +30,20 @@ let
   };
   normChecks = builtins.mapAttrs (_: cs: map normCheck (if builtins.isList cs then cs else [ cs ]));
 
+  normSecret = where: s:
+    if !(builtins.isAttrs s) then throw "attache.hosts: ${where} must be { file = \"/path\"; } or { command = [ ... ]; }"
+    else if s ? file then
+      if builtins.isPath s.file
+      then throw "attache.hosts: ${where}.file is a Nix path, and evaluating it would copy the secret into the world-readable Nix store; write it as a string instead: file = \"/absolute/path\";"
+      else if !(builtins.isString s.file) then throw "attache.hosts: ${where}.file must be a string (an absolute path)"
+      else { file = s.file; }
+    else if s ? command then
+      if builtins.isList s.command && builtins.all builtins.isString s.command && s.command != [ ]
+      then { command = s.command; }
+      else throw "attache.hosts: ${where}.command must be a non-empty list of strings, e.g. [ \"pass\" \"show\" \"db\" ]"
+    else throw "attache.hosts: ${where} must be { file = \"/path\"; } or { command = [ ... ]; }";
+  normSecrets = host: builtins.mapAttrs (svc: builtins.mapAttrs (n: normSecret "${host}.secrets.${svc}.${n}"));
+
   normHost = name: h:
     # user and port stay null unless set, so the user's ssh config decides.
     let user = h.user or null; in
@@ -36,6 +56,11 @@ let
       profile = h.profile or "default";
       sudo = h.sudo or (user != null && user != "root");
       checks = normChecks (h.checks or { });
+      settings = h.settings or { };
+      secrets = normSecrets name (h.secrets or { });
+      # Only when asked: hosts that cannot encrypt credentials get them as
+      # plain root-only files.
+      unencryptedSecrets = h.unencryptedSecrets or false;
     };
 in
 inventory: builtins.mapAttrs normHost inventory

@@ -1,10 +1,14 @@
 # attache's portableService: the same arguments as nixpkgs' pkgs.portableService,
-# but instead of packing the image in Nix it writes a small JSON spec that the
-# attache CLI packs (and validates, with readable errors). The spec file's
-# runtime closure is exactly what goes into the image: the units, the symlink
-# objects, `contents`, and their closures (builtins.toJSON keeps the store
-# references of the strings it serialises).
-{ pkgs }:
+# and, like it, a derivation whose output is $out/PNAME_VERSION.raw. The image
+# is packed by the `attache` package given here (`attache pack-spec`, the packer
+# and checks of `attache build`) from a small JSON spec, reachable on its own
+# as the `spec` attribute: the attache CLI builds and packs only that, outside
+# the store. The spec file's runtime closure is exactly what goes into the
+# image: the units, the symlink objects, `contents`, and their closures
+# (builtins.toJSON keeps the store references of the strings it serialises).
+{ pkgs
+, attache ? null # the attache package that packs the image under `nix build`
+}:
 
 { pname ? null
 , name ? null # older callers passed `name` instead of `pname`
@@ -69,10 +73,35 @@ let
     let chars = builtins.genList (i: builtins.substring i 1 s) (builtins.stringLength s);
     in builtins.concatStringsSep "" (map (c: if builtins.match "[A-Za-z0-9+._?=-]" c != null then c else "-") chars);
   safeName = sanitize "${toString imageName}-${toString version}";
+
+  specFile = pkgs.writeText "attache-spec-${safeName}.json" (builtins.toJSON spec) // {
+    pname = imageName;
+    inherit version;
+    attacheSpec = true;
+    value = spec;
+  };
+
+  # What `nix build` gives, named like nixpkgs' image derivation. The builder
+  # is attache itself: no shell, and the closure comes from Nix (the same
+  # `nix-store -qR` of the spec file that `attache build` packs).
+  image = derivation {
+    name = sanitize "${toString imageName}-img-${toString version}";
+    system = pkgs.stdenv.hostPlatform.system;
+    builder = "${attache}/bin/attache";
+    args = [ "pack-spec" "--closure" "closure" "--out-dir" (builtins.placeholder "out") "${specFile}" ];
+    exportReferencesGraph = [ "closure" specFile ];
+  };
+
+  noPacker = pkgs.runCommand (sanitize "${toString imageName}-img-${toString version}") { } ''
+    echo "attache.portableService: no attache package to pack ${safeName} with under nix build: use attache's overlay (pkgs.attache.portableService), or pass it: import ATTACHE/nix/lib.nix { inherit pkgs; attache = ATTACHE.packages.${pkgs.stdenv.hostPlatform.system}.attache; }. attache build packs the spec without one." >&2
+    exit 1
+  '';
 in
-pkgs.writeText "attache-spec-${safeName}.json" (builtins.toJSON spec) // {
+(if attache == null then noPacker else image) // {
   pname = imageName;
   inherit version;
+  # `attache build` and `deploy` build and pack this, never the image.
   attacheSpec = true;
-  inherit spec;
+  spec = specFile;
+  packer = attache;
 }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use crate::cache::{self, Cache};
 use crate::error::Error;
 use crate::image::{self, Compression, PackEvent, PackOptions};
-use crate::names::ImageFile;
-use crate::nix::{Installable, Nix};
+use crate::names::{portable_prefixes, unit_installs, ImageFile};
+use crate::nix::{parse_references_graph, Installable, Nix};
 use crate::spec::from_nix::{self, Naming, PackHints};
 use crate::spec::{self, ImageSpec};
 use crate::ui::Ui;
@@ -51,20 +51,7 @@ fn built_units(spec: &ImageSpec) -> Vec<BuiltUnit> {
         .iter()
         .map(|u| BuiltUnit {
             name: u.name.clone(),
-            install: std::fs::read_to_string(&u.source).is_ok_and(|t| {
-                let mut in_install = false;
-                t.lines().any(|l| {
-                    let l = l.trim();
-                    if l.starts_with('[') {
-                        in_install = l == "[Install]";
-                        return false;
-                    }
-                    in_install
-                        && ["WantedBy=", "RequiredBy=", "UpheldBy="]
-                            .iter()
-                            .any(|k| l.starts_with(k))
-                })
-            }),
+            install: std::fs::read_to_string(&u.source).is_ok_and(|t| unit_installs(&t)),
         })
         .collect()
 }
@@ -76,9 +63,8 @@ pub struct Source {
     pub installable: Installable,
     /// The user's nix binary.
     pub nix: PathBuf,
-    /// Passed to every nix call.
+    /// Passed to every nix call (`--impure` among them).
     pub nix_args: Vec<String>,
-    pub impure: bool,
     /// Image name and version instead of the derivation's.
     pub naming: Naming,
 }
@@ -90,18 +76,12 @@ impl Source {
             installable,
             nix,
             nix_args,
-            impure: false,
             naming: Naming::default(),
         }
     }
 
     fn nix(&self) -> Nix {
-        let mut extra = Vec::new();
-        if self.impure {
-            extra.push("--impure".to_owned());
-        }
-        extra.extend(self.nix_args.iter().cloned());
-        Nix::new(self.nix.clone(), extra)
+        Nix::new(self.nix.clone(), self.nix_args.clone())
     }
 }
 
@@ -192,27 +172,54 @@ fn check_pack_options(
     })
 }
 
-/// Evaluates and builds the installable, and turns its output into a spec.
+/// What Nix built, read: a spec to pack, or an image packed already.
+enum Resolved {
+    Spec(ImageSpec, PackHints),
+    /// A derivation whose output is a portable image (nixpkgs'
+    /// `pkgs.portableService`): taken as it is.
+    Image(PathBuf),
+}
+
+/// Evaluates and builds the installable, and reads its output. Of a
+/// portableService whose own output is the image, only its spec is built.
 /// The returned tempdir holds the GC root: keep it alive while packing.
-fn resolve(
-    src: &Source,
-    ui: &Ui,
-) -> Result<(ImageSpec, PackHints, PathBuf, tempfile::TempDir), Error> {
+fn resolve(src: &Source, ui: &Ui) -> Result<(Resolved, PathBuf, tempfile::TempDir), Error> {
     let inst = &src.installable;
     let nix = src.nix();
     nix.version()?;
     ui.status("Evaluating", inst);
     let described = nix.describe(inst)?;
+    if let Some(packer) = described
+        .packer
+        .as_deref()
+        .filter(|v| *v != env!("CARGO_PKG_VERSION"))
+    {
+        ui.warn(format!(
+            "{inst} packs its image under `nix build` with attache {packer}, but this is attache {}: the two may write different bytes; use the same release for both",
+            env!("CARGO_PKG_VERSION")
+        ));
+    }
     let gcroot = tempfile::Builder::new()
         .prefix("attache-gcroot-")
         .tempdir()
         .map_err(|e| Error::io("creating a temporary directory", e))?;
+    let link = gcroot.path().join("result");
     ui.status("Building", inst);
-    let out = nix.build(inst, &gcroot.path().join("result"))?;
+    let out = match &described.spec {
+        Some(spec) => {
+            nix.realise(spec, &inst.to_string(), &link)?;
+            spec.out.clone()
+        }
+        None => nix.build(inst, &link)?,
+    };
     ui.verbose(format!("built {}", out.display()));
+    if let Some(image) = prebuilt_image(&out) {
+        return Ok((Resolved::Image(image), out, gcroot));
+    }
     let closure = nix.closure(&out)?;
-    let (spec, hints) = if out.is_file() {
-        from_nix::from_spec_file(&out, closure, &src.naming)?
+    let resolved = if out.is_file() {
+        let (spec, hints) = from_nix::from_spec_file(&out, closure, &src.naming)?;
+        Resolved::Spec(spec, hints)
     } else {
         let (spec, skipped) = from_nix::from_package(&out, &described, closure, &src.naming)?;
         for s in skipped {
@@ -220,9 +227,33 @@ fn resolve(
                 "skipping unit '{s}': it does not start with the image name, so portabled would refuse it"
             ));
         }
-        (spec, PackHints::default())
+        Resolved::Spec(spec, PackHints::default())
     };
-    Ok((spec, hints, out, gcroot))
+    Ok((resolved, out, gcroot))
+}
+
+/// The image in a build output that is one: a squashfs file, or a
+/// directory holding nothing but one `.raw` file (nixpkgs' layout).
+fn prebuilt_image(out: &Path) -> Option<PathBuf> {
+    let is_squashfs = |p: &Path| {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        std::fs::File::open(p)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+            // squashfs' magic number, as it starts the superblock
+            && &magic == b"hsqs"
+    };
+    if out.is_file() {
+        return is_squashfs(out).then(|| out.to_owned());
+    }
+    let entries: Vec<_> = std::fs::read_dir(out).ok()?.flatten().collect();
+    match entries.as_slice() {
+        [one] if one.file_name().to_string_lossy().ends_with(".raw") && one.path().is_file() => {
+            Some(one.path())
+        }
+        _ => None,
+    }
 }
 
 fn pack_options(args: &PackChoice, hints: &PackHints) -> PackOptions {
@@ -244,6 +275,21 @@ fn pack_options(args: &PackChoice, hints: &PackHints) -> PackOptions {
     }
 }
 
+/// A spec checked and ready to pack, with the options packing will use:
+/// what `attache build` and the `nix build` of portableService share.
+struct Ready {
+    spec: ImageSpec,
+    opts: PackOptions,
+}
+
+fn ready(mut spec: ImageSpec, hints: &PackHints, pack: &PackChoice) -> Result<Ready, Error> {
+    let opts = pack_options(pack, hints);
+    check_pack_options(pack, hints, &opts)?;
+    spec::validate(&spec)?;
+    spec::declare_unit_prefixes(&mut spec);
+    Ok(Ready { spec, opts })
+}
+
 /// The whole build stage, shared by `build` and `deploy`.
 pub fn build_image(
     source: &Source,
@@ -253,11 +299,14 @@ pub fn build_image(
     ui: &Ui,
 ) -> Result<Built, Error> {
     pack.check()?;
-    let (mut spec, hints, out, _gcroot) = resolve(source, ui)?;
-    let opts = pack_options(pack, &hints);
-    check_pack_options(pack, &hints, &opts)?;
-    spec::validate(&spec)?;
-    spec::declare_unit_prefixes(&mut spec);
+    let (resolved, out, _gcroot) = resolve(source, ui)?;
+    let (spec, hints) = match resolved {
+        Resolved::Spec(spec, hints) => (spec, hints),
+        Resolved::Image(image) => {
+            return take_image(&image, out, source, pack, out_dir, dry_run, ui)
+        }
+    };
+    let Ready { spec, opts } = ready(spec, &hints, pack)?;
     let units = built_units(&spec);
     let prefixes = spec::portable_prefixes(&spec);
     let file_name = ImageFile::new(&spec.name, &spec.version).file_name();
@@ -322,6 +371,120 @@ pub fn build_image(
     Ok(built)
 }
 
+/// An image Nix built already: checked as `inspect` checks it, and copied
+/// to `out_dir` under its own name (through a temporary file, so a failed
+/// copy leaves nothing behind).
+fn take_image(
+    image: &Path,
+    out: PathBuf,
+    source: &Source,
+    pack: &PackChoice,
+    out_dir: &Path,
+    dry_run: bool,
+    ui: &Ui,
+) -> Result<Built, Error> {
+    if source.naming.name.is_some() || source.naming.version.is_some() {
+        return Err(Error::Usage(format!(
+            "{} is an image built already ({}): --name and --version cannot rename it; rename it in Nix",
+            source.installable,
+            image.display()
+        )));
+    }
+    if *pack != PackChoice::default() {
+        ui.warn(format!(
+            "{} is an image built already: --compression, --level and --block-size do not apply, it is copied as it is",
+            source.installable
+        ));
+    }
+    ui.status("Checking", image.display());
+    let found = image::inspect(image)?;
+    if !found.problems.is_empty() {
+        return Err(Error::Refused(found.problems));
+    }
+    let file_name = image
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let path = out_dir.join(&file_name);
+    let built = Built {
+        path: path.clone(),
+        prefixes: portable_prefixes(
+            found
+                .os_release
+                .get("PORTABLE_PREFIXES")
+                .map(String::as_str),
+            &found.name,
+        ),
+        name: found.name,
+        version: found.version,
+        sha256: found.sha256,
+        size: found.size,
+        cached: false,
+        store_path: out,
+        manifest: image::read_manifest(image)?,
+        units: found
+            .units
+            .into_iter()
+            .map(|u| BuiltUnit {
+                name: u.name,
+                install: u.install,
+            })
+            .collect(),
+    };
+    if dry_run {
+        ui.status("Would copy", &file_name);
+        return Ok(built);
+    }
+    ui.status("Copying", &file_name);
+    copy_image(image, out_dir, &path)?;
+    Ok(built)
+}
+
+fn copy_image(from: &Path, out_dir: &Path, to: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |e| Error::io(format!("copying {} to {}", from.display(), to.display()), e);
+    std::fs::create_dir_all(out_dir).map_err(io)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".attache-copy-")
+        .tempfile_in(out_dir)
+        .map_err(io)?;
+    let mut src = std::fs::File::open(from).map_err(io)?;
+    std::io::copy(&mut src, &mut tmp.as_file()).map_err(io)?;
+    // Store files are read-only; the copy is the user's, like a packed one.
+    tmp.as_file()
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(io)?;
+    tmp.persist(to).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
+/// The builder of portableService's `nix build` (`attache pack-spec`): the
+/// spec file and its closure as Nix hands them over, checked and packed as
+/// `attache build` packs them with no options given.
+pub fn pack_spec_file(
+    spec_file: &Path,
+    closure_graph: &Path,
+    out_dir: &Path,
+    ui: &Ui,
+) -> Result<image::Image, Error> {
+    let graph = std::fs::read_to_string(closure_graph)
+        .map_err(|e| Error::io(format!("reading {}", closure_graph.display()), e))?;
+    let closure = parse_references_graph(&graph)?;
+    let (spec, hints) = from_nix::from_spec_file(spec_file, closure, &Naming::default())?;
+    let Ready { spec, opts } = ready(spec, &hints, &PackChoice::default())?;
+    std::fs::create_dir_all(out_dir)
+        .map_err(|e| Error::io(format!("creating {}", out_dir.display()), e))?;
+    ui.status(
+        "Packing",
+        format!(
+            "{} ({})",
+            ImageFile::new(&spec.name, &spec.version).file_name(),
+            opts.compression
+        ),
+    );
+    pack_with_progress(&spec, &opts, out_dir, ui)
+}
+
 fn pack_with_progress(
     spec: &ImageSpec,
     opts: &PackOptions,
@@ -373,6 +536,27 @@ mod tests {
         assert_eq!(o.compression, Compression::Zstd);
         assert_eq!(o.level, None, "xz's level must not leak into zstd");
         assert_eq!(o.block_size, 1 << 17);
+    }
+
+    /// nixpkgs' layout (a directory with one `.raw`) or a bare squashfs
+    /// file is an image; a spec file or a package is not.
+    #[test]
+    fn prebuilt_images_are_told_apart_from_specs_and_packages() {
+        let d = tempfile::tempdir().unwrap();
+        let nixpkgs = d.path().join("nixpkgs");
+        std::fs::create_dir(&nixpkgs).unwrap();
+        std::fs::write(nixpkgs.join("demo_1.0.raw"), b"hsqs and the rest").unwrap();
+        assert_eq!(prebuilt_image(&nixpkgs), Some(nixpkgs.join("demo_1.0.raw")));
+        let bare = nixpkgs.join("demo_1.0.raw");
+        assert_eq!(prebuilt_image(&bare), Some(bare.clone()));
+
+        let spec = d.path().join("attache-spec-demo-1.0.json");
+        std::fs::write(&spec, br#"{"attacheSpec":1}"#).unwrap();
+        assert_eq!(prebuilt_image(&spec), None);
+        let package = d.path().join("package");
+        std::fs::create_dir_all(package.join("lib/systemd/system")).unwrap();
+        std::fs::write(package.join("demo_1.0.raw"), b"hsqs").unwrap();
+        assert_eq!(prebuilt_image(&package), None);
     }
 
     /// `--level 99 --compression zstd` needs no Nix to be refused.

@@ -2,7 +2,6 @@
 //! unchanged closure with unchanged options returns the existing image at
 //! once. Kept in the user's cache directory; losing it only costs a repack.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -36,21 +35,32 @@ pub fn dir() -> Option<PathBuf> {
         .map(|b| b.join("attache"))
 }
 
-/// Remembers which image a key produced, in the user's cache directory. A
+/// Remembers which images a key produced, in the user's cache directory. A
 /// hit needs the image still in place with the recorded size and mtime.
 pub struct Cache {
     file: Option<PathBuf>,
 }
 
+/// One entry per image file; one key may have several (`build` writes to
+/// its --out-dir, `deploy` to the cache directory). Files in the older
+/// format (a map from key to one image) read as empty: a repack, once.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct CacheEntries {
-    entries: BTreeMap<String, CacheEntry>,
+    #[serde(default)]
+    images: Vec<CacheEntry>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 struct CacheEntry {
+    key: String,
     built: Built,
     mtime_ns: u128,
+}
+
+impl CacheEntry {
+    fn intact(&self) -> bool {
+        mtime_ns(&self.built.path) == Some((self.built.size, self.mtime_ns))
+    }
 }
 
 fn mtime_ns(p: &Path) -> Option<(u64, u128)> {
@@ -70,6 +80,11 @@ impl Cache {
         }
     }
 
+    #[cfg(test)]
+    fn at(file: PathBuf) -> Self {
+        Cache { file: Some(file) }
+    }
+
     fn read(&self) -> CacheEntries {
         self.file
             .as_ref()
@@ -78,15 +93,28 @@ impl Cache {
             .unwrap_or_default()
     }
 
+    /// The image `key` produced, at `expected_path`. When the only intact
+    /// one is elsewhere (an image `build` wrote, now wanted by `deploy`, or
+    /// the other way round), it is copied there: copying the bytes beats
+    /// packing them again, and they are the same bytes.
     pub fn lookup(&self, key: &str, expected_path: &Path) -> Option<Built> {
         let entries = self.read();
-        let e = entries.entries.get(key)?;
-        let canon = std::fs::canonicalize(expected_path).ok()?;
-        if canon != e.built.path {
-            return None;
+        let mut intact = entries.images.iter().filter(|e| e.key == key && e.intact());
+        let here = std::fs::canonicalize(expected_path).ok();
+        let found = intact
+            .clone()
+            .find(|e| Some(&e.built.path) == here.as_ref());
+        if let Some(e) = found {
+            return Some(e.built.clone());
         }
-        let (size, mtime) = mtime_ns(&canon)?;
-        (size == e.built.size && mtime == e.mtime_ns).then(|| e.built.clone())
+        let elsewhere = intact.next()?;
+        let copied = copy_atomically(&elsewhere.built.path, expected_path).ok()?;
+        let built = Built {
+            path: copied,
+            ..elsewhere.built.clone()
+        };
+        self.store(key, &built);
+        Some(built)
     }
 
     /// Best effort: a cache that cannot be written only costs a repack.
@@ -99,17 +127,18 @@ impl Cache {
             return;
         };
         let mut entries = self.read();
-        entries.entries.retain(|_, e| e.built.path != canon);
-        entries.entries.insert(
-            key.to_owned(),
-            CacheEntry {
-                built: Built {
-                    path: canon,
-                    ..built.clone()
-                },
-                mtime_ns,
+        // A file holds one image; entries of deleted files are dropped.
+        entries
+            .images
+            .retain(|e| e.built.path != canon && e.built.path.exists());
+        entries.images.push(CacheEntry {
+            key: key.to_owned(),
+            built: Built {
+                path: canon,
+                ..built.clone()
             },
-        );
+            mtime_ns,
+        });
         let Some(dir) = file.parent() else { return };
         if std::fs::create_dir_all(dir).is_err() {
             return;
@@ -123,5 +152,82 @@ impl Cache {
                 let _ = tmp.persist(file);
             }
         }
+    }
+}
+
+/// Copies `from` to `to` through a temporary file beside `to`, so `to` is
+/// never half-written; returns `to`, canonical.
+fn copy_atomically(from: &Path, to: &Path) -> std::io::Result<PathBuf> {
+    let dir = to.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".attache-copy.")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    std::io::copy(&mut std::fs::File::open(from)?, tmp.as_file_mut())?;
+    std::fs::set_permissions(tmp.path(), std::fs::metadata(from)?.permissions())?;
+    tmp.persist(to).map_err(|e| e.error)?;
+    std::fs::canonicalize(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn built(path: &Path) -> Built {
+        Built {
+            path: path.to_owned(),
+            name: "demo".into(),
+            version: "1.0".into(),
+            sha256: "ab".repeat(32),
+            size: std::fs::metadata(path).unwrap().len(),
+            cached: false,
+            store_path: "/nix/store/x-demo".into(),
+            units: Vec::new(),
+            prefixes: Vec::new(),
+            manifest: None,
+        }
+    }
+
+    /// `build` then `deploy` (two directories, one closure) pack once: the
+    /// second finds the first's image and gets a copy, and both stay hits.
+    #[test]
+    fn an_image_elsewhere_is_copied_not_repacked() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::at(d.path().join("cache/images.json"));
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let first = a.join("demo_1.0.raw");
+        std::fs::write(&first, b"image bytes").unwrap();
+        cache.store("k", &built(&first));
+
+        let copy = cache.lookup("k", &b.join("demo_1.0.raw")).expect("a hit");
+        assert_eq!(copy.path, b.canonicalize().unwrap().join("demo_1.0.raw"));
+        assert_eq!(std::fs::read(&copy.path).unwrap(), b"image bytes");
+        assert_eq!(copy.sha256, "ab".repeat(32));
+        // No temporary file left beside it.
+        assert_eq!(std::fs::read_dir(&b).unwrap().count(), 1);
+        // Both places are hits now, each for its own file.
+        assert_eq!(
+            cache.lookup("k", &first).unwrap().path,
+            first.canonicalize().unwrap()
+        );
+        assert_eq!(cache.lookup("k", &copy.path).unwrap().path, copy.path);
+        // Another key is not these images.
+        assert!(cache.lookup("other", &first).is_none());
+    }
+
+    /// A recorded image that changed since is neither a hit nor a source.
+    #[test]
+    fn a_changed_image_is_a_miss() {
+        let d = tempfile::tempdir().unwrap();
+        let cache = Cache::at(d.path().join("images.json"));
+        let first = d.path().join("demo_1.0.raw");
+        std::fs::write(&first, b"image bytes").unwrap();
+        cache.store("k", &built(&first));
+        std::fs::write(&first, b"other bytes, longer").unwrap();
+        assert!(cache.lookup("k", &first).is_none());
+        assert!(cache.lookup("k", &d.path().join("elsewhere.raw")).is_none());
+        assert!(!d.path().join("elsewhere.raw").exists());
     }
 }

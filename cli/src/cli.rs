@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 
 use crate::build::{PackChoice, Source};
 use crate::error::Error;
@@ -18,7 +18,8 @@ Exit codes:
   0  success
   1  bad input: a wrong installable, a unit portabled would refuse, an unknown host
   2  environment: nix missing, I/O error, a host that cannot be reached
-  3  deploy failed on at least one host (rolled back where possible)";
+  3  deploy failed on at least one host (rolled back where possible), or a
+     deploy or build was interrupted (Ctrl-C, SIGTERM)";
 
 /// Turn Nix into running systemd portable services.
 ///
@@ -63,7 +64,9 @@ pub enum Command {
     Build(BuildArgs),
     Deploy(DeployArgs),
     Status(StatusArgs),
-    /// Reattach the image that was attached before the last deploy.
+    /// Reattach the image that was attached before the last deploy (with
+    /// its settings), or put back the settings a settings-only deploy
+    /// replaced.
     ///
     /// Example: attache rollback h1 demo
     Rollback(HostServiceArgs),
@@ -71,18 +74,23 @@ pub enum Command {
     ///
     /// Example: attache detach root@10.0.0.5 demo
     Detach(HostServiceArgs),
+    Unlock(UnlockArgs),
     Inspect(InspectArgs),
     Diff(DiffArgs),
     Logs(LogsArgs),
     Completions(CompletionsArgs),
     Man(ManArgs),
+    #[command(hide = true)]
+    PackSpec(PackSpecArgs),
 }
 
 /// Build a portable image (NAME_VERSION.raw) from a Nix installable.
 ///
 /// The installable is the result of attache's `portableService` (same
-/// arguments as nixpkgs' `pkgs.portableService`), or any derivation that
-/// ships unit files in lib/systemd/system or etc/systemd/system.
+/// arguments as nixpkgs' `pkgs.portableService`; attache builds only its
+/// spec, never the image `nix build` would pack), any derivation that ships
+/// unit files in lib/systemd/system or etc/systemd/system, or one whose
+/// output is an image already (checked as `inspect` does, copied as it is).
 ///
 /// Examples:
 ///
@@ -92,7 +100,7 @@ pub enum Command {
 ///
 ///   attache build --impure --expr '(import ./. {}).demo'
 ///
-///   attache build .#demo -- --override-input nixpkgs path:./stub
+///   attache build .#demo --override-input nixpkgs path:./stub
 ///
 /// The image is checked against portabled's rules before packing; the same
 /// closure always gives the same bytes, and an unchanged closure returns the
@@ -101,8 +109,6 @@ pub enum Command {
 #[command(after_long_help = EXIT_CODES)]
 pub struct BuildArgs {
     #[command(flatten)]
-    pub source: SourceArgs,
-    #[command(flatten)]
     pub pack: PackArgs,
     /// Directory for the image.
     #[arg(long, short = 'o', default_value = ".", value_name = "DIR")]
@@ -110,6 +116,9 @@ pub struct BuildArgs {
     /// Show what would be packed, write nothing.
     #[arg(long)]
     pub dry_run: bool,
+    // Last: its Nix options heading holds for every field after it.
+    #[command(flatten)]
+    pub source: SourceArgs,
 }
 
 /// Where the image comes from: the Nix side of `build`.
@@ -136,9 +145,6 @@ pub struct InstallableForm {
     /// Evaluate an expression (needs --impure, like Nix).
     #[arg(long, value_name = "EXPR")]
     pub expr: Option<String>,
-    /// Allow impure evaluation (passed to nix).
-    #[arg(long)]
-    pub impure: bool,
     /// Image name instead of the derivation's `pname`.
     #[arg(long, value_name = "NAME")]
     pub name: Option<String>,
@@ -162,14 +168,84 @@ pub struct NixBin {
 }
 
 /// The nix binary and what to pass it: the commands that build take both.
+/// The flags people type to `nix build` by habit are accepted as they are
+/// (as nixos-rebuild, nh and colmena do); anything else goes after `--`.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Nix options (passed to every nix call)")]
 pub struct NixArgs {
     #[command(flatten)]
     pub bin: NixBin,
-    /// Extra arguments for every nix call, after `--`
-    /// (e.g. `-- --override-input nixpkgs path:./stub`).
+    /// Allow impure evaluation (--expr needs it, as in Nix).
+    #[arg(long)]
+    pub impure: bool,
+    /// Use FLAKE as the flake input INPUT (e.g. nixpkgs path:./stub).
+    #[arg(long, num_args = 2, value_names = ["INPUT", "FLAKE"], action = ArgAction::Append)]
+    pub override_input: Vec<String>,
+    /// Do not write the flake's lock file.
+    #[arg(long)]
+    pub no_write_lock_file: bool,
+    /// Recreate the flake's lock file from scratch.
+    #[arg(long)]
+    pub recreate_lock_file: bool,
+    /// Set the Nix setting NAME to VALUE.
+    #[arg(long, num_args = 2, value_names = ["NAME", "VALUE"], action = ArgAction::Append)]
+    pub option: Vec<String>,
+    /// Pass NAME = EXPR to the function a -f FILE or --expr evaluates to.
+    #[arg(long, num_args = 2, value_names = ["NAME", "EXPR"], action = ArgAction::Append)]
+    pub arg: Vec<String>,
+    /// Pass NAME = "STRING" to the function a -f FILE or --expr evaluates to.
+    #[arg(long, num_args = 2, value_names = ["NAME", "STRING"], action = ArgAction::Append)]
+    pub argstr: Vec<String>,
+    /// Add PATH (or NAME=PATH) to the lookup path of <...>.
+    #[arg(short = 'I', long = "include", value_name = "PATH", action = ArgAction::Append)]
+    pub include: Vec<String>,
+    /// Use no substituters; take downloaded files as up to date.
+    #[arg(long)]
+    pub offline: bool,
+    /// Take downloaded files (flake inputs, fetchers) as out of date.
+    #[arg(long)]
+    pub refresh: bool,
+    /// Show where an evaluation error comes from.
+    #[arg(long)]
+    pub show_trace: bool,
+    /// Any other arguments for every nix call, after `--`
+    /// (e.g. `-- --max-jobs 4`).
     #[arg(id = "nix_args", last = true, value_name = "NIX_ARGS")]
     pub args: Vec<String>,
+}
+
+impl NixArgs {
+    /// The arguments every nix call gets, as Nix spells them.
+    pub fn to_nix(&self) -> Vec<String> {
+        let flags = [
+            (self.impure, "--impure"),
+            (self.no_write_lock_file, "--no-write-lock-file"),
+            (self.recreate_lock_file, "--recreate-lock-file"),
+            (self.offline, "--offline"),
+            (self.refresh, "--refresh"),
+            (self.show_trace, "--show-trace"),
+        ];
+        let with_values: [(&str, &[String], usize); 5] = [
+            ("--override-input", &self.override_input, 2),
+            ("--option", &self.option, 2),
+            ("--arg", &self.arg, 2),
+            ("--argstr", &self.argstr, 2),
+            ("-I", &self.include, 1),
+        ];
+        let mut out: Vec<String> = flags
+            .into_iter()
+            .filter(|(given, _)| *given)
+            .map(|(_, flag)| flag.to_owned())
+            .collect();
+        for (flag, values, per) in with_values {
+            for chunk in values.chunks(per) {
+                out.push(flag.to_owned());
+                out.extend(chunk.iter().cloned());
+            }
+        }
+        out.extend(self.args.iter().cloned());
+        out
+    }
 }
 
 #[derive(Debug, Args)]
@@ -223,7 +299,7 @@ impl SourceArgs {
 
 impl InstallableForm {
     /// The flags that name what to build, which the inventory form of
-    /// `deploy` takes from the inventory instead (--impure applies to both).
+    /// `deploy` takes from the inventory instead.
     pub fn installable_flags(&self) -> Vec<&'static str> {
         [
             (self.file.is_some(), "-f"),
@@ -281,12 +357,11 @@ impl InstallableForm {
         Ok(forms
             .into_iter()
             .map(|installable| Source {
-                impure: self.impure,
                 naming: Naming {
                     name: self.name.clone(),
                     version: self.image_version.clone(),
                 },
-                ..Source::new(installable, nix.bin.path.clone(), nix.args.clone())
+                ..Source::new(installable, nix.bin.path.clone(), nix.to_nix())
             })
             .collect())
     }
@@ -305,6 +380,11 @@ impl InstallableForm {
 /// /var/lib/portables, `portablectl attach` (first time) or `reattach`,
 /// check the units stay up and run the inventory's checks, and roll back to
 /// the previous image if anything fails. Old images are pruned to --keep.
+///
+/// Ctrl-C (or SIGTERM) stops uploads and skips hosts not started; a host
+/// already activating finishes its checks and confirms or rolls back. A
+/// second Ctrl-C leaves at once: the host's own timer reverts it, at the
+/// time printed.
 ///
 /// Examples:
 ///
@@ -440,6 +520,31 @@ pub struct HostServiceArgs {
     pub nix: NixBin,
 }
 
+/// Free a host whose deploy lock is held by an attache that is gone.
+///
+/// A deploy holds the host's lock (/run/attache/lock) for as long as its SSH
+/// session lives; a client that vanished behind a broken network can hold it
+/// until the host's TCP keepalive gives up, hours later. `unlock` shows who
+/// holds it (user, machine, host-side process and age), then ends that one
+/// process on the host, found by the flock it holds, and nothing else. A
+/// deploy that is still running loses its lock: use it only when the attache
+/// named is gone. It asks first on a terminal; otherwise pass --yes.
+///
+/// Example: attache unlock h1
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+pub struct UnlockArgs {
+    /// Inventory host name, or an SSH destination.
+    pub host: String,
+    /// Do not ask: end the lock's holder.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub nix: NixBin,
+}
+
 /// Show what is inside a portable image, offline, and whether portabled would
 /// accept it.
 ///
@@ -516,6 +621,20 @@ pub struct LogsArgs {
     pub nix: NixBin,
 }
 
+/// The builder of portableService's `nix build`, inside the Nix sandbox:
+/// packs a spec file as `attache build` would.
+#[derive(Debug, Args)]
+pub struct PackSpecArgs {
+    /// The spec file portableService wrote.
+    pub spec: PathBuf,
+    /// Its runtime closure, as Nix's exportReferencesGraph writes it.
+    #[arg(long, value_name = "FILE")]
+    pub closure: PathBuf,
+    /// Directory for the image ($out).
+    #[arg(long, value_name = "DIR")]
+    pub out_dir: PathBuf,
+}
+
 /// Print shell completions to stdout.
 ///
 /// Example: attache completions bash > /etc/bash_completion.d/attache
@@ -570,6 +689,127 @@ mod tests {
         );
     }
 
+    /// The Nix flags people type by habit work without `--`, with their
+    /// values, on build and deploy alike; `--` still passes anything else.
+    #[test]
+    fn nix_flags_are_taken_as_nix_spells_them() {
+        let c = Cli::try_parse_from([
+            "attache",
+            "build",
+            "./examples/nixpkgs-style#default",
+            "--override-input",
+            "nixpkgs",
+            "path:./stub",
+            "--override-input",
+            "attache",
+            "git+file:///src",
+            "--impure",
+            "--option",
+            "cores",
+            "1",
+            "--show-trace",
+            "--offline",
+            "--refresh",
+            "--no-write-lock-file",
+            "--recreate-lock-file",
+            "-I",
+            "nixpkgs=/p",
+            "--arg",
+            "x",
+            "1",
+            "--argstr",
+            "y",
+            "two",
+            "--",
+            "--max-jobs",
+            "4",
+        ])
+        .unwrap();
+        let Command::Build(b) = c.command else {
+            panic!("not build")
+        };
+        assert_eq!(
+            b.source.installable.as_deref(),
+            Some("./examples/nixpkgs-style#default")
+        );
+        assert_eq!(
+            b.source.nix.to_nix(),
+            [
+                "--impure",
+                "--no-write-lock-file",
+                "--recreate-lock-file",
+                "--offline",
+                "--refresh",
+                "--show-trace",
+                "--override-input",
+                "nixpkgs",
+                "path:./stub",
+                "--override-input",
+                "attache",
+                "git+file:///src",
+                "--option",
+                "cores",
+                "1",
+                "--arg",
+                "x",
+                "1",
+                "--argstr",
+                "y",
+                "two",
+                "-I",
+                "nixpkgs=/p",
+                "--max-jobs",
+                "4",
+            ]
+        );
+        let d = deploy(&["h1", "--override-input", "nixpkgs", "path:./stub", "@web"]);
+        assert_eq!(d.targets, ["h1", "@web"]);
+        assert_eq!(
+            d.nix.to_nix(),
+            ["--override-input", "nixpkgs", "path:./stub"]
+        );
+        // A pair flag given one value is a usage error, not a silent shift.
+        assert!(Cli::try_parse_from(["attache", "build", "--option", "cores"]).is_err());
+    }
+
+    /// Both commands that build list the Nix flags under their own heading.
+    #[test]
+    fn help_shows_nix_options_in_their_own_heading() {
+        let mut cmd = Cli::command();
+        for sub in ["build", "deploy"] {
+            let help = cmd
+                .find_subcommand_mut(sub)
+                .unwrap()
+                .render_long_help()
+                .to_string();
+            let heading = help
+                .find("\nNix options (passed to every nix call):")
+                .unwrap_or_else(|| panic!("no Nix heading in {sub} --help:\n{help}"));
+            // Where an option is listed (indented), not where an example uses it.
+            let (before, after) = help.split_at(heading);
+            let lists = |part: &str, flag: &str| {
+                part.lines()
+                    .any(|l| l.starts_with("  ") && l.trim_start().starts_with(flag))
+            };
+            for flag in [
+                "--override-input <INPUT> <FLAKE>",
+                "--option <NAME> <VALUE>",
+                "--impure",
+                "--show-trace",
+                "--nix <PATH>",
+            ] {
+                assert!(
+                    lists(after, flag) && !lists(before, flag),
+                    "{flag} is not under the Nix heading of {sub}:\n{help}"
+                );
+            }
+            assert!(
+                lists(before, "--compression"),
+                "packing options belong before the Nix heading of {sub}:\n{help}"
+            );
+        }
+    }
+
     fn deploy(args: &[&str]) -> DeployArgs {
         let c = Cli::try_parse_from([&["attache", "deploy"], args].concat()).unwrap();
         let Command::Deploy(d) = c.command else {
@@ -609,7 +849,7 @@ mod tests {
             srcs[0].installable,
             Installable::Expr("(import ./. {}).demo".into())
         );
-        assert!(srcs[0].impure);
+        assert!(srcs[0].nix_args.contains(&"--impure".to_owned()));
         let d = deploy(&["--to", "h", "--name", "web", "--version", "2", ".#demo"]);
         let srcs = d.form.sources(&d.targets, &d.nix).unwrap();
         assert_eq!(srcs[0].naming.name.as_deref(), Some("web"));

@@ -24,6 +24,9 @@ pub enum Error {
     /// Some hosts did not end healthy on the new version.
     #[error("{summary}")]
     Deploy { summary: String },
+    /// Ctrl-C or SIGTERM stopped a deploy before it ended.
+    #[error("{0}")]
+    Interrupted(String),
     /// A host could not be reached or a remote step failed (status,
     /// rollback, detach).
     #[error("{0}")]
@@ -68,7 +71,7 @@ impl Error {
             | Error::Refused(_) => ExitCode::BadInput,
             Error::Image(e) if image_error_is_user_error(e) => ExitCode::BadInput,
             Error::Image(_) | Error::Io { .. } | Error::Remote(_) => ExitCode::Environment,
-            Error::Deploy { .. } => ExitCode::DeployFailed,
+            Error::Deploy { .. } | Error::Interrupted(_) => ExitCode::DeployFailed,
         }
     }
 }

@@ -28,6 +28,117 @@ pub enum Check {
     },
 }
 
+impl Check {
+    /// Why the check cannot run as written, if it cannot: said before
+    /// anything is built or touched.
+    fn invalid(&self) -> Option<String> {
+        let (Check::Http { timeout, .. } | Check::Command { timeout, .. }) = self;
+        if *timeout == Some(0) {
+            return Some("has timeout = 0, which would fail at once: give it a timeout of 1 s or more, or leave timeout out (10 s)".into());
+        }
+        match self {
+            Check::Http { url, .. } => HttpUrl::parse(url).err(),
+            Check::Command { command, .. } if command.trim().is_empty() => {
+                Some("has an empty command".into())
+            }
+            Check::Command { .. } => None,
+        }
+    }
+
+    /// What the user wrote, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Check::Http { url, .. } => format!("the HTTP check {url}"),
+            Check::Command { command, .. } => format!("the check `{command}`"),
+        }
+    }
+}
+
+/// An HTTP check's URL, taken apart for hosts without curl (where bash
+/// speaks HTTP/1.0 itself, given each part as an argument).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpUrl {
+    pub https: bool,
+    pub host: String,
+    pub port: u16,
+    /// `host[:port]` as written: the `Host` header.
+    pub authority: String,
+    /// Path and query, `/` when empty.
+    pub path: String,
+}
+
+impl HttpUrl {
+    pub fn parse(url: &str) -> Result<HttpUrl, String> {
+        let bad = |why: &str| format!("has the URL '{url}', which {why}");
+        let (https, rest) = if let Some(r) = url.strip_prefix("http://") {
+            (false, r)
+        } else if let Some(r) = url.strip_prefix("https://") {
+            (true, r)
+        } else {
+            return Err(bad("does not start with http:// or https://"));
+        };
+        if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(bad(
+                "contains a space or a control character: percent-encode it (%20)",
+            ));
+        }
+        let rest = rest.split('#').next().unwrap_or_default();
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
+            Some(i) => (&rest[..i], rest[i..].to_owned()),
+            None => (rest, "/".to_owned()),
+        };
+        if authority.contains('@') {
+            return Err(bad("carries credentials: health checks do not send any"));
+        }
+        let default_port = if https { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let Some((h, after)) = v6.split_once(']') else {
+                return Err(bad("has no closing ] after its IPv6 address"));
+            };
+            match after.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if after.is_empty() => (h, None),
+                None => return Err(bad("has something other than :PORT after its IPv6 address")),
+            }
+        } else {
+            match authority.split_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("names no host"));
+        }
+        let port = match port {
+            None => default_port,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => return Err(bad("has a port that is not a number from 1 to 65535")),
+            },
+        };
+        Ok(HttpUrl {
+            https,
+            host: host.to_owned(),
+            port,
+            authority: authority.to_owned(),
+            path,
+        })
+    }
+}
+/// Where the CLI reads a secret at deploy time; the inventory never holds
+/// its value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretSource {
+    File(String),
+    Command(Vec<String>),
+}
+
+/// Per-host settings of one service: unit -> section -> key -> value (a
+/// string, number, boolean, or a list of them).
+pub type UnitSettings = BTreeMap<String, BTreeMap<String, BTreeMap<String, serde_json::Value>>>;
+
 /// One service of a host: its name in the inventory and how to build it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceRef {
@@ -44,6 +155,12 @@ pub struct Host {
     pub profile: String,
     pub sudo: bool,
     pub checks: BTreeMap<String, Vec<Check>>,
+    /// Service -> its per-host settings.
+    pub settings: BTreeMap<String, UnitSettings>,
+    /// Service -> credential name -> where to read it.
+    pub secrets: BTreeMap<String, BTreeMap<String, SecretSource>>,
+    /// Hand secrets over unencrypted where the host cannot encrypt them.
+    pub unencrypted_secrets: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -61,6 +178,12 @@ struct RawHost {
     sudo: Option<bool>,
     #[serde(default)]
     checks: BTreeMap<String, Vec<Check>>,
+    #[serde(default)]
+    settings: BTreeMap<String, UnitSettings>,
+    #[serde(default)]
+    secrets: BTreeMap<String, BTreeMap<String, SecretSource>>,
+    #[serde(default, rename = "unencryptedSecrets")]
+    unencrypted_secrets: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +200,19 @@ pub enum InventoryError {
     },
     #[error("the inventory has no hosts: add some to attache.hosts, or deploy ad hoc with --to USER@HOST INSTALLABLE")]
     Empty,
+    #[error("host {host} has checks for '{service}', which is not one of its services ({services}): fix the name in checks, or add the service")]
+    CheckForUnknownService {
+        host: String,
+        service: String,
+        services: String,
+    },
+    #[error("host {host}: {check} of {service} {why}")]
+    BadCheck {
+        host: String,
+        service: String,
+        check: String,
+        why: String,
+    },
 }
 
 /// Applied by `nix eval`: services become their names, so nothing is built
@@ -156,6 +292,9 @@ pub fn parse(flake: &str, v: serde_json::Value) -> Result<Vec<Host>, InventoryEr
             flake: flake.to_owned(),
             detail: e.to_string(),
         })?;
+    for (name, h) in &raw {
+        validate_checks(name, h)?;
+    }
     Ok(raw
         .into_iter()
         .map(|(name, h)| Host {
@@ -178,9 +317,40 @@ pub fn parse(flake: &str, v: serde_json::Value) -> Result<Vec<Host>, InventoryEr
             profile: h.profile.unwrap_or_else(|| "default".into()),
             sudo: h.sudo.unwrap_or(false),
             checks: h.checks,
+            settings: h.settings,
+            secrets: h.secrets,
+            unencrypted_secrets: h.unencrypted_secrets,
             name,
         })
         .collect())
+}
+
+/// Every check belongs to one of the host's services and can run as written.
+fn validate_checks(host: &str, h: &RawHost) -> Result<(), InventoryError> {
+    for (service, checks) in &h.checks {
+        if !h.services.contains(service) {
+            return Err(InventoryError::CheckForUnknownService {
+                host: host.to_owned(),
+                service: service.clone(),
+                services: if h.services.is_empty() {
+                    "it has none".into()
+                } else {
+                    h.services.join(", ")
+                },
+            });
+        }
+        for c in checks {
+            if let Some(why) = c.invalid() {
+                return Err(InventoryError::BadCheck {
+                    host: host.to_owned(),
+                    service: service.clone(),
+                    check: c.describe(),
+                    why,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Picks hosts by name, `@tag`, or a `--on` glob; no selector means all.
@@ -279,6 +449,8 @@ mod tests {
             json!({
                 "h1": {"host": "h1", "user": null, "port": null, "tags": ["web"], "services": ["demo"],
                        "profile": "default", "sudo": false,
+                       "settings": {"demo": {"demo.service": {"Service": {"Environment": ["PORT=8081"]}}}},
+                       "secrets": {"demo": {"db": {"file": "/etc/db"}, "api": {"command": ["pass", "show", "api"]}}},
                        "checks": {"demo": [{"type": "http", "url": "http://127.0.0.1:8080/", "timeout": null, "retries": null}]}},
                 "h2": {"host": "h2.example", "user": "deploy", "port": 2222, "tags": ["web", "canary"],
                        "services": ["demo", "echo"], "profile": "default", "sudo": true,
@@ -303,6 +475,20 @@ mod tests {
             h2.services[1].installable,
             Installable::Flake(".#attache.hosts.\"h2\".services.\"echo\"".into())
         );
+        let h1 = h.iter().find(|h| h.name == "h1").unwrap();
+        assert_eq!(
+            h1.settings["demo"]["demo.service"]["Service"]["Environment"],
+            json!(["PORT=8081"])
+        );
+        assert_eq!(
+            h1.secrets["demo"]["db"],
+            SecretSource::File("/etc/db".into())
+        );
+        assert_eq!(
+            h1.secrets["demo"]["api"],
+            SecretSource::Command(vec!["pass".into(), "show".into(), "api".into()])
+        );
+        assert!(!h1.unencrypted_secrets);
         assert!(matches!(
             h2.checks["echo"][0],
             Check::Command {
@@ -354,6 +540,71 @@ mod tests {
         assert_eq!(
             h2.services[1].installable,
             Installable::Flake(".#attache.hosts.\"h2\".services.\"echo\"".into())
+        );
+    }
+
+    fn with_checks(services: serde_json::Value, checks: serde_json::Value) -> InventoryError {
+        parse(
+            ".",
+            json!({"h1": {"host": "h1", "user": null, "port": null, "tags": [], "services": services,
+                          "profile": "default", "sudo": false, "checks": checks}}),
+        )
+        .unwrap_err()
+    }
+
+    #[test]
+    fn a_check_for_an_unknown_service_is_refused() {
+        let e = with_checks(
+            json!(["demo"]),
+            json!({"dmeo": [{"type": "command", "command": "true", "timeout": null, "retries": null}]}),
+        );
+        assert_eq!(
+            e.to_string(),
+            "host h1 has checks for 'dmeo', which is not one of its services (demo): fix the name in checks, or add the service"
+        );
+    }
+
+    #[test]
+    fn checks_that_cannot_run_are_refused() {
+        let http = |url: &str, timeout: Option<u64>| {
+            with_checks(
+                json!(["demo"]),
+                json!({"demo": [{"type": "http", "url": url, "timeout": timeout, "retries": null}]}),
+            )
+            .to_string()
+        };
+        assert_eq!(
+            http("http://127.0.0.1:8080/", Some(0)),
+            "host h1: the HTTP check http://127.0.0.1:8080/ of demo has timeout = 0, which would fail at once: give it a timeout of 1 s or more, or leave timeout out (10 s)"
+        );
+        assert!(http("ftp://x/", None).contains("does not start with http:// or https://"));
+        assert!(http("http://x:80a/", None).contains("port that is not a number"));
+        assert!(http("http://x:0/", None).contains("port that is not a number"));
+        assert!(http("http://x/a b", None).contains("percent-encode"));
+        assert!(http("http:///a", None).contains("names no host"));
+        assert!(http("http://[::1]x/", None).contains("other than :PORT"));
+        assert!(http("http://u:p@h/", None).contains("credentials"));
+    }
+
+    #[test]
+    fn http_urls_taken_apart() {
+        let u = HttpUrl::parse("http://127.0.0.1:8080/a%20b'c?x=%41#frag").unwrap();
+        assert_eq!(
+            (
+                u.https,
+                u.host.as_str(),
+                u.port,
+                u.authority.as_str(),
+                u.path.as_str()
+            ),
+            (false, "127.0.0.1", 8080, "127.0.0.1:8080", "/a%20b'c?x=%41")
+        );
+        let u = HttpUrl::parse("https://example.org").unwrap();
+        assert_eq!((u.https, u.port, u.path.as_str()), (true, 443, "/"));
+        let u = HttpUrl::parse("http://[::1]:81?q").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.path.as_str()),
+            ("::1", 81, "/?q")
         );
     }
 

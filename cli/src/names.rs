@@ -117,6 +117,23 @@ pub fn portable_prefixes(declared: Option<&str>, image_name: &str) -> Vec<String
     }
 }
 
+/// Whether `attach --enable` links and starts a unit: its `[Install]`
+/// section names a `WantedBy=`, `RequiredBy=` or `UpheldBy=`.
+pub fn unit_installs(text: &str) -> bool {
+    let mut in_install = false;
+    text.lines().any(|l| {
+        let l = l.trim();
+        if l.starts_with('[') {
+            in_install = l == "[Install]";
+            return false;
+        }
+        in_install
+            && ["WantedBy=", "RequiredBy=", "UpheldBy="]
+                .iter()
+                .any(|k| l.starts_with(k))
+    })
+}
+
 /// portabled's match rule: the unit's name without suffix is the prefix
 /// itself, or the prefix followed by `-`, `.` or `@`.
 pub fn unit_matches_prefix(unit: &str, prefix: &str) -> bool {

@@ -109,6 +109,23 @@ pub struct Described {
     pub name: Option<String>,
     #[serde(default)]
     pub attache_spec: bool,
+    /// The spec file derivation of a portableService whose own output is
+    /// the image (`nix build` packs it): attache builds only this.
+    #[serde(default)]
+    pub spec: Option<SpecDrv>,
+    /// The version of the attache package that packs the image under
+    /// `nix build`, when the library was given one.
+    #[serde(default)]
+    pub packer: Option<String>,
+}
+
+/// A derivation known by evaluation, built with `nix-store --realise`.
+/// (Not `drvPath`/`outPath`: `builtins.toJSON` turns a set with an
+/// `outPath` into that string.)
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SpecDrv {
+    pub drv: PathBuf,
+    pub out: PathBuf,
 }
 
 /// Applied by `nix eval` so one call tells what the installable is without
@@ -121,6 +138,11 @@ const DESCRIBE: &str = r#"d:
     version = str (d.version or null);
     name = str (d.name or null);
     attacheSpec = (d.attacheSpec or false) == true;
+    spec = if (d.attacheSpec or false) == true && builtins.isAttrs (d.spec or null)
+      && (d.spec.type or null) == "derivation"
+      then { drv = d.spec.drvPath; out = d.spec.outPath; } else null;
+    packer = if (d.attacheSpec or false) == true && builtins.isAttrs (d.packer or null)
+      then str (d.packer.version or null) else null;
   } else { derivation = false; type = builtins.typeOf d; }"#;
 
 /// The user's `nix`, with the arguments they want on every call.
@@ -223,6 +245,29 @@ impl Nix {
         parse_build_json(&out.stdout)
     }
 
+    /// Builds a derivation evaluation has written (`nix-store --realise`,
+    /// unchanged since before 2.8, unlike what `nix build` makes of a
+    /// `.drv` path) and keeps its output alive with the GC root `out_link`.
+    pub fn realise(&self, drv: &SpecDrv, what: &str, out_link: &Path) -> Result<(), NixError> {
+        let mut c = Command::new(self.nix_store_bin());
+        c.arg("--realise")
+            .arg(&drv.drv)
+            .arg("--add-root")
+            .arg(out_link)
+            .stdin(Stdio::null());
+        let out = c.output().map_err(|source| NixError::NotInstalled {
+            bin: self.nix_store_bin().display().to_string(),
+            source,
+        })?;
+        if !out.status.success() {
+            return Err(NixError::Build {
+                installable: what.to_owned(),
+                nix_says: nix_message(&out.stderr),
+            });
+        }
+        Ok(())
+    }
+
     /// The runtime closure of `path`, sorted. `nix-store -qR` prints one path
     /// a line and has done so unchanged for a decade, unlike
     /// `nix path-info --json`, whose shape changed three times.
@@ -266,9 +311,7 @@ impl Nix {
 /// Maps a failed evaluation to the most specific error we can tell apart.
 fn eval_error(inst: &Installable, stderr: &[u8]) -> NixError {
     let nix_says = nix_message(stderr);
-    if nix_says.contains("does not provide attribute")
-        || nix_says.contains("attribute '") && nix_says.contains("missing")
-    {
+    if names_missing_installable(&nix_says) {
         NixError::MissingAttribute {
             installable: inst.to_string(),
             nix_says,
@@ -279,6 +322,20 @@ fn eval_error(inst: &Installable, stderr: &[u8]) -> NixError {
             nix_says,
         }
     }
+}
+
+/// Whether Nix says the installable's own attribute is missing. Only the
+/// lookup of the installable says so in these words (`flake '…' does not
+/// provide attribute …`, or `attribute 'x' in selection path 'a.x' not
+/// found` for `-f`); an `attribute 'x' missing` is an evaluation that
+/// failed somewhere inside, e.g. an overlay using what the package set
+/// lacks, and its location is what the user needs.
+fn names_missing_installable(nix_says: &str) -> bool {
+    let Some(first) = nix_says.lines().find(|l| l.starts_with("error:")) else {
+        return false;
+    };
+    first.contains("does not provide attribute")
+        || first.contains("in selection path") && first.ends_with("not found")
 }
 
 /// Nix's stderr without progress noise, trimmed to what a user needs.
@@ -298,6 +355,37 @@ pub fn nix_message(stderr: &[u8]) -> String {
     } else {
         msg
     }
+}
+
+/// The store paths of a closure as Nix writes it for `exportReferencesGraph`
+/// (per path: the path, its deriver or an empty line, the number of
+/// references, the references), sorted like [`Nix::closure`] returns them.
+pub fn parse_references_graph(text: &str) -> Result<Vec<PathBuf>, NixError> {
+    let unexpected = |detail: String| NixError::Unexpected {
+        what: "exportReferencesGraph",
+        detail,
+    };
+    let mut lines = text.lines();
+    let mut paths = Vec::new();
+    while let Some(path) = lines.next() {
+        if path.is_empty() {
+            continue;
+        }
+        let _deriver = lines.next();
+        let count: usize = lines
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .ok_or_else(|| unexpected(format!("no reference count after {path}")))?;
+        for _ in 0..count {
+            lines
+                .next()
+                .ok_or_else(|| unexpected(format!("references of {path} cut short")))?;
+        }
+        paths.push(PathBuf::from(path));
+    }
+    paths.sort();
+    paths.dedup();
+    Ok(paths)
 }
 
 /// Reads `nix build --json`: `[{"drvPath":…,"outputs":{"out":…}}]` on every
@@ -375,6 +463,21 @@ mod tests {
     }
 
     #[test]
+    fn references_graph() {
+        let g = "/nix/store/b-spec.json\n\n2\n/nix/store/a-unit\n/nix/store/b-spec.json\n\
+                 /nix/store/a-unit\n/nix/store/x-unit.drv\n0\n";
+        assert_eq!(
+            parse_references_graph(g).unwrap(),
+            [
+                PathBuf::from("/nix/store/a-unit"),
+                PathBuf::from("/nix/store/b-spec.json")
+            ]
+        );
+        assert!(parse_references_graph("/nix/store/a\n\n2\n/nix/store/b\n").is_err());
+        assert!(parse_references_graph("/nix/store/a\n\nmany\n").is_err());
+    }
+
+    #[test]
     fn describe_json_shapes() {
         let d: Described = serde_json::from_str(
             r#"{"attacheSpec":true,"derivation":true,"name":"x.json","pname":"demo","version":"1.0"}"#,
@@ -382,6 +485,13 @@ mod tests {
         .unwrap();
         assert!(d.attache_spec && d.derivation);
         assert_eq!(d.pname.as_deref(), Some("demo"));
+        assert_eq!((d.spec, d.packer), (None, None));
+        let d: Described = serde_json::from_str(
+            r#"{"attacheSpec":true,"derivation":true,"packer":"0.1.0","spec":{"drv":"/nix/store/a-s.json.drv","out":"/nix/store/b-s.json"}}"#,
+        )
+        .unwrap();
+        assert_eq!(d.spec.unwrap().out, PathBuf::from("/nix/store/b-s.json"));
+        assert_eq!(d.packer.as_deref(), Some("0.1.0"));
         let d: Described = serde_json::from_str(r#"{"derivation":false,"type":"string"}"#).unwrap();
         assert_eq!(d.kind.as_deref(), Some("string"));
     }
@@ -398,6 +508,70 @@ mod tests {
             vec!["--file", "default.nix", "demo"]
         );
         assert_eq!(Installable::Expr("1".into()).args(), vec!["--expr", "1"]);
+    }
+
+    /// Real messages of Nix 2.8 (`nix eval`/`nix build` on a flake whose
+    /// overlay uses `prev.rustPlatform`, which the package set lacks, and
+    /// on attributes that do not exist).
+    const OVERLAY_LACKS_ATTRIBUTE: &str = "error: attribute 'rustPlatform' missing
+
+       at /nix/store/d90frc8zb69swfbbws94fgm5vgh7w7qh-source/flake.nix:5:17:
+
+            4|       overlay = final: prev: {
+            5|         myapp = prev.rustPlatform.buildRustPackage { pname = \"myapp\"; version = \"1\"; };
+             |                 ^
+            6|       };
+(use '--show-trace' to show detailed location information)
+";
+    const FILE_OVERLAY_LACKS_ATTRIBUTE: &str = "error: attribute 'rustPlatform' missing
+
+       at /tmp/edges-nix/ov/default.nix:1:53:
+
+            1| { demo = (import ./pkgs.nix (final: prev: { myapp = prev.rustPlatform.x; })).myapp; }
+             |                                                     ^
+(use '--show-trace' to show detailed location information)
+";
+    const FLAKE_LACKS_OUTPUT: &str = "error: flake 'path:/tmp/edges-nix/ov' does not provide attribute 'packages.x86_64-linux.nope', 'legacyPackages.x86_64-linux.nope' or 'nope'\n";
+    const FILE_LACKS_ATTRIBUTE: &str =
+        "error: attribute 'nope' in selection path 'nope' not found\n";
+
+    #[test]
+    fn a_missing_attribute_inside_a_library_is_an_evaluation_error() {
+        let inst = Installable::Flake("path:/tmp/edges-nix/ov#myapp".into());
+        let e = eval_error(&inst, OVERLAY_LACKS_ATTRIBUTE.as_bytes());
+        assert!(matches!(e, NixError::Eval { .. }), "{e:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("Nix could not evaluate path:/tmp/edges-nix/ov#myapp:\nerror: attribute 'rustPlatform' missing"),
+            "{msg}"
+        );
+        // Nix's location stays in the message.
+        assert!(msg.contains("flake.nix:5:17:"), "{msg}");
+        assert!(msg.contains("prev.rustPlatform.buildRustPackage"), "{msg}");
+
+        let inst = Installable::File {
+            file: "default.nix".into(),
+            attr: "demo".into(),
+        };
+        let e = eval_error(&inst, FILE_OVERLAY_LACKS_ATTRIBUTE.as_bytes());
+        assert!(matches!(e, NixError::Eval { .. }), "{e:?}");
+        assert!(e.to_string().contains("default.nix:1:53:"), "{e}");
+    }
+
+    #[test]
+    fn the_installables_own_attribute_missing() {
+        let inst = Installable::Flake("path:/tmp/edges-nix/ov#nope".into());
+        let e = eval_error(&inst, FLAKE_LACKS_OUTPUT.as_bytes());
+        assert!(matches!(e, NixError::MissingAttribute { .. }), "{e:?}");
+        assert!(e.to_string().starts_with(
+            "path:/tmp/edges-nix/ov#nope does not provide that attribute:\nerror: flake"
+        ));
+        let inst = Installable::File {
+            file: "default.nix".into(),
+            attr: "nope".into(),
+        };
+        let e = eval_error(&inst, FILE_LACKS_ATTRIBUTE.as_bytes());
+        assert!(matches!(e, NixError::MissingAttribute { .. }), "{e:?}");
     }
 
     #[test]

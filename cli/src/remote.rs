@@ -87,7 +87,7 @@ pub enum RemoteError {
     BadDestination { destination: String },
     #[error("the host key has changed (the host now offers {fingerprint}). If the host was reinstalled, remove the old key with `ssh-keygen -R {host}`; otherwise someone may be intercepting the connection")]
     HostKeyChanged { host: String, fingerprint: String },
-    #[error("the host key is unknown ({fingerprint}). Check it, then add it with `ssh {host} true` or rerun with --accept-new-host-keys")]
+    #[error("the host key is unknown: the host offers {fingerprint}. Compare it with what `ssh-keygen -lf` prints for that type's /etc/ssh/ssh_host_*_key.pub on the host itself, then trust it with `ssh {host} true` or rerun with --accept-new-host-keys")]
     HostKeyUnknown { host: String, fingerprint: String },
     #[error("cannot connect over SSH: {reason}. Check that the host is up and that `ssh {host} true` works")]
     Unreachable { host: String, reason: String },
@@ -106,6 +106,13 @@ pub enum RemoteError {
         host: String,
         doing: String,
         reason: String,
+    },
+    /// A command on the host failed with the connection still up.
+    #[error("{doing} failed on the host: {says}")]
+    HostRefused {
+        host: String,
+        doing: String,
+        says: String,
     },
     #[error("could not read {path}: {source}")]
     LocalIo {
@@ -189,10 +196,18 @@ impl Remote {
         if let Some(p) = dest.port {
             b.port(p);
         }
-        let session = b
-            .connect_mux(&dest.host)
-            .await
-            .map_err(|e| connect_error(name, &e))?;
+        let session = match b.connect_mux(&dest.host).await {
+            Ok(s) => s,
+            Err(e) => {
+                let mut err = connect_error(name, &e);
+                if let RemoteError::HostKeyUnknown { fingerprint, .. } = &mut err {
+                    if let Some(fp) = offered_host_key(dest, opts).await {
+                        *fingerprint = fp;
+                    }
+                }
+                return Err(err);
+            }
+        };
         let mut remote = Remote {
             name: name.to_owned(),
             session: Arc::new(session),
@@ -315,26 +330,80 @@ impl Remote {
             .ok_or_else(|| self.lost("uploading", "no stdin"))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut sent = 0u64;
-        let io_lost = |e: std::io::Error| self.lost("uploading", e);
+        // A write that fails may be the host's receiver having stopped (a
+        // full disk): its own words, read below, say why better than ours.
+        let mut broken = None;
         loop {
             let n = file.read(&mut buf).await.map_err(local_io)?;
             if n == 0 {
                 break;
             }
-            stdin.write_all(&buf[..n]).await.map_err(io_lost)?;
+            if let Err(e) = stdin.write_all(&buf[..n]).await {
+                broken = Some(e);
+                break;
+            }
             sent += n as u64;
             progress(sent);
         }
-        stdin.shutdown().await.map_err(io_lost)?;
+        if broken.is_none() {
+            broken = stdin.shutdown().await.err();
+        }
         drop(stdin);
         let out = child
             .wait_with_output()
             .await
             .map_err(|e| self.lost("uploading", &e))?;
-        if !out.status.success() {
-            return Err(self.lost("uploading", String::from_utf8_lossy(&out.stderr).trim()));
+        let says = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        match (out.status.code(), broken) {
+            (Some(0), None) => Ok(sent),
+            // The receiver ended with an error of its own, the connection
+            // still up (ssh reports a lost connection as 255).
+            (Some(code), _) if code != 255 && !says.is_empty() => Err(RemoteError::HostRefused {
+                host: self.name.clone(),
+                doing: "receiving the upload".into(),
+                says,
+            }),
+            (_, Some(e)) if says.is_empty() => Err(self.lost("uploading", e)),
+            _ => Err(self.lost("uploading", says)),
         }
-        Ok(sent)
+    }
+
+    /// Runs `script` as root with `input` on its stdin: how a secret
+    /// reaches a host (never as an argument, never as a file on the way).
+    pub async fn run_with_input(
+        &self,
+        script: &str,
+        doing: &str,
+        input: &[u8],
+    ) -> Result<RemoteOutput, RemoteError> {
+        let mut child = self
+            .session
+            .command("sh")
+            .arg("-c")
+            .arg(self.as_root(script))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.lost(doing, &e))?;
+        let mut stdin = child
+            .stdin()
+            .take()
+            .ok_or_else(|| self.lost(doing, "no stdin"))?;
+        let io_lost = |e: std::io::Error| self.lost(doing, e);
+        stdin.write_all(input).await.map_err(io_lost)?;
+        stdin.shutdown().await.map_err(io_lost)?;
+        drop(stdin);
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| self.lost(doing, &e))?;
+        Ok(RemoteOutput {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        })
     }
 
     fn lost(&self, doing: &str, e: impl std::fmt::Display) -> RemoteError {
@@ -365,7 +434,7 @@ fn connect_error(host: &str, e: &openssh::Error) -> RemoteError {
         .split_whitespace()
         .find(|w| w.starts_with("SHA256:"))
         .map(|w| w.trim_end_matches('.').to_owned())
-        .unwrap_or_else(|| "fingerprint not shown".into());
+        .unwrap_or_else(|| "a key ssh did not show".into());
     if text.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
         return RemoteError::HostKeyChanged {
             host: host.to_owned(),
@@ -393,6 +462,61 @@ fn connect_error(host: &str, e: &openssh::Error) -> RemoteError {
     }
 }
 
+/// The key an unknown host offers, as `ED25519 key SHA256:…`. ssh refuses
+/// an unknown key under strict checking without printing it; its debug log
+/// names it, and the connection stops at the same point (nothing is
+/// authenticated, nothing is run, nothing is written to known_hosts).
+async fn offered_host_key(dest: &Destination, opts: &SshOptions) -> Option<String> {
+    let mut c = tokio::process::Command::new("ssh");
+    if let Some(f) = &opts.config_file {
+        c.arg("-F").arg(f);
+    }
+    if let Some(u) = &dest.user {
+        c.arg("-l").arg(u);
+    }
+    if let Some(p) = dest.port {
+        c.arg("-p").arg(p.to_string());
+    }
+    c.args([
+        "-v",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "ControlPath=none",
+        "-o",
+        "ConnectTimeout=15",
+        "--",
+        &dest.host,
+        "true",
+    ])
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), c.output())
+        .await
+        .ok()?
+        .ok()?;
+    server_host_key(&String::from_utf8_lossy(&out.stderr))
+}
+
+/// From ssh's debug log: `debug1: Server host key: ssh-ed25519 SHA256:…`.
+/// The last one is the host's own (a ProxyJump's comes first).
+fn server_host_key(log: &str) -> Option<String> {
+    let line = log.lines().rfind(|l| l.contains("Server host key: "))?;
+    let rest = &line[line.find("Server host key: ")? + "Server host key: ".len()..];
+    let mut words = rest.split_whitespace();
+    let kind = words.next()?;
+    let fp = words.next().filter(|w| w.contains(':'))?;
+    let kind = kind
+        .strip_prefix("ssh-")
+        .or_else(|| kind.strip_prefix("ecdsa-sha2-").map(|_| "ecdsa"))
+        .unwrap_or(kind)
+        .to_uppercase();
+    Some(format!("{kind} key {fp}"))
+}
+
 /// Quotes one word for the remote POSIX shell.
 pub fn q(s: &str) -> String {
     shell_escape::unix::escape(s.into()).into_owned()
@@ -401,6 +525,25 @@ pub fn q(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_offered_host_key_from_ssh_debug_output() {
+        let log = "OpenSSH_9.2p1 Debian-2+deb12u6, OpenSSL 3.0.19 27 Jan 2026
+debug1: Connecting to 127.0.0.1 [127.0.0.1] port 2222.
+debug1: Server host key: ssh-ed25519 SHA256:n4rC6ozm3ZTZiBZGNFoUbMVbM1ZvfWE4g5sGxyh2qq0
+No ED25519 host key is known for [127.0.0.1]:2222 and you have requested strict checking.
+Host key verification failed.
+";
+        assert_eq!(
+            server_host_key(log).as_deref(),
+            Some("ED25519 key SHA256:n4rC6ozm3ZTZiBZGNFoUbMVbM1ZvfWE4g5sGxyh2qq0")
+        );
+        assert_eq!(
+            server_host_key("debug1: Server host key: ecdsa-sha2-nistp256 SHA256:abc").as_deref(),
+            Some("ECDSA key SHA256:abc")
+        );
+        assert_eq!(server_host_key("Host key verification failed."), None);
+    }
 
     #[test]
     fn destinations() {

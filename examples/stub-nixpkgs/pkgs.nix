@@ -32,6 +32,17 @@ let
         && !(builtins.isAttrs v && !(v ? outPath)))
       attrs;
 
+    # prebuilt/PNAME of a path: copy, or with --impure of the directory
+    # $ATTACHE_STUB_PREBUILT (pure evaluation reads it as empty); else null.
+    prebuiltDir = let dir = builtins.getEnv "ATTACHE_STUB_PREBUILT"; in
+      if dir != "" then /. + dir else ./prebuilt;
+    prebuilt = pname: if builtins.pathExists (prebuiltDir + "/${pname}") then prebuiltDir + "/${pname}" else null;
+    prebuiltInstall = pname: if prebuilt pname == null then null else ''
+      mkdir -p $out/bin
+      cp ${prebuilt pname} $out/bin/${pname}
+      chmod 0555 $out/bin/${pname}
+    '';
+
     placeholderPkg = pname: version: mkDrv {
       name = "${pname}-${version}";
       script = "mkdir -p $out";
@@ -205,15 +216,20 @@ let
     # nixpkgs' rustPlatform cannot run here (no toolchain offline). This keeps
     # buildRustPackage's calling convention and builds a placeholder whose
     # program says so, so that flakes packaging Rust evaluate and build.
+    # A copy of this stub used as path:DIR may carry a static build of the
+    # program in prebuilt/PNAME (or $ATTACHE_STUB_PREBUILT/PNAME under
+    # --impure): then that is installed instead. A git flake sees only
+    # tracked files, so the repository's stub has none of its own.
     rustPlatform.buildRustPackage = args: mkDerivation {
       inherit (args) pname version;
       dontUnpack = true;
       passthru = args.passthru or { };
       meta = args.meta or { };
-      installPhase = ''
+      installPhase = let installed = prebuiltInstall args.pname; in
+        if installed != null then installed else ''
         mkdir -p $out/bin
-        printf '#!%s\necho "%s: placeholder built by the stub nixpkgs (no Rust toolchain offline)" >&2\nexit 1\n' \
-          ${sh} ${args.pname} > $out/bin/${args.pname}
+        printf '#!%s\necho "%s: placeholder built by the stub nixpkgs (no Rust toolchain offline); a path: copy of the stub installs prebuilt/%s instead" >&2\nexit 1\n' \
+          ${sh} ${args.pname} ${args.pname} > $out/bin/${args.pname}
         chmod +x $out/bin/${args.pname}
       '';
     };
@@ -233,6 +249,14 @@ let
         ln -s ca-bundle.crt $out/etc/ssl/certs/ca-certificates.crt
       '';
       passthru = { pname = "nss-cacert"; version = "stub"; };
+    };
+
+    # As if nixpkgs packaged attache, when there is a prebuilt attache (and
+    # attache.version beside it): what examples/demo packs with.
+    ${if prebuilt "attache" != null then "attache" else null} = self.rustPlatform.buildRustPackage {
+      pname = "attache";
+      version = lib.removeSuffix "\n" (builtins.readFile (prebuiltDir + "/attache.version"));
+      meta.mainProgram = "attache";
     };
 
     portableService = _: throw "the stub nixpkgs has no pkgs.portableService (it needs squashfs-tools); use attache's: pkgs.attache.portableService or attache.lib.mkLib pkgs";

@@ -118,6 +118,22 @@ fn unchanged_closure_returns_the_existing_image() {
     let second = attache_in(&repo(), cache.path(), &args).ok().json();
     assert_eq!(second["cached"], true);
     assert_eq!(first["sha256"], second["sha256"]);
+    // Another directory (deploy's after build's) gets a copy, not a repack.
+    let elsewhere = tmp();
+    let e = out_dir_arg(elsewhere.path());
+    let copied = attache_in(
+        &repo(),
+        cache.path(),
+        &["build", "--json", "-o", &e, "./examples/demo#demo"],
+    )
+    .ok()
+    .json();
+    assert_eq!(copied["cached"], true);
+    assert_eq!(
+        sha256_file(&elsewhere.path().join("demo_1.0.raw")),
+        first["sha256"]
+    );
+    assert_eq!(files_in(elsewhere.path()), ["demo_1.0.raw"]);
     // Other packing options are another image: not a cache hit.
     let mut other = args.to_vec();
     other.extend(["--compression", "gzip"]);

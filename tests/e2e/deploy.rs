@@ -144,7 +144,7 @@ fn socket_activated_service_with_template() {
 }
 
 /// A copy of the demo flake with an inventory for lab hosts.
-fn inventory(hosts_nix: &str) -> (tempfile::TempDir, String) {
+pub fn inventory(hosts_nix: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
     let demo = dir.path().join("demo");
     copy_demo(&demo);

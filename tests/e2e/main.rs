@@ -5,6 +5,11 @@
 mod build;
 mod busy_host;
 mod deploy;
+mod edges;
+mod faults;
 mod lab_smoke;
+mod nix_build;
 mod observe;
+mod readme;
+mod settings;
 mod support;

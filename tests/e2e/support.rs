@@ -213,7 +213,7 @@ pub fn attache_in_background(cwd: &Path, cache: &Path, args: &[&str]) -> Backgro
 }
 
 /// [`attache_in`], started in the background with extra environment.
-fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
+pub fn attache_spawn(cwd: &Path, cache: &Path, args: &[&str], env: &[(&str, &str)]) -> Background {
     let mut child = attache_command(cwd, cache, args)
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
@@ -299,6 +299,20 @@ impl Background {
         }
     }
 
+    /// Waits until attache's stderr contains `needle`; panics with what
+    /// it printed if it never does.
+    #[track_caller]
+    pub fn expect_stderr(&mut self, needle: &str, limit: Duration) {
+        if !self.wait_stderr(needle, limit) {
+            let _ = self.child.kill();
+            let run = self.finish();
+            panic!(
+                "attache never printed {needle:?} (exit code {})\nstdout:\n{}\nstderr:\n{}",
+                run.code, run.stdout, run.stderr
+            );
+        }
+    }
+
     /// Waits until attache says it paused at `at` (its `ATTACHE_TEST_PAUSE`
     /// hook); panics with what it printed if it never does.
     #[track_caller]
@@ -312,6 +326,20 @@ impl Background {
                 run.code, run.stdout, run.stderr
             );
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends attache the signal `sig` (`INT`, `TERM`, `STOP`, …).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -{sig} {}", self.child.id());
     }
 
     /// Waits for attache to end.
@@ -370,7 +398,10 @@ impl Target {
         full.insert(2, utf8(&self.config));
         // The repository's own flake needs the network to evaluate: host
         // commands read no inventory from a directory without a flake.
-        if matches!(args.first(), Some(&("status" | "rollback" | "detach"))) {
+        if matches!(
+            args.first(),
+            Some(&("status" | "rollback" | "detach" | "unlock"))
+        ) {
             full.insert(3, "--flake");
             full.insert(4, utf8(self.cache.path()));
         }
@@ -389,6 +420,17 @@ impl Target {
         self.attache(&self.deploy_args(installables, extra))
     }
 
+    /// [`Target::deploy`] with extra environment (attache's test hooks).
+    pub fn deploy_with_env(
+        &self,
+        installables: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Run {
+        self.spawn(&self.deploy_args(installables, extra), env)
+            .join()
+    }
+
     /// `attache ARGS` in the background, with extra environment.
     fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Background {
         attache_spawn(&repo(), self.cache.path(), &self.args(args), env)
@@ -398,6 +440,38 @@ impl Target {
     /// that act on the host while it runs.
     pub fn deploy_in_background(&self, installables: &[&str], extra: &[&str]) -> Background {
         self.spawn(&self.deploy_args(installables, extra), &[])
+    }
+
+    /// `attache ARGS` (this host's options added) in the background.
+    pub fn attache_in_background(&self, args: &[&str]) -> Background {
+        self.spawn(args, &[])
+    }
+
+    /// [`Target::deploy_in_background`] with extra environment.
+    pub fn deploy_in_background_with_env(
+        &self,
+        installables: &[&str],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Background {
+        self.spawn(&self.deploy_args(installables, extra), env)
+    }
+
+    /// Processes on this machine that still talk to this host through its
+    /// ssh config (a control master left behind), as their command lines.
+    pub fn ssh_left_behind(&self) -> Vec<String> {
+        let needle = self.config.display().to_string();
+        let mut left = Vec::new();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.starts_with("ssh ") && cmd.contains(&needle) && cmd.contains(" -M") {
+                left.push(cmd);
+            }
+        }
+        left
     }
 
     /// [`Target::deploy_in_background`], pausing `secs` seconds at the point

@@ -13,7 +13,9 @@ use super::hosts::{self, elevation, ssh_options, Policy, Ran};
 use crate::build::{self, Built, PackChoice, Source};
 use crate::cache;
 use crate::cli::DeployArgs;
-use crate::deploy::{self, HostPlan, HostReport, Outcome, ServicePlan, Settings};
+use crate::deploy::{
+    self, HostPlan, HostReport, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
+};
 use crate::error::Error;
 use crate::image::Manifest;
 use crate::inventory::{self, Host};
@@ -29,10 +31,14 @@ pub(super) fn image_dir() -> PathBuf {
 }
 
 /// Builds each distinct installable once, even when many hosts run it.
+/// A Ctrl-C during the build lets the step at hand end (nix, which the
+/// terminal interrupts too, at once; packing cleans up its temporary file
+/// when it fails and renames it into place when it is done) and stops there.
 pub(super) fn build_all(
     wanted: &[Source],
     pack: &PackChoice,
     ui: &Ui,
+    stop: &Interrupt,
 ) -> Result<BTreeMap<String, Built>, Error> {
     let dir = image_dir();
     let mut built = BTreeMap::new();
@@ -41,8 +47,13 @@ pub(super) fn build_all(
         if built.contains_key(&key) {
             continue;
         }
-        let b = build::build_image(src, pack, &dir, false, ui)?;
-        built.insert(key, b);
+        let b = build::build_image(src, pack, &dir, false, ui);
+        if stop.asked() {
+            return Err(Error::Interrupted(format!(
+                "interrupted during the build of {key}; no host was touched"
+            )));
+        }
+        built.insert(key, b?);
     }
     Ok(built)
 }
@@ -58,6 +69,7 @@ fn plan_service(b: &Built, checks: Vec<inventory::Check>) -> ServicePlan {
         prefixes: b.prefixes.clone(),
         checks,
         manifest: b.manifest.as_ref().map(|m| m.to_bytes()),
+        settings: Default::default(),
     }
 }
 
@@ -65,10 +77,15 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     let pack = args.pack.choice();
     // Before the inventory is evaluated, not only before each build.
     pack.check()?;
+    let rt = hosts::runtime()?;
+    let stop = {
+        let _in_runtime = rt.enter();
+        Interrupt::listen().map_err(|e| Error::io("listening for Ctrl-C", e))?
+    };
     let plans: Vec<HostPlan> = if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
         let wanted = args.form.sources(&args.targets, &args.nix)?;
-        let built = build_all(&wanted, &pack, ui)?;
+        let built = build_all(&wanted, &pack, ui, &stop)?;
         vec![HostPlan {
             name: to.clone(),
             destination: dest,
@@ -87,10 +104,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 flags.join(", ")
             )));
         }
-        let mut nix_args = args.nix.args.clone();
-        if args.form.impure {
-            nix_args.insert(0, "--impure".into());
-        }
+        let nix_args = args.nix.to_nix();
         let nix = Nix::new(args.nix.bin.path.clone(), nix_args.clone());
         nix.version()?;
         ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
@@ -110,11 +124,11 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 )
             })
             .collect();
-        let built = build_all(&wanted, &pack, ui)?;
+        let built = build_all(&wanted, &pack, ui, &stop)?;
         hosts
             .into_iter()
             .map(|h| host_plan(h, &built, args))
-            .collect()
+            .collect::<Result<_, _>>()?
     };
     if plans.is_empty() {
         return Err(Error::Usage("no hosts selected".into()));
@@ -141,12 +155,47 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         canary: args.canary.unwrap_or(0),
         keep_going: args.keep_going,
     };
-    let ran = hosts::runtime()?.block_on(hosts::on_hosts(
-        plans,
-        policy,
-        |r: &HostReport| good(r.outcome),
-        |plan| deploy::deploy_host(plan, settings.clone(), view.clone()),
-    ));
+    let ran = rt.block_on(async {
+        let warn = {
+            let (ui, stop) = (ui.clone(), stop.clone());
+            tokio::spawn(async move {
+                stop.after(1).await;
+                ui.warn("stopping: no host starts a new step, uploads stop, and hosts being activated finish their checks and confirm or roll back; press Ctrl-C again to leave at once");
+            })
+        };
+        let ran = tokio::select! {
+            ran = hosts::on_hosts(
+                plans,
+                policy,
+                |r: &HostReport| good(r.outcome),
+                |plan| deploy::deploy_host(plan, settings.clone(), view.clone(), stop.clone()),
+            ) => Some(ran),
+            () = stop.after(2) => None,
+        };
+        warn.abort();
+        ran
+    });
+    let Some(ran) = ran else {
+        view.clear();
+        // Dropping the runtime drops every host's session: its lock ends,
+        // then its connection and control socket.
+        drop(rt);
+        let reverts: Vec<serde_json::Value> = stop
+            .pending_reverts()
+            .into_iter()
+            .map(|(host, at)| {
+                let at = at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                json!({ "host": host, "reverts_at": at })
+            })
+            .collect();
+        ui.result(
+            &json!({ "ok": false, "interrupted": true, "pending_reverts": reverts }),
+            "",
+        );
+        return Err(left_at_once(&stop));
+    };
     let reports: Vec<HostReport> = ran
         .into_iter()
         .zip(&names)
@@ -164,7 +213,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
             .map(|(w, _)| w)
             .collect();
         let jobs = args.jobs.max(1);
-        Some(hosts::runtime()?.block_on(diff::fleet_diff(reached, settings.ssh.clone(), jobs)))
+        Some(rt.block_on(diff::fleet_diff(reached, settings.ssh.clone(), jobs)))
     } else {
         None
     };
@@ -228,6 +277,23 @@ fn host_want(p: &HostPlan) -> diff::HostWant {
     }
 }
 
+/// What a second Ctrl-C leaves: hosts whose automatic rollback is armed
+/// revert by themselves, and when.
+fn left_at_once(stop: &Interrupt) -> Error {
+    let pending = stop.pending_reverts();
+    let mut msg = "interrupted twice: attache left at once".to_owned();
+    if pending.is_empty() {
+        msg += "; no host was mid-activation, so each runs what it ran before (a partial upload is removed by the next deploy)";
+    }
+    for (host, at) in pending {
+        msg += &format!(
+            "; {host} was left mid-activation: its automatic rollback puts back its previous services at {}, unless you deploy it again before",
+            deploy::clock(at)
+        );
+    }
+    Error::Interrupted(msg)
+}
+
 pub(super) fn inventory_error(e: inventory::InventoryError, flake: &str) -> Error {
     match e {
         inventory::InventoryError::Nix(NixError::MissingAttribute { nix_says, .. })
@@ -242,22 +308,56 @@ pub(super) fn inventory_error(e: inventory::InventoryError, flake: &str) -> Erro
     }
 }
 
-fn host_plan(h: Host, built: &BTreeMap<String, Built>, args: &DeployArgs) -> HostPlan {
+/// A host's plan: its services' images, checks, settings and secrets (read
+/// here, before any host is contacted).
+fn host_plan(
+    h: Host,
+    built: &BTreeMap<String, Built>,
+    args: &DeployArgs,
+) -> Result<HostPlan, Error> {
+    for (what, svc) in h
+        .settings
+        .keys()
+        .map(|k| ("settings", k))
+        .chain(h.secrets.keys().map(|k| ("secrets", k)))
+    {
+        if !h.services.iter().any(|s| &s.name == svc) {
+            return Err(Error::Usage(format!(
+                "{}: {what}.{svc} names no service of this host (its services: {}); fix the name in the inventory",
+                h.name,
+                h.services
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
     let services = h
         .services
         .iter()
         .map(|s| {
             let b = &built[&s.installable.to_string()];
-            plan_service(b, h.checks.get(&s.name).cloned().unwrap_or_default())
+            let mut p = plan_service(b, h.checks.get(&s.name).cloned().unwrap_or_default());
+            let units: Vec<String> = b.units.iter().map(|u| u.name.clone()).collect();
+            p.settings = ServiceSettings::load(
+                &s.name,
+                &units,
+                h.settings.get(&s.name),
+                h.secrets.get(&s.name),
+                h.unencrypted_secrets,
+            )
+            .map_err(|e| Error::Usage(format!("{}: {e}", h.name)))?;
+            Ok(p)
         })
-        .collect();
-    HostPlan {
+        .collect::<Result<_, Error>>()?;
+    Ok(HostPlan {
         name: h.name,
         destination: h.destination,
         elevation: elevation(h.sudo || args.fleet.ssh.sudo),
         profile: args.profile.clone().unwrap_or(h.profile),
         services,
-    }
+    })
 }
 
 fn good(o: Outcome) -> bool {
@@ -395,6 +495,7 @@ mod tests {
             action: deploy::Action::Reattach,
             previous: None,
             outcome: Outcome::RolledBack,
+            settings: Vec::new(),
         });
         let mut ok = HostReport::new("web2");
         ok.outcome = Outcome::Healthy;
@@ -420,6 +521,23 @@ mod tests {
             e.to_string(),
             "1 of 1 hosts did not end healthy on the new version: late (skipped: a canary host failed)"
         );
+    }
+
+    /// A second Ctrl-C names each host left to its own timer, and when.
+    #[test]
+    fn leaving_at_once_says_when_hosts_revert() {
+        let stop = Interrupt::never();
+        let e = left_at_once(&stop).to_string();
+        assert!(e.contains("no host was mid-activation"), "{e}");
+        stop.armed("web1", Duration::from_secs(300));
+        let e = left_at_once(&stop);
+        assert_eq!(e.exit_code(), crate::error::ExitCode::DeployFailed);
+        let e = e.to_string();
+        assert!(
+            e.starts_with("interrupted twice: attache left at once; web1 was left mid-activation: its automatic rollback puts back its previous services at "),
+            "{e}"
+        );
+        assert!(e.contains(" UTC (in 29"), "{e}");
     }
 
     /// -f and friends name what to build; the inventory already does, so

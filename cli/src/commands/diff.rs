@@ -257,7 +257,12 @@ fn on_hosts(args: &DiffArgs, target: &str, service: Option<&str>, ui: &Ui) -> Re
             )
         })
         .collect();
-    let built = build_all(&wanted, &PackChoice::default(), ui)?;
+    let rt = hosts::runtime()?;
+    let stop = {
+        let _in_runtime = rt.enter();
+        deploy::Interrupt::listen().map_err(|e| Error::io("listening for Ctrl-C", e))?
+    };
+    let built = build_all(&wanted, &PackChoice::default(), ui, &stop)?;
     let wants: Vec<HostWant> = hosts
         .into_iter()
         .map(|h| HostWant {
@@ -274,7 +279,7 @@ fn on_hosts(args: &DiffArgs, target: &str, service: Option<&str>, ui: &Ui) -> Re
             destination: h.destination,
         })
         .collect();
-    let diffs = hosts::runtime()?.block_on(fleet_diff(wants, ssh_options(&args.fleet.ssh), 8));
+    let diffs = rt.block_on(fleet_diff(wants, ssh_options(&args.fleet.ssh), 8));
     ui.result(&json!({ "hosts": diffs }), &render(&diffs));
     match diffs.iter().find_map(|d| d.error.clone()) {
         Some(e) => Err(Error::Remote(e)),

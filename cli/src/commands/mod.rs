@@ -10,8 +10,10 @@ mod diff;
 mod hosts;
 mod inspect;
 mod logs;
+mod pack_spec;
 mod rollback;
 mod status;
+mod unlock;
 
 use clap::CommandFactory;
 
@@ -45,9 +47,11 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
         Command::Status(args) => status::run(&args, ui),
         Command::Rollback(args) => rollback::run(&args, ui),
         Command::Detach(args) => detach::run(&args, ui),
+        Command::Unlock(args) => unlock::run(&args, ui),
         Command::Inspect(args) => inspect::run(&args, ui),
         Command::Diff(args) => diff::run(&args, ui),
         Command::Logs(args) => logs::run(&args, ui),
+        Command::PackSpec(args) => pack_spec::run(&args, ui),
         Command::Completions(args) => {
             let mut buf = Vec::new();
             clap_complete::generate(args.shell, &mut Cli::command(), "attache", &mut buf);

@@ -19,10 +19,15 @@ pub enum Cause {
     Remote(#[from] RemoteError),
     #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("another attache is deploying to this host ({holder}); wait for it to finish")]
-    Locked { holder: String },
+    #[error("another attache is deploying to this host ({holder}); wait for it to finish, or, if that attache is gone, free the host with `attache unlock {host}`")]
+    Locked {
+        holder: Box<super::ops::LockHolder>,
+        host: String,
+    },
     #[error("flock is missing, and attache needs it to keep two deploys apart; install util-linux on the host (apt install util-linux)")]
     NoFlock,
+    #[error("the host could not store {image} ({says}); the partial file was removed and nothing was changed. Run the command again once the host can take it")]
+    NotStored { image: String, says: String },
     #[error("the uploaded {image} has sha256 {got}, expected {want}; the upload was corrupted, nothing was changed. Run the command again")]
     Corrupt {
         image: String,
@@ -39,6 +44,8 @@ pub enum Cause {
     Unhealthy { image: String, reason: String },
     #[error("the host's automatic rollback ran before attache could confirm the deploy (the checks took longer than --rollback-after); the host runs its previous services. Deploy again with a longer --rollback-after")]
     RevertedByHost,
+    #[error("interrupted (Ctrl-C or SIGTERM) before {before}; the host runs what it ran before")]
+    Interrupted { before: &'static str },
     #[error("a remote step failed ({doing}): {output}")]
     Step { doing: String, output: String },
     /// The request cannot be done on this host as it is (nothing changed).

@@ -43,6 +43,11 @@ pub fn judge(
                 a.active, a.sub, a.result
             ));
         }
+        // README: sockets must listen (`running`: listening, and its
+        // service was started on it).
+        if u.ends_with(".socket") && !matches!(a.sub.as_str(), "listening" | "running") {
+            return Err(format!("{u} is {} but not listening ({})", a.active, a.sub));
+        }
         if u.ends_with(".service") && a.kind != "oneshot" {
             if b.restarts != a.restarts || b.since != a.since {
                 return Err(format!(
@@ -144,4 +149,33 @@ pub async fn verify_back(
         }
         .at(s.host(), Stage::Rollback)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockets_must_listen() {
+        let units = vec!["echo.socket".to_owned()];
+        let state = |active: &str, sub: &str| {
+            BTreeMap::from([(
+                "echo.socket".to_owned(),
+                UnitState {
+                    active: active.into(),
+                    sub: sub.into(),
+                    ..UnitState::default()
+                },
+            )])
+        };
+        for ok in ["listening", "running"] {
+            let s = state("active", ok);
+            judge(&units, &s, &s, "/x.raw").unwrap();
+        }
+        let s = state("active", "start-post");
+        assert_eq!(
+            judge(&units, &s, &s, "/x.raw").unwrap_err(),
+            "echo.socket is active but not listening (start-post)"
+        );
+    }
 }

@@ -35,6 +35,17 @@ pub struct ServiceStatus {
     /// When its units became active (the earliest), `YYYY-MM-DD HH:MM:SS
     /// TZ`; empty when none is.
     pub since: String,
+    /// The credentials attache stored for it: never their values.
+    pub secrets: Vec<SecretStatus>,
+}
+
+/// A stored secret as `status` shows it: name, size and age only.
+#[derive(Debug, Clone, Serialize)]
+pub struct SecretStatus {
+    pub name: String,
+    pub size: u64,
+    pub encrypted: bool,
+    pub age_secs: u64,
 }
 
 /// What is attached on the host, grouped by image.
@@ -59,6 +70,22 @@ pub async fn host_status(s: &HostSession) -> Result<Vec<ServiceStatus>, HostErro
         .into_iter()
         .map(|(image, units)| {
             let file = ImageFile::parse(image);
+            let now = super::session::unix_now();
+            let secrets = file
+                .as_ref()
+                .and_then(|f| facts.settings.get(f.name()))
+                .map(|st| {
+                    st.secrets
+                        .iter()
+                        .map(|(name, c)| SecretStatus {
+                            name: name.clone(),
+                            size: c.size,
+                            encrypted: c.encrypted,
+                            age_secs: now.saturating_sub(c.since),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             let own: Vec<&ops::UnitState> = units.iter().filter_map(|u| states.get(*u)).collect();
             ServiceStatus {
                 units_total: own.len(),
@@ -74,6 +101,7 @@ pub async fn host_status(s: &HostSession) -> Result<Vec<ServiceStatus>, HostErro
                     .filter(|s| !s.is_empty())
                     .min()
                     .unwrap_or_default(),
+                secrets,
                 name: file
                     .as_ref()
                     .map_or_else(|| basename(image).to_owned(), |f| f.name().to_owned()),
@@ -176,6 +204,20 @@ pub async fn rollback_service(
         .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
     let refused = |msg: String| Cause::Refused(msg).at(s.host(), Stage::Preflight);
     let current = facts.attached_image(service).map(str::to_owned);
+    // The last deploy changed settings only (it recorded the image it
+    // kept): put back the settings it replaced.
+    if let Some(cur) = current.as_deref() {
+        let settings_only = facts.previous.get(service).map(String::as_str) == Some(cur)
+            && facts.settings.get(service).is_some_and(|st| st.previous);
+        if settings_only {
+            let units = attached_units(&facts.units_of(cur));
+            let restart = health::units_to_check(&units);
+            s.step(&ops::swap_settings(service, &restart), Stage::Rollback)
+                .await?;
+            health::verify_back(s, &units, cur, Duration::from_secs(3)).await?;
+            return Ok((Some(cur.to_owned()), cur.to_owned()));
+        }
+    }
     let Some(prev) = facts
         .previous
         .get(service)
@@ -204,6 +246,9 @@ pub async fn rollback_service(
         )
         .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?,
     };
+    // The settings go back with the image, before it starts again.
+    s.step(&ops::swap_settings(service, &[]), Stage::Rollback)
+        .await?;
     for c in &calls {
         portablectl(s, c, service).await?;
     }
@@ -217,13 +262,7 @@ pub async fn rollback_service(
             after.units_of(&prev)
         }
     };
-    let units: Vec<BuiltUnit> = units_of
-        .into_iter()
-        .map(|u| BuiltUnit {
-            name: u.to_owned(),
-            install: true,
-        })
-        .collect();
+    let units = attached_units(&units_of);
     health::verify_back(s, &units, &prev, Duration::from_secs(3)).await?;
     // The image we left becomes the one to go back to.
     if current.is_some() {
@@ -234,6 +273,17 @@ pub async fn rollback_service(
         .await?;
     }
     Ok((current, prev))
+}
+
+/// Attached units as health reads them: each one checked, templates aside.
+fn attached_units(units: &[&str]) -> Vec<BuiltUnit> {
+    units
+        .iter()
+        .map(|u| BuiltUnit {
+            name: (*u).to_owned(),
+            install: true,
+        })
+        .collect()
 }
 
 /// Stops and detaches `service`; returns the image it had attached.
@@ -259,5 +309,7 @@ pub async fn detach_service(s: &mut HostSession, service: &str) -> Result<String
         .map_err(|e| Cause::Plan(e).at(s.host(), Stage::Preflight))?;
     }
     portablectl(s, &PortableCall::new(verb, &image, &prefixes, ""), service).await?;
+    s.step(&ops::forget_settings(service), Stage::Rollback)
+        .await?;
     Ok(image)
 }

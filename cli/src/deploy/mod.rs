@@ -20,17 +20,22 @@ use std::time::{Duration, Instant};
 use crate::build::BuiltUnit;
 use crate::inventory::Check;
 use crate::names::basename;
-use crate::remote::{Destination, Elevation, SshOptions};
+use crate::remote::{Destination, Elevation, RemoteError, SshOptions};
 
 mod error;
 mod health;
+mod interrupt;
 mod manage;
 mod ops;
 mod plan;
 mod report;
 mod session;
+mod settings;
 
 pub use error::HostError;
+pub use interrupt::{clock, Interrupt};
+#[cfg(test)]
+pub use manage::SecretStatus;
 pub use manage::{
     attached_manifests, detach_service, host_status, journal_units, rollback_service,
     AttachedManifest, ServiceStatus,
@@ -39,6 +44,7 @@ pub use ops::{journal, quote, JournalQuery};
 pub use plan::{check_timer, Action};
 pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage};
 pub use session::HostSession;
+pub use settings::ServiceSettings;
 
 use error::Cause;
 use report::StageTime;
@@ -61,6 +67,8 @@ pub struct ServicePlan {
     pub checks: Vec<Check>,
     /// The image's manifest as packed into it, kept next to it on the host.
     pub manifest: Option<Vec<u8>>,
+    /// This host's settings and secrets for it.
+    pub settings: ServiceSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -88,19 +96,36 @@ pub struct Settings {
 
 /// Runs the whole pipeline on one host. Never panics; always returns a
 /// report saying where the host ended.
-pub async fn deploy_host<E: Events>(plan: HostPlan, settings: Arc<Settings>, ev: E) -> HostReport {
+pub async fn deploy_host<E: Events>(
+    plan: HostPlan,
+    settings: Arc<Settings>,
+    ev: E,
+    stop: Interrupt,
+) -> HostReport {
     let mut r = HostReport::new(&plan.name);
+    if stop.asked() {
+        return HostReport::skipped(&plan.name, "interrupted before it started");
+    }
     let run = Run {
         plan: &plan,
         settings: &settings,
         ev: &ev,
+        stop: &stop,
     };
     match run.host(&mut r).await {
         Ok(outcome) => r.outcome = outcome,
-        Err(e) => r.error = Some(e.to_string()),
+        Err(e) => {
+            // A terminal's Ctrl-C also reaches an ssh still logging in; a
+            // host stopped before its upload is unchanged either way.
+            let early = matches!(e.stage, Stage::Connect | Stage::Lock | Stage::Preflight);
+            if matches!(e.cause, Cause::Interrupted { .. }) || (early && stop.asked()) {
+                r.outcome = Outcome::Interrupted;
+            }
+            r.error = Some(e.to_string());
+        }
     }
-    if r.outcome == Outcome::Failed {
-        r.set_changed(Outcome::Failed);
+    if matches!(r.outcome, Outcome::Failed | Outcome::Interrupted) {
+        r.set_changed(r.outcome);
     }
     ev.emit(
         &plan.name,
@@ -116,6 +141,7 @@ struct Run<'a, E> {
     plan: &'a HostPlan,
     settings: &'a Settings,
     ev: &'a E,
+    stop: &'a Interrupt,
 }
 
 /// Times a stage into the report.
@@ -151,6 +177,14 @@ impl<E: Events> Run<'_, E> {
         self.ev.emit(self.host_name(), Event::Note(msg));
     }
 
+    /// Stops here if a stop was asked for: nothing has changed yet.
+    fn go_on(&self, s: &HostSession, before: &'static str) -> Result<(), HostError> {
+        if self.stop.asked() {
+            return Err(Cause::Interrupted { before }.at(s.host(), Stage::Push));
+        }
+        Ok(())
+    }
+
     async fn host(&self, r: &mut HostReport) -> Result<Outcome, HostError> {
         let p = self.plan;
         let t = self.stage(Stage::Connect);
@@ -158,10 +192,14 @@ impl<E: Events> Run<'_, E> {
             HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
         t.end(r, s.is_ok());
         let mut s = s?;
-        let t = self.stage(Stage::Lock);
-        let locked = s.lock().await;
-        t.end(r, locked.is_ok());
-        locked?;
+        // A dry run only reads, and must leave the host as it was: taking
+        // the lock would create its file.
+        if !self.settings.dry_run {
+            let t = self.stage(Stage::Lock);
+            let locked = s.lock().await;
+            t.end(r, locked.is_ok());
+            locked?;
+        }
         let result = self.locked(&s, r).await;
         s.close().await;
         result
@@ -190,6 +228,11 @@ impl<E: Events> Run<'_, E> {
                 upload: step.upload,
                 action: step.action,
                 previous: step.previous.clone(),
+                settings: step
+                    .settings
+                    .as_ref()
+                    .map(|c| c.what.clone())
+                    .unwrap_or_default(),
                 outcome: Outcome::Planned,
             });
         }
@@ -197,11 +240,17 @@ impl<E: Events> Run<'_, E> {
             return Ok(Outcome::Planned);
         }
 
+        test_pause("before-push").await;
+        self.go_on(s, "the upload")?;
         let t = self.stage(Stage::Push);
         let pushed = self.push_all(s, &plan, &facts).await;
         r.bytes_sent = *pushed.as_ref().unwrap_or(&0);
         t.end(r, pushed.is_ok());
         pushed?;
+        self.go_on(
+            s,
+            "the activation (the checked images stay in /var/lib/portables for the next deploy)",
+        )?;
 
         let changes: Vec<&Step> = plan.changes().collect();
         let reverts: Vec<ops::Revert> = changes.iter().filter_map(|c| c.revert.clone()).collect();
@@ -216,6 +265,8 @@ impl<E: Events> Run<'_, E> {
                 .await;
             t.end(r, a.is_ok());
             a?;
+            self.stop
+                .armed(self.host_name(), self.settings.rollback_after);
         }
         let failure = self.activate_and_check(s, &plan, r).await.err();
         match failure {
@@ -237,6 +288,8 @@ impl<E: Events> Run<'_, E> {
                         )
                         .await
                         .map(drop);
+                    self.stop
+                        .armed(self.host_name(), self.settings.rollback_after);
                 }
                 if back.is_ok() {
                     back = self.roll_back(s, &changes).await;
@@ -246,7 +299,9 @@ impl<E: Events> Run<'_, E> {
                     Ok(()) => {
                         // Only now: a connection lost before this point is
                         // still covered by the host's own revert.
-                        let _ = s.run(&ops::disarm(), Stage::Rollback).await;
+                        if s.run(&ops::disarm(), Stage::Rollback).await.is_ok() {
+                            self.stop.disarmed(self.host_name());
+                        }
                         r.set_changed(Outcome::RolledBack);
                         Ok(Outcome::RolledBack)
                     }
@@ -293,6 +348,7 @@ impl<E: Events> Run<'_, E> {
         for step in &plan.steps {
             let svc = &self.plan.services[step.service];
             if step.upload {
+                self.go_on(s, "the upload")?;
                 sent += self.push(s, svc, &step.target).await?;
             } else if let (Some(m), false) = (&svc.manifest, facts.has_manifest(&step.target)) {
                 // The image is there already, placed by an attache from
@@ -302,7 +358,54 @@ impl<E: Events> Run<'_, E> {
                     .await?;
             }
         }
+        for step in &plan.steps {
+            if let Some(change) = &step.settings {
+                self.stage_settings(s, &self.plan.services[step.service], change)
+                    .await?;
+            }
+        }
         Ok(sent)
+    }
+
+    /// Writes a service's next settings on the host, next to the live ones;
+    /// each new secret travels on its own session's stdin.
+    async fn stage_settings(
+        &self,
+        s: &HostSession,
+        svc: &ServicePlan,
+        change: &plan::SettingsChange,
+    ) -> Result<(), HostError> {
+        s.step(
+            &ops::stage(&svc.name, &change.dropins, &change.keep),
+            Stage::Push,
+        )
+        .await?;
+        for &i in &change.send {
+            let secret = &svc.settings.secrets[i];
+            let salt = settings::new_salt();
+            let mut input = ops::secret_sum(
+                &salt,
+                &secret.value.salted_hash(&salt),
+                secret.value.bytes().len(),
+                change.encrypted,
+            )
+            .into_bytes();
+            input.extend_from_slice(secret.value.bytes());
+            let script = ops::stage_secret(&svc.name, &secret.name, change.encrypted);
+            let out = s
+                .remote
+                .run_with_input(&script.text, script.doing, &input)
+                .await
+                .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
+            if !out.success() {
+                return Err(Cause::Step {
+                    doing: format!("storing the secret {} of {}", secret.name, svc.name),
+                    output: out.tail(),
+                }
+                .at(s.host(), Stage::Push));
+            }
+        }
+        Ok(())
     }
 
     /// Uploads under a temporary name, checks its sha256 on the host, then
@@ -317,17 +420,46 @@ impl<E: Events> Run<'_, E> {
         self.ev
             .emit(self.host_name(), Event::PushStarted { bytes: svc.size });
         let progress = |sent: u64| self.ev.emit(self.host_name(), Event::PushProgress { sent });
-        let sent = s
-            .remote
-            .upload(&svc.local, &ops::receive(&tmp).text, &progress)
-            .await
-            .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
+        let image = basename(target).to_owned();
+        let receive = if test_fault("stall-upload") {
+            ops::receive_stalled(&tmp)
+        } else {
+            ops::receive(&tmp)
+        };
+        let upload = s.remote.upload(&svc.local, &receive.text, &progress);
+        let sent = tokio::select! {
+            sent = upload => sent,
+            () = self.stop.after(1) => {
+                // The upload is dropped, which closes its channel.
+                let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
+                return Err(Cause::Interrupted { before: "the image was in place (its partial file was removed)" }
+                    .at(s.host(), Stage::Push));
+            }
+        };
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(e) => {
+                // Best effort: with the connection gone, the next deploy
+                // clears it under the lock.
+                let removed = s.run(&ops::remove(&[tmp]), Stage::Push).await;
+                let cause = match e {
+                    RemoteError::HostRefused { says, .. } if removed.is_ok() => {
+                        Cause::NotStored { image, says }
+                    }
+                    e => Cause::from(e),
+                };
+                return Err(cause.at(s.host(), Stage::Push));
+            }
+        };
+        if test_fault("corrupt-upload") {
+            s.step(&ops::corrupt(&tmp), Stage::Push).await?;
+        }
         let got = ops::parse_sha256(&s.step(&ops::sha256(&tmp), Stage::Push).await?.stdout)
             .unwrap_or_default();
         if got != svc.sha256 {
             let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
             return Err(Cause::Corrupt {
-                image: basename(target).to_owned(),
+                image,
                 got,
                 want: svc.sha256.clone(),
             }
@@ -380,11 +512,23 @@ impl<E: Events> Run<'_, E> {
         for step in plan.changes() {
             let t = self.stage(Stage::Activate);
             let mut done = Ok(());
+            if step.settings.is_some() {
+                let svc = &self.plan.services[step.service];
+                let restart = if step.action == Action::Restart {
+                    health::units_to_check(&svc.units)
+                } else {
+                    Vec::new()
+                };
+                done = s
+                    .step(&ops::apply(&svc.name, &restart), Stage::Activate)
+                    .await
+                    .map(drop);
+            }
             for call in &step.activate {
-                done = portablectl(s, call, &self.plan.services[step.service].name).await;
                 if done.is_err() {
                     break;
                 }
+                done = portablectl(s, call, &self.plan.services[step.service].name).await;
             }
             t.end(r, done.is_ok());
             done?;
@@ -416,6 +560,7 @@ impl<E: Events> Run<'_, E> {
     ) -> Result<Outcome, HostError> {
         if armed {
             let out = s.step(&ops::disarm(), Stage::Health).await?;
+            self.stop.disarmed(self.host_name());
             if let Disarmed::AlreadyReverted(_) = ops::parse_disarm(&out.stdout) {
                 r.set_changed(Outcome::RolledBack);
                 r.error = Some(
@@ -445,6 +590,13 @@ impl<E: Events> Run<'_, E> {
         let mut failed = Vec::new();
         for step in plan.changes() {
             let svc = &self.plan.services[step.service];
+            let rec = ops::record_settings(&svc.name, step.settings.is_some());
+            if let Err(e) = s.step(&rec, Stage::Prune).await {
+                failed.push(format!(
+                    "recording the previous settings of {} failed, so `attache rollback` will not find them: {e}",
+                    svc.name
+                ));
+            }
             let rec = ops::record_previous(&svc.name, step.previous.as_deref());
             if let Err(e) = s.step(&rec, Stage::Prune).await {
                 failed.push(format!(
@@ -530,11 +682,21 @@ impl<E: Events> Run<'_, E> {
             .zip(plan::rollback_calls(&facts, &reverts));
         for (step, (service, calls)) in back {
             let mut done = Ok(());
+            if step.settings.is_some() {
+                let restart = match &step.revert {
+                    Some(r) if calls.is_empty() => r.restart.clone(),
+                    _ => Vec::new(),
+                };
+                done = s
+                    .step(&ops::restore(&service, &restart), Stage::Rollback)
+                    .await
+                    .map(drop);
+            }
             for call in &calls {
-                done = portablectl(s, call, &service).await;
                 if done.is_err() {
                     break;
                 }
+                done = portablectl(s, call, &service).await;
             }
             if let (Ok(()), Some(prev)) = (&done, step.previous.as_deref()) {
                 let units = &self.plan.services[step.service].units;
@@ -570,6 +732,14 @@ pub(crate) async fn portablectl(
         output: ops::strip_harmless(&out.tail()),
     }
     .at(s.host(), stage))
+}
+
+/// A test-only hook: `ATTACHE_TEST_FAULT=NAME` makes attache meet the fault
+/// `NAME`, so the e2e suite can see what the user would: `corrupt-upload`
+/// (the uploaded file changes on the host before it is hashed),
+/// `stall-upload` (the host stops reading after the first MiB for a minute).
+fn test_fault(name: &str) -> bool {
+    std::env::var("ATTACHE_TEST_FAULT").ok().as_deref() == Some(name)
 }
 
 /// A test-only hook: `ATTACHE_TEST_PAUSE=STEP` stops here for

@@ -16,12 +16,14 @@
 //! - `/var/lib/attache/revert.sh` (+ `run-revert`, the boot unit
 //!   `attache-revert.service` and the timer `attache-revert-now.timer`): the
 //!   dead-man revert of a deploy that was never confirmed;
+//! - `/var/lib/attache/settings/`: per-host settings and credentials (see
+//!   [`settings`]);
 //! - `/run/attache/lock`: the per-host lock, held while our SSH session is.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::inventory::Check;
+use crate::inventory::{Check, HttpUrl};
 use crate::names::{ImageFile, PORTABLES};
 
 pub const STATE_DIR: &str = "/var/lib/attache";
@@ -58,22 +60,137 @@ pub fn words<S: AsRef<str>>(args: &[S]) -> String {
 
 // ---- the lock -------------------------------------------------------------
 
+/// Prints what is known of the lock's holder: the record it wrote, the
+/// host's clock, and the processes that hold the flock now. Those come from
+/// /proc/PID/fdinfo, which lists a flock only on the open file that took it,
+/// so a process that merely has the file open is not counted.
+const LOCK_HOLDERS: &str = r#"cat /run/attache/lock.holder 2>/dev/null
+printf 'now\t%s\n' "$(date +%s)"
+for fd in /proc/[0-9]*/fd/*; do
+  [ "$(readlink "$fd" 2>/dev/null)" = /run/attache/lock ] || continue
+  p=${fd#/proc/}; p=${p%%/*}
+  grep -qs '^lock:.*FLOCK' "/proc/$p/fdinfo/${fd##*/}" && printf 'holder_pid\t%s\n' "$p"
+done
+true"#;
+
 /// Takes the per-host lock and holds it while our stdin stays open: the lock
 /// ends with the connection, so a killed attache never leaves it behind.
+/// The holder's record names the host-side process that holds it (`$$`,
+/// which becomes the `cat`), for `attache unlock`. flock is looked for
+/// before anything is written.
 pub fn lock(holder: &str) -> Script {
     Script::new(
         "taking the deploy lock",
         format!(
-            r#"mkdir -p /run/attache
-command -v flock >/dev/null || {{ echo NOFLOCK; exit 69; }}
+            r#"command -v flock >/dev/null || {{ echo NOFLOCK; exit 69; }}
+mkdir -p /run/attache
 exec 9>>/run/attache/lock
-if ! flock -n 9; then echo BUSY; cat /run/attache/lock.holder 2>/dev/null; exit 75; fi
-echo {holder} > /run/attache/lock.holder
+if ! flock -n 9; then echo BUSY; exec 9>&-; {LOCK_HOLDERS}; exit 75; fi
+printf 'holder\t%s\nfrom\t%s\npid\t%s\nsince\t%s\n' {holder} "${{SSH_CLIENT%% *}}" $$ "$(date +%s)" > /run/attache/lock.holder
 echo LOCKED
 exec cat >/dev/null"#,
             holder = quote(holder)
         ),
     )
+}
+
+/// Who holds the lock, without taking it.
+pub fn lock_holder() -> Script {
+    Script::new(
+        "reading who holds the deploy lock",
+        format!("[ -e /run/attache/lock ] || exit 0\n{LOCK_HOLDERS}"),
+    )
+}
+
+/// Ends the process `pid` if, and only if, it holds the lock now; prints
+/// `UNLOCKED`, or `GONE` when it no longer does.
+pub fn unlock(pid: u32) -> Script {
+    Script::new(
+        "ending the lock's holder",
+        format!(
+            r#"pid={pid}
+if ! {{ {LOCK_HOLDERS}; }} | grep -qx "$(printf 'holder_pid\t%s' "$pid")"; then echo GONE; exit 0; fi
+kill -TERM "$pid"
+i=0; while [ -d "/proc/$pid" ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+if [ -d "/proc/$pid" ]; then kill -KILL "$pid"; fi
+echo UNLOCKED"#
+        ),
+    )
+}
+
+/// What is known of the lock's holder (see [`lock_holder`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LockHolder {
+    /// Who: `user@machine pid N` of the attache that took it.
+    pub who: String,
+    /// The SSH client address it came from, when the host knew it.
+    pub from: String,
+    /// When it took the lock, and the host's clock now (seconds).
+    pub since: Option<u64>,
+    pub now: Option<u64>,
+    /// The host-side processes holding the lock now.
+    pub pids: Vec<u32>,
+}
+
+impl LockHolder {
+    pub fn age(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.now?.checked_sub(self.since?)?))
+    }
+}
+
+impl std::fmt::Display for LockHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.who.is_empty() {
+            "holder unknown"
+        } else {
+            &self.who
+        })?;
+        if !self.from.is_empty() {
+            write!(f, " from {}", self.from)?;
+        }
+        let pids: Vec<String> = self.pids.iter().map(u32::to_string).collect();
+        match pids.len() {
+            0 => {}
+            1 => write!(f, "; host process {}", pids[0])?,
+            _ => write!(f, "; host processes {}", pids.join(", "))?,
+        }
+        if let Some(age) = self.age() {
+            write!(f, ", held for {}", human_age(age))?;
+        }
+        Ok(())
+    }
+}
+
+fn human_age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s} s"),
+        60..3600 => format!("{} min", s / 60),
+        _ => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// Reads [`lock_holder`]'s output (also what [`lock`] prints after `BUSY`).
+/// A record from before the fields existed is one line: who.
+pub fn parse_lock_holder(out: &str) -> LockHolder {
+    let mut h = LockHolder::default();
+    for line in out.lines() {
+        match line.split_once('\t') {
+            Some(("holder", v)) => h.who = v.trim().to_owned(),
+            Some(("from", v)) => h.from = v.trim().to_owned(),
+            Some(("since", v)) => h.since = v.trim().parse().ok(),
+            Some(("now", v)) => h.now = v.trim().parse().ok(),
+            Some(("holder_pid", v)) => h.pids.extend(v.trim().parse::<u32>().ok()),
+            Some(("pid", _)) => {}
+            _ if h.who.is_empty() && !line.trim().is_empty() && line.trim() != "BUSY" => {
+                h.who = line.trim().to_owned()
+            }
+            _ => {}
+        }
+    }
+    h.pids.sort_unstable();
+    h.pids.dedup();
+    h
 }
 
 // ---- what the host has ----------------------------------------------------
@@ -90,6 +207,8 @@ pub struct AttachedUnit {
 pub struct HostFacts {
     pub systemd: u32,
     pub portablectl: bool,
+    /// curl is installed: HTTPS checks need it.
+    pub curl: bool,
     pub free_kb: u64,
     pub attached: Vec<AttachedUnit>,
     /// Images in /var/lib/portables: path -> mtime.
@@ -106,9 +225,19 @@ pub struct HostFacts {
     pub profiles: Vec<String>,
     /// Image file names whose manifest the host keeps.
     pub manifests: std::collections::BTreeSet<String>,
+    /// `systemd-creds` is there (with systemd >= 250: credentials can be
+    /// encrypted with the host's key).
+    pub creds: bool,
+    /// Service -> the settings attache wrote for it.
+    pub settings: BTreeMap<String, SettingsState>,
 }
 
 impl HostFacts {
+    /// Credentials can be encrypted for this host.
+    pub fn can_encrypt(&self) -> bool {
+        self.creds && self.systemd >= 250
+    }
+
     /// The image `service` has attached: the one its units' drop-ins name,
     /// told apart by file name, never by unit prefix.
     pub fn attached_image(&self, service: &str) -> Option<&str> {
@@ -200,7 +329,7 @@ impl HostFacts {
 pub fn facts(hash: &[String], hash_attached: bool) -> Script {
     let hash_list = words(hash);
     let attached_hash = if hash_attached {
-        r#"printf '%s\n' "$img" >>"$tmp""#
+        r#"set -- "$@" "$img""#
     } else {
         ":"
     };
@@ -208,11 +337,10 @@ pub fn facts(hash: &[String], hash_attached: bool) -> Script {
         "reading the host's state",
         format!(
             r#"set -u
-tmp=$(mktemp)
-mkdir -p {PORTABLES} {STATE_DIR}/prefixes 2>/dev/null
 printf 'systemd\t%s\n' "$(systemctl --version | head -n1 | awk '{{print $2}}')"
 p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
 printf 'portablectl\t%s\n' "$p"
+printf 'curl\t%s\n' "$(command -v curl || true)"
 d={PORTABLES}; [ -d $d ] || d=/var/lib
 printf 'free_kb\t%s\n' "$(df -Pk $d | awk 'NR==2 {{print $4}}')"
 for f in /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; do
@@ -229,10 +357,10 @@ for f in {STATE_DIR}/manifests/*.raw.json; do [ -f "$f" ] && f=${{f##*/}} && pri
 for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
 {{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
 for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
-for f in {hash_list}; do printf '%s\n' "$f" >>"$tmp"; done
-sort -u "$tmp" | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
-rm -f "$tmp"
+{settings}set -- {hash_list} "$@"
+printf '%s\n' "$@" | sort -u | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
 true"#,
+            settings = settings::facts_part(),
         ),
     )
 }
@@ -248,6 +376,7 @@ pub fn parse_facts(out: &str) -> HostFacts {
         match key {
             "systemd" => f.systemd = a.trim().parse().unwrap_or(0),
             "portablectl" => f.portablectl = !a.trim().is_empty(),
+            "curl" => f.curl = !a.trim().is_empty(),
             "free_kb" => f.free_kb = a.trim().parse().unwrap_or(u64::MAX),
             "attached" => f.attached.push(AttachedUnit {
                 unit: a.to_owned(),
@@ -269,6 +398,10 @@ pub fn parse_facts(out: &str) -> HostFacts {
             "profile" => f.profiles.push(a.to_owned()),
             "manifest" => {
                 f.manifests.insert(a.to_owned());
+            }
+            "creds" => f.creds = !a.trim().is_empty(),
+            "setting" | "secret" | "settings-previous" => {
+                settings::parse_facts_line(&mut f.settings, key, a, b)
             }
             "sha256" => {
                 if let Some((hash, path)) = a.split_once("  ") {
@@ -296,17 +429,42 @@ pub fn partial_path(target: &str) -> String {
     )
 }
 
-/// Leftovers of an interrupted upload (we hold the host's lock).
+/// Leftovers of an interrupted upload (we hold the host's lock); makes the
+/// image directory on a host that never had one, since reading the host
+/// (as `--dry-run` and `status` do) creates nothing.
 pub fn clear_partials() -> Script {
     Script::new(
         "removing partial uploads",
-        format!("rm -f {PORTABLES}/.*.attache-partial"),
+        format!("mkdir -p {PORTABLES} && rm -f {PORTABLES}/.*.attache-partial"),
     )
 }
 
 /// Streams stdin into `tmp`.
 pub fn receive(tmp: &str) -> Script {
     Script::new("uploading", format!("umask 077; exec cat > {}", quote(tmp)))
+}
+
+/// Changes one byte of an upload: the e2e suite's corrupted transfer.
+pub fn corrupt(path: &str) -> Script {
+    Script::new(
+        "corrupting the upload (test)",
+        format!(
+            "printf x | dd of={} bs=1 seek=4096 conv=notrunc 2>/dev/null",
+            quote(path)
+        ),
+    )
+}
+
+/// [`receive`] that takes the first MiB and then stops reading for a
+/// minute: the e2e suite's upload in progress, to interrupt.
+pub fn receive_stalled(tmp: &str) -> Script {
+    Script::new(
+        "uploading",
+        format!(
+            "umask 077; {{ head -c 1048576; sleep 60; cat; }} > {}",
+            quote(tmp)
+        ),
+    )
 }
 
 pub fn sha256(path: &str) -> Script {
@@ -735,10 +893,12 @@ pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
     m
 }
 
-/// A check from the inventory as a script that exits 0 when healthy. The
-/// URL's parts are passed as arguments, so no `%` or quote in it is ever
-/// read by the shell; HTTP goes through bash's /dev/tcp when there is no
-/// curl.
+/// A check from the inventory as a script that exits 0 when healthy, run
+/// as root. The URL's parts are passed as arguments, so no `%` or quote in
+/// it is ever read by the shell or by printf; HTTP goes through bash's
+/// /dev/tcp when there is no curl. HTTPS needs curl: planning refuses a
+/// host without it (see [`HostFacts::curl`]), so it is never tried as
+/// plain HTTP.
 pub fn check(c: &Check) -> Script {
     let text = match c {
         Check::Command {
@@ -746,14 +906,21 @@ pub fn check(c: &Check) -> Script {
         } => format!("timeout {} sh -c {}", timeout.unwrap_or(10), quote(command)),
         Check::Http { url, timeout, .. } => {
             let t = timeout.unwrap_or(10);
-            let (host, port, path) = split_url(url);
-            let tcp = r#"exec 3<>"/dev/tcp/$1/$2" && printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$1" >&3 && head -n1 <&3 | grep -q ' [23][0-9][0-9] '"#;
-            format!(
-                "if command -v curl >/dev/null; then curl -fsS -o /dev/null --max-time {t} {url}; else timeout {t} bash -c {tcp} sh {args}; fi",
-                url = quote(url),
-                tcp = quote(tcp),
-                args = words(&[host, port.to_string(), path]),
-            )
+            // `-g`: brackets and braces in the URL are not curl globs.
+            let curl = format!("curl -gfsS -o /dev/null --max-time {t} {}", quote(url));
+            match HttpUrl::parse(url) {
+                Ok(u) if !u.https => {
+                    let tcp = r#"exec 3<>"/dev/tcp/$1/$2" && printf 'GET %s HTTP/1.0\r\nHost: %s\r\n\r\n' "$3" "$4" >&3 && head -n1 <&3 | grep -q ' [23][0-9][0-9] '"#;
+                    format!(
+                        "if command -v curl >/dev/null; then {curl}; else timeout {t} bash -c {tcp} sh {args}; fi",
+                        tcp = quote(tcp),
+                        args = words(&[u.host, u.port.to_string(), u.path, u.authority]),
+                    )
+                }
+                _ => format!(
+                    "command -v curl >/dev/null || {{ echo 'curl is missing: HTTPS checks need it' >&2; exit 1; }}; {curl}"
+                ),
+            }
         }
     };
     Script::new("running a health check", text)
@@ -780,24 +947,10 @@ pub fn check_retries(c: &Check) -> u32 {
     }
 }
 
-fn split_url(url: &str) -> (String, u16, String) {
-    let rest = url
-        .strip_prefix("http://")
-        .or_else(|| url.strip_prefix("https://"))
-        .unwrap_or(url);
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], rest[i..].to_owned()),
-        None => (rest, "/".to_owned()),
-    };
-    let (host, port) = match hostport.rsplit_once(':') {
-        Some((h, p)) => (h.to_owned(), p.parse().unwrap_or(80)),
-        None => (hostport.to_owned(), 80),
-    };
-    (host, port, path)
-}
-
 mod revert;
 pub use revert::*;
+mod settings;
+pub use settings::*;
 
 #[cfg(test)]
 mod tests;

@@ -3,12 +3,15 @@
 //! and which calls put it back. A pure function: every case `--dry-run` can
 //! print, and every refusal, is unit-tested here without a host.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use super::ops::{self, HostFacts, PortableCall, Revert, Verb};
 use super::{HostPlan, ServicePlan, Settings};
+use crate::inventory::{Check, HttpUrl};
 use crate::names::{basename, ImageFile};
 
 /// What a deploy does to one service.
@@ -17,6 +20,8 @@ use crate::names::{basename, ImageFile};
 pub enum Action {
     Attach,
     Reattach,
+    /// Same image, other settings: reload and restart its units.
+    Restart,
     Unchanged,
 }
 
@@ -25,6 +30,7 @@ impl std::fmt::Display for Action {
         f.write_str(match self {
             Action::Attach => "attach",
             Action::Reattach => "reattach",
+            Action::Restart => "restart",
             Action::Unchanged => "unchanged",
         })
     }
@@ -46,6 +52,23 @@ pub struct Step {
     pub revert: Option<Revert>,
     /// Said to the user before anything happens.
     pub note: Option<String>,
+    /// The service's settings change with this deploy.
+    pub settings: Option<SettingsChange>,
+}
+
+/// How a service's settings change on a host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingsChange {
+    /// Unit -> its whole drop-in, as it will be.
+    pub dropins: BTreeMap<String, String>,
+    /// Secrets to send (indexes into the service's secrets).
+    pub send: Vec<usize>,
+    /// Secrets that stay as the host has them.
+    pub keep: Vec<String>,
+    /// Credentials are encrypted with the host's key.
+    pub encrypted: bool,
+    /// What changes, for the user: `demo.service: changed`, `secret db: rotated`.
+    pub what: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +95,12 @@ pub enum PlanError {
     UnknownProfile { profile: String, known: String },
     #[error("not enough space in {}: {free_mb} MB free, {need_mb} MB needed; free some space (old images: attache prunes to --keep)", crate::names::PORTABLES)]
     NoSpace { free_mb: u64, need_mb: u64 },
+    #[error("{service}'s check {url} needs curl on the host, which has none (attache checks plain HTTP without it, never HTTPS); nothing was changed. Install curl on the host, or check an http:// URL")]
+    HttpsWithoutCurl { service: String, url: String },
     #[error("{}", .0)]
     Collision(Box<Collision>),
+    #[error("this host cannot encrypt credentials ({why}), and {services} would get secrets; nothing was changed. Install systemd 250 or newer with systemd-creds, or set `unencryptedSecrets = true;` for this host in the inventory to hand them over as plain files only root can read")]
+    CannotEncrypt { why: String, services: String },
     #[error("--rollback-after {after} is too short: activating and checking {what} can take up to {need} s, and the host would put back a deploy that was still being checked; nothing was changed. Pass --rollback-after {suggest} or more, or give the checks fewer retries or a shorter timeout")]
     TimerTooShort {
         after: u64,
@@ -122,6 +149,19 @@ pub fn plan(facts: &HostFacts, host: &HostPlan) -> Result<Plan, PlanError> {
         });
     }
     check_profile(facts, &host.profile)?;
+    if !facts.curl {
+        if let Some((svc, url)) = host.services.iter().find_map(|s| {
+            s.checks.iter().find_map(|c| match c {
+                Check::Http { url, .. } if HttpUrl::parse(url).is_ok_and(|u| u.https) => {
+                    Some((s.name.clone(), url.clone()))
+                }
+                _ => None,
+            })
+        }) {
+            return Err(PlanError::HttpsWithoutCurl { service: svc, url });
+        }
+    }
+    check_encryption(facts, host)?;
     let mut steps = Vec::new();
     let mut need_kb = 0u64;
     for (i, svc) in host.services.iter().enumerate() {
@@ -167,8 +207,10 @@ fn plan_service(
         target = tagged.host_path();
     }
     let upload = facts.sha256.get(&target) != Some(&svc.sha256);
+    let settings = plan_settings(facts, svc);
     let action = match attached.as_deref() {
         None => Action::Attach,
+        Some(img) if img == target && !upload && settings.is_some() => Action::Restart,
         Some(img) if img == target && !upload => Action::Unchanged,
         Some(_) => Action::Reattach,
     };
@@ -181,8 +223,20 @@ fn plan_service(
         activate: Vec::new(),
         revert: None,
         note,
+        settings,
     };
     if action == Action::Unchanged {
+        return Ok(step);
+    }
+    if action == Action::Restart {
+        step.revert = Some(Revert {
+            service: svc.name.clone(),
+            previous: attached,
+            new: target,
+            calls: Vec::new(),
+            settings: true,
+            restart: super::health::units_to_check(&svc.units),
+        });
         return Ok(step);
     }
     let new = &svc.prefixes;
@@ -234,8 +288,89 @@ fn plan_service(
         previous: attached,
         new: target,
         calls,
+        settings: step.settings.is_some(),
+        restart: Vec::new(),
     });
     Ok(step)
+}
+
+/// Secrets go to a host that can encrypt them, or, where the inventory
+/// allows it, as plain root-only files; refused before anything changes.
+fn check_encryption(facts: &HostFacts, host: &HostPlan) -> Result<(), PlanError> {
+    if facts.can_encrypt() {
+        return Ok(());
+    }
+    let services: Vec<&str> = host
+        .services
+        .iter()
+        .filter(|s| !s.settings.secrets.is_empty() && !s.settings.unencrypted)
+        .map(|s| s.name.as_str())
+        .collect();
+    if services.is_empty() {
+        return Ok(());
+    }
+    Err(PlanError::CannotEncrypt {
+        why: if facts.systemd < 250 {
+            format!("systemd {} is older than 250", facts.systemd)
+        } else {
+            "systemd-creds is missing".into()
+        },
+        services: services.join(", "),
+    })
+}
+
+/// What changes in `svc`'s settings on this host, if anything. Secrets are
+/// compared by a salted hash the host keeps, never by value.
+pub fn plan_settings(facts: &HostFacts, svc: &ServicePlan) -> Option<SettingsChange> {
+    let empty = ops::SettingsState::default();
+    let host = facts.settings.get(&svc.name).unwrap_or(&empty);
+    if svc.settings.is_empty() && host.units.is_empty() && host.secrets.is_empty() {
+        return None;
+    }
+    let encrypted = facts.can_encrypt();
+    let units: Vec<String> = svc.units.iter().map(|u| u.name.clone()).collect();
+    let dropins = svc.settings.dropins(&svc.name, &units, encrypted);
+    let mut what = Vec::new();
+    for (unit, text) in &dropins {
+        let sha = hex::encode(Sha256::digest(text.as_bytes()));
+        match host.units.get(unit) {
+            None => what.push(format!("{unit}: new settings")),
+            Some(h) if *h != sha => what.push(format!("{unit}: settings changed")),
+            Some(_) => {}
+        }
+    }
+    for unit in host.units.keys().filter(|u| !dropins.contains_key(*u)) {
+        what.push(format!("{unit}: settings removed"));
+    }
+    let (mut send, mut keep) = (Vec::new(), Vec::new());
+    for (i, s) in svc.settings.secrets.iter().enumerate() {
+        match host.secrets.get(&s.name) {
+            None => {
+                what.push(format!("secret {}: new", s.name));
+                send.push(i);
+            }
+            Some(h) if h.encrypted != encrypted || s.value.salted_hash(&h.salt) != h.hash => {
+                what.push(format!("secret {}: rotated", s.name));
+                send.push(i);
+            }
+            Some(_) => keep.push(s.name.clone()),
+        }
+    }
+    for name in host.secrets.keys() {
+        if !svc.settings.secrets.iter().any(|s| &s.name == name) {
+            what.push(format!("secret {name}: removed"));
+        }
+    }
+    if what.is_empty() {
+        return None;
+    }
+    Some(SettingsChange {
+        dropins,
+        send,
+        keep,
+        encrypted,
+        what,
+    })
 }
 
 /// portabled skips a profile it does not know without a word, and the

@@ -45,6 +45,8 @@ pub enum Outcome {
     Failed,
     /// Not attempted (a canary failed, or a failure stopped the run).
     Skipped,
+    /// Stopped by Ctrl-C or SIGTERM before any service changed.
+    Interrupted,
     /// `--dry-run`: the plan only.
     Planned,
     /// Nothing to change, and it still passed its checks (services only).
@@ -58,6 +60,7 @@ impl std::fmt::Display for Outcome {
             Outcome::RolledBack => "rolled-back",
             Outcome::Failed => "failed",
             Outcome::Skipped => "skipped",
+            Outcome::Interrupted => "interrupted",
             Outcome::Planned => "planned",
             Outcome::Unchanged => "unchanged",
         })
@@ -79,6 +82,8 @@ pub struct ServiceReport {
     pub upload: bool,
     pub action: Action,
     pub previous: Option<String>,
+    /// What changes in the service's per-host settings (never a value).
+    pub settings: Vec<String>,
     pub outcome: Outcome,
 }
 

@@ -10,8 +10,11 @@ use super::report::Stage;
 use crate::remote::{Destination, Elevation, Remote, RemoteOutput, SshOptions};
 
 pub struct HostSession {
-    pub remote: Remote,
+    // Dropped before the connection it runs on (fields drop in order), so
+    // that a session dropped without `close` (a second Ctrl-C) still ends
+    // the lock and then the connection and its control socket.
     lock: Option<HostLock>,
+    pub remote: Remote,
 }
 
 /// Held while the remote `cat` keeps reading our stdin; dropping it closes
@@ -47,7 +50,7 @@ impl HostSession {
         let remote = Remote::connect(name, dest, ssh, elevation)
             .await
             .map_err(|e| Cause::from(e).at(name, Stage::Connect))?;
-        Ok(HostSession { remote, lock: None })
+        Ok(HostSession { lock: None, remote })
     }
 
     pub fn host(&self) -> &str {
@@ -57,11 +60,10 @@ impl HostSession {
     /// Takes the host's lock, or says who holds it.
     pub async fn lock(&mut self) -> Result<(), HostError> {
         let holder = format!(
-            "{}@{} pid {} since {}",
+            "{}@{} pid {}",
             std::env::var("USER").unwrap_or_else(|_| "?".into()),
             hostname(),
             std::process::id(),
-            unix_now()
         );
         let at = |c: Cause| c.at(&self.remote.name, Stage::Lock);
         let mut child = self
@@ -80,17 +82,27 @@ impl HostSession {
                 let rest = child
                     .wait_with_output()
                     .await
-                    .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
                     .unwrap_or_default();
                 Err(at(Cause::Locked {
-                    holder: if rest.is_empty() {
-                        "holder unknown".into()
-                    } else {
-                        rest
-                    },
+                    holder: Box::new(ops::parse_lock_holder(&rest)),
+                    host: self.remote.name.clone(),
                 }))
             }
         }
+    }
+
+    /// Who holds the host's lock now (no pid: nobody).
+    pub async fn lock_holder(&self) -> Result<ops::LockHolder, HostError> {
+        let out = self.step(&ops::lock_holder(), Stage::Lock).await?;
+        Ok(ops::parse_lock_holder(&out.stdout))
+    }
+
+    /// Ends the host-side process `pid` if it still holds the lock, which
+    /// frees it; false when it no longer held it.
+    pub async fn end_lock_holder(&self, pid: u32) -> Result<bool, HostError> {
+        let out = self.step(&ops::unlock(pid), Stage::Lock).await?;
+        Ok(out.stdout.trim() == "UNLOCKED")
     }
 
     /// Runs a script; its exit code is the caller's to read.

@@ -8,10 +8,11 @@ use std::path::{Component, Path, PathBuf};
 
 use backhand::{FilesystemReader, InnerNode, Node, SquashfsFileReader};
 
+use super::bounds;
 use super::error::ImageError;
 use super::layout::{parse_os_release, BASE_DIRS, EMPTY_FILES};
 use super::sqfs::{self, SUPERBLOCK_SIZE};
-use crate::names::{portable_prefixes, unit_matches_prefix, unit_suffix, ImageFile};
+use crate::names::{portable_prefixes, unit_installs, unit_matches_prefix, unit_suffix, ImageFile};
 
 /// What [`inspect`] found in an image.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub struct UnitInfo {
     pub name: String,
     /// The `ExecStart=` values, one per line, in order.
     pub exec_start: Vec<String>,
+    /// Has an `[Install]` section, so `attach --enable` links and starts it.
+    pub install: bool,
 }
 
 /// Files bigger than this are not read by `inspect` (os-release, units).
@@ -70,6 +73,7 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
     }
     let sha256 = super::pack::hash_file(&file, size).map_err(read_err)?;
 
+    bounds::check(&mut file, size, bounds::LIMITS).map_err(corrupt)?;
     file.rewind().map_err(read_err)?;
     let opened = panic::catch_unwind(AssertUnwindSafe(|| {
         FilesystemReader::from_reader(BufReader::new(file)).map_err(|e| corrupt(e.to_string()))
@@ -159,6 +163,7 @@ fn read_image(
         };
         let matches = prefixes.iter().any(|p| unit_matches_prefix(&unit_name, p));
         let mut exec_start = Vec::new();
+        let mut install = false;
         match &node.inner {
             InnerNode::File(f) => {
                 let text = read_text(fs, f).map_err(&corrupt)?;
@@ -168,6 +173,7 @@ fn read_image(
                     matching += 1;
                 }
                 exec_start = exec_starts(&text);
+                install = unit_installs(&text);
             }
             InnerNode::Symlink(_) => problems.push(format!(
                 "unit {unit_name} is a symlink: portabled resolves it outside the image; make it a regular file"
@@ -184,6 +190,7 @@ fn read_image(
         units.push(UnitInfo {
             name: unit_name,
             exec_start,
+            install,
         });
     }
     if matching == 0 {

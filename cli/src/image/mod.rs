@@ -17,6 +17,8 @@
 //! - [`read_manifest`]`(path) -> Result<Option<`[`Manifest`]`>, `[`ImageError`]`>`
 //!   reads the manifest every image carries at [`MANIFEST_PATH`] (`None`
 //!   for images packed before manifests).
+//!   `bounds` first checks that what backhand would load from the image
+//!   fits the file and fixed limits, so a crafted image costs little memory.
 //! - [`Compression`] parses and prints `zstd`, `xz`, `gzip`.
 //!
 //! # Layout
@@ -41,6 +43,7 @@
 //! blocks per thread plus the metadata tables. Measured against mksquashfs in
 //! `cli/benches/RESULTS.md`.
 
+mod bounds;
 mod compress;
 mod error;
 mod inspect;

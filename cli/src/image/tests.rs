@@ -552,10 +552,12 @@ fn inspect_reports_a_good_image() {
                     "/nix/store/aaaa-demo-1.0/bin/hello --flag    more".into(),
                     "/bin/true".into()
                 ],
+                install: false,
             },
             UnitInfo {
                 name: "demo.socket".into(),
                 exec_start: vec![],
+                install: false,
             }
         ]
     );

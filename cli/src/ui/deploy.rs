@@ -164,7 +164,10 @@ pub fn deploy_summary(reports: &[HostReport], dry_run: bool) -> String {
             .iter()
             .map(|s| {
                 let file = basename(&s.image);
-                let action = s.action.to_string();
+                let mut action = s.action.to_string();
+                if !s.settings.is_empty() {
+                    action += &format!("; {}", s.settings.join(", "));
+                }
                 let upload = if s.upload { "upload" } else { "no upload" };
                 if dry_run {
                     format!("{file} ({upload}, {action})")
@@ -291,6 +294,7 @@ warning: web1: demo_1.0.raw is already there
             action,
             previous: None,
             outcome: Outcome::Healthy,
+            settings: Vec::new(),
         }
     }
 

@@ -190,6 +190,18 @@ impl Ui {
         Ui::write(&self.stdout, format!("{line}\n").as_bytes());
     }
 
+    /// Asks a yes/no question on the terminal: `None` when stdin or stderr
+    /// is no terminal, so that nobody can answer.
+    pub fn confirm(&self, question: &str) -> Option<bool> {
+        if !(self.bars && std::io::stdin().is_terminal()) {
+            return None;
+        }
+        Ui::write(&self.stderr, format!("{question} [y/N] ").as_bytes());
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer).ok()?;
+        Some(matches!(answer.trim(), "y" | "Y" | "yes"))
+    }
+
     /// Raw bytes to stdout (completions, man page).
     pub fn raw(&self, bytes: &[u8]) {
         Ui::write(&self.stdout, bytes);

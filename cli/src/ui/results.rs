@@ -29,6 +29,19 @@ pub fn host_status(host: &str, services: Result<&[ServiceStatus], &str>) -> Stri
         for (u, st) in &s.units {
             human += &format!("      {u}: {st}\n");
         }
+        for c in &s.secrets {
+            human += &format!(
+                "      secret {}: {} bytes, {}, stored {} s ago\n",
+                c.name,
+                c.size,
+                if c.encrypted {
+                    "encrypted"
+                } else {
+                    "not encrypted"
+                },
+                c.age_secs
+            );
+        }
     }
     human
 }
@@ -277,6 +290,12 @@ mod tests {
             units_active: 1,
             restarts: 0,
             since: "2026-12-01 17:05:07 UTC".into(),
+            secrets: vec![crate::deploy::SecretStatus {
+                name: "db".into(),
+                size: 12,
+                encrypted: true,
+                age_secs: 60,
+            }],
         }];
         assert_eq!(
             host_status("web1", Ok(&services)),
@@ -284,6 +303,7 @@ mod tests {
   demo         1.0        demo_1.0.raw  sha256 0123456789ab
       demo.service: active (running)
       demo@.service: template
+      secret db: 12 bytes, encrypted, stored 60 s ago
 "
         );
         assert_eq!(
@@ -308,6 +328,7 @@ mod tests {
             units_active: 1,
             restarts,
             since: since.into(),
+            secrets: Vec::new(),
         };
         let (a, b, c) = (
             [svc("2026-12-01 17:05:09 UTC", 0)],
@@ -342,6 +363,7 @@ h0      error: h0: cannot connect over SSH: no such host
             units: vec![UnitInfo {
                 name: "demo.service".into(),
                 exec_start: vec!["/nix/store/aaa-demo/bin/demo".into()],
+                install: true,
             }],
             store_paths: vec!["/nix/store/aaa-demo".into()],
             size: 4096,

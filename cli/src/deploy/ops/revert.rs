@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use super::{install_unlink, quote, words, PortableCall, Script, STATE_DIR};
+use super::{
+    install_unlink, quote, restore_settings, words, PortableCall, Script, SETTINGS_FNS, STATE_DIR,
+};
 
 /// How one service goes back to what it ran before a deploy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +18,11 @@ pub struct Revert {
     pub new: String,
     /// The calls, in order, that get there from `new`.
     pub calls: Vec<PortableCall>,
+    /// The deploy switched the service's settings: put them back first.
+    pub settings: bool,
+    /// Units to restart once the settings are back (a settings-only change,
+    /// where no portablectl call restarts them).
+    pub restart: Vec<String>,
 }
 
 impl Revert {
@@ -36,8 +43,15 @@ const ATTACHED_FN: &str = r#"attached() { grep -qsF "image '$1'" /etc/systemd/sy
 /// looks first, so running it twice, or after attache's own rollback, does
 /// nothing more.
 pub fn revert_body(reverts: &[Revert]) -> String {
-    let mut s = format!("{ATTACHED_FN}\nrc=0\n");
+    let mut s = format!("{ATTACHED_FN}\n{SETTINGS_FNS}rc=0\n");
     for r in reverts.iter().rev() {
+        if r.settings {
+            s += &format!("# {}: settings back\n", r.service);
+            s += &restore_settings(&r.service, &r.restart);
+        }
+        if r.calls.is_empty() {
+            continue;
+        }
         let calls = r
             .calls
             .iter()

@@ -93,6 +93,8 @@ fn portablectl_calls_pass_path_and_prefixes() {
 #[test]
 fn revert_looks_before_it_acts_and_goes_last_first() {
     let back = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -104,6 +106,8 @@ fn revert_looks_before_it_acts_and_goes_last_first() {
         }],
     };
     let gone = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "new".into(),
         previous: None,
         new: "/var/lib/portables/new_1.raw".into(),
@@ -162,11 +166,53 @@ fn checks_pass_url_parts_as_arguments() {
     };
     let s = check(&c).text;
     assert!(s.contains(r#""/dev/tcp/$1/$2""#), "{s}");
-    assert!(s.contains("'127.0.0.1' '8080'"), "{s}");
+    assert!(
+        s.contains(r"'127.0.0.1' '8080' '/a%20b'\''c' '127.0.0.1:8080'"),
+        "{s}"
+    );
+    assert!(
+        s.contains(r"curl -gfsS -o /dev/null --max-time 10 'http://127.0.0.1:8080/a%20b'\''c'"),
+        "{s}"
+    );
+    // HTTPS is curl's or nothing: never plain HTTP on port 80.
+    let https = Check::Http {
+        url: "https://example.org/".into(),
+        timeout: None,
+        retries: None,
+    };
+    let s = check(&https).text;
+    assert!(!s.contains("/dev/tcp"), "{s}");
+    assert!(s.contains("curl is missing"), "{s}");
     assert_eq!(check_retries(&c), 2);
     assert_eq!(check_budget(&c), Duration::from_secs(24));
     assert!(lock("me; rm -rf /").text.contains("'me; rm -rf /'"));
     assert_eq!(quote("it's"), r"'it'\''s'");
+}
+
+#[test]
+fn lock_holder_parsing() {
+    let out = "BUSY\nholder\talice@laptop pid 42\nfrom\t10.0.0.2\npid\t4567\nsince\t1000\nnow\t11920\nholder_pid\t4567\n";
+    let h = parse_lock_holder(out);
+    assert_eq!(h.pids, [4567]);
+    assert_eq!(h.age(), Some(Duration::from_secs(10920)));
+    assert_eq!(
+        h.to_string(),
+        "alice@laptop pid 42 from 10.0.0.2; host process 4567, held for 3 h 2 min"
+    );
+    // A record written before the fields existed, and a holder that is gone.
+    let h = parse_lock_holder("BUSY\nbob@desk pid 7 since 5\nnow\t65\n");
+    assert_eq!(h.to_string(), "bob@desk pid 7 since 5");
+    assert!(h.pids.is_empty());
+    // Nobody ever took it.
+    assert_eq!(parse_lock_holder("now\t5\n").to_string(), "holder unknown");
+}
+
+/// flock is looked for before anything is written on the host.
+#[test]
+fn lock_needs_flock_before_it_writes() {
+    let s = lock("me").text;
+    let flock = s.find("command -v flock").unwrap();
+    assert!(flock < s.find("mkdir").unwrap(), "{s}");
 }
 
 #[test]
@@ -188,6 +234,8 @@ fn scripts_pass_shellcheck() {
         return;
     }
     let revert = Revert {
+        settings: true,
+        restart: vec!["shop-web.service".into()],
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -201,6 +249,10 @@ fn scripts_pass_shellcheck() {
     };
     let scripts = [
         lock("me"),
+        lock_holder(),
+        unlock(42),
+        receive_stalled("/a"),
+        corrupt("/a"),
         facts(&["/a.raw".into()], true),
         clear_partials(),
         receive("/a"),
@@ -229,9 +281,27 @@ fn scripts_pass_shellcheck() {
         run_pending_revert(),
         record_previous("x", Some("/x.raw")),
         record_previous("x", None),
+        stage(
+            "x",
+            &BTreeMap::from([("x.service".into(), "[Service]\nA=b\n".into())]),
+            &["db".into()],
+        ),
+        stage_secret("x", "db", true),
+        stage_secret("x", "db", false),
+        apply("x", &["x.service".into()]),
+        restore("x", &[]),
+        record_settings("x", true),
+        record_settings("x", false),
+        swap_settings("x", &["x.service".into()]),
+        forget_settings("x"),
         show(&["a.service".into()]),
         check(&Check::Http {
             url: "http://h/x".into(),
+            timeout: None,
+            retries: None,
+        }),
+        check(&Check::Http {
+            url: "https://h/x".into(),
             timeout: None,
             retries: None,
         }),
@@ -275,6 +345,8 @@ fn scripts_pass_shellcheck() {
 #[test]
 fn a_revert_attaches_the_old_image_when_the_switch_stopped_half_way() {
     let r = Revert {
+        settings: false,
+        restart: Vec::new(),
         service: "shop".into(),
         previous: Some("/var/lib/portables/shop_1.0.raw".into()),
         new: "/var/lib/portables/shop_2.0.raw".into(),
@@ -342,4 +414,37 @@ fn the_journal_of_a_service_includes_its_template_instances() {
         journal(&q).text,
         "'journalctl' '--no-pager' '-o' 'json' '--lines=100' '--unit=shop-web.service'"
     );
+}
+
+/// A settings-only change goes back by restoring the settings and
+/// restarting; an image change restores them before the portablectl calls.
+#[test]
+fn revert_puts_settings_back_first() {
+    let only = Revert {
+        service: "conf".into(),
+        previous: Some("/var/lib/portables/conf_1.0.raw".into()),
+        new: "/var/lib/portables/conf_1.0.raw".into(),
+        calls: vec![],
+        settings: true,
+        restart: vec!["conf.service".into()],
+    };
+    let body = revert_body(std::slice::from_ref(&only));
+    assert!(body.contains(
+        "if restore 'conf'; then systemctl daemon-reload || rc=1; systemctl restart 'conf.service' || rc=1; fi\n"
+    ));
+    assert!(!body.contains("portablectl"));
+    let with_image = Revert {
+        new: "/var/lib/portables/conf_2.0.raw".into(),
+        calls: vec![PortableCall::new(
+            Verb::Reattach,
+            "/var/lib/portables/conf_1.0.raw",
+            &["conf".into()],
+            "default",
+        )],
+        restart: vec![],
+        ..only
+    };
+    let body = revert_body(&[with_image]);
+    let restore = body.find("if restore 'conf'").unwrap();
+    assert!(restore < body.find("portablectl").unwrap(), "{body}");
 }

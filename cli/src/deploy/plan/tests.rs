@@ -25,6 +25,7 @@ fn svc(name: &str, version: &str, sha: &str, units: &[&str]) -> ServicePlan {
         prefixes: crate::names::unit_prefixes(units.iter().copied()),
         checks: Vec::new(),
         manifest: None,
+        settings: Default::default(),
     }
 }
 
@@ -303,4 +304,136 @@ fn an_unknown_profile_is_refused_with_the_known_ones() {
     );
     f.profiles.clear();
     assert!(plan(&f, &bogus).is_ok());
+}
+
+#[test]
+fn https_checks_without_curl_are_refused_before_anything_changes() {
+    let mut s = svc("demo", "1.0", "a", &["demo.service"]);
+    s.checks.push(Check::Http {
+        url: "http://127.0.0.1:8080/".into(),
+        timeout: None,
+        retries: None,
+    });
+    // Plain HTTP needs no curl.
+    plan(&facts(""), &host(vec![s.clone()])).unwrap();
+    s.checks.push(Check::Http {
+        url: "https://127.0.0.1:8443/".into(),
+        timeout: None,
+        retries: None,
+    });
+    let e = plan(&facts(""), &host(vec![s.clone()])).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "demo's check https://127.0.0.1:8443/ needs curl on the host, which has none (attache checks plain HTTP without it, never HTTPS); nothing was changed. Install curl on the host, or check an http:// URL"
+    );
+    plan(&facts("curl\t/usr/bin/curl\n"), &host(vec![s])).unwrap();
+}
+
+fn with_settings(mut s: ServicePlan, env: &str, secret: Option<&[u8]>) -> ServicePlan {
+    let settings: crate::inventory::UnitSettings = serde_json::from_value(serde_json::json!(
+        {"demo.service": {"Service": {"Environment": [env]}}}
+    ))
+    .unwrap();
+    let secrets = secret.map(|v| {
+        std::collections::BTreeMap::from([(
+            "db".to_owned(),
+            crate::inventory::SecretSource::Command(vec![
+                "printf".into(),
+                String::from_utf8(v.to_vec()).unwrap(),
+            ]),
+        )])
+    });
+    s.settings = crate::deploy::ServiceSettings::load(
+        "demo",
+        &["demo.service".into()],
+        Some(&settings),
+        secrets.as_ref(),
+        false,
+    )
+    .unwrap();
+    s
+}
+
+/// The host as a deploy of `svc` left it: its image attached, its drop-in
+/// and its secret (salted with "s") recorded.
+fn deployed(svc: &ServicePlan, creds: bool) -> HostFacts {
+    let units = ["demo.service".to_owned()];
+    let mut lines = format!(
+        "attached\tdemo.service\t{P}/demo_1.0.raw\nsha256\t{}  {P}/demo_1.0.raw\ncreds\t{}\n",
+        svc.sha256,
+        if creds { "/usr/bin/systemd-creds" } else { "" }
+    );
+    for (u, text) in svc.settings.dropins("demo", &units, creds) {
+        lines += &format!(
+            "setting\tdemo\t{u} {}\n",
+            hex::encode(Sha256::digest(text.as_bytes()))
+        );
+    }
+    for s in &svc.settings.secrets {
+        lines += &format!(
+            "secret\tdemo\t{} s {} 6 encrypted 100\n",
+            s.name,
+            s.value.salted_hash("s")
+        );
+    }
+    facts(&lines)
+}
+
+#[test]
+fn settings_alone_restart_and_unchanged_settings_touch_nothing() {
+    let old = with_settings(
+        svc("demo", "1.0", "a", &["demo.service"]),
+        "PORT=1",
+        Some(b"one"),
+    );
+    let f = deployed(&old, true);
+    let p = plan(&f, &host(vec![old.clone()])).unwrap();
+    assert_eq!(p.steps[0].action, Action::Unchanged);
+    assert_eq!(p.changes().count(), 0);
+
+    let new = with_settings(
+        svc("demo", "1.0", "a", &["demo.service"]),
+        "PORT=2",
+        Some(b"one"),
+    );
+    let p = plan(&f, &host(vec![new])).unwrap();
+    let s = &p.steps[0];
+    assert_eq!((s.action, s.upload), (Action::Restart, false));
+    assert!(s.activate.is_empty());
+    let c = s.settings.as_ref().unwrap();
+    assert_eq!(c.what, ["demo.service: settings changed"]);
+    assert_eq!(
+        (c.send.len(), c.keep.as_slice()),
+        (0, ["db".to_owned()].as_slice())
+    );
+    let r = s.revert.as_ref().unwrap();
+    assert!(r.settings && r.calls.is_empty());
+    assert_eq!(r.restart, ["demo.service"]);
+
+    let rotated = with_settings(
+        svc("demo", "1.0", "a", &["demo.service"]),
+        "PORT=1",
+        Some(b"two"),
+    );
+    let p = plan(&f, &host(vec![rotated])).unwrap();
+    let c = p.steps[0].settings.as_ref().unwrap();
+    assert_eq!(c.what, ["secret db: rotated"]);
+    assert_eq!(c.send, [0]);
+}
+
+#[test]
+fn secrets_need_a_host_that_encrypts_unless_asked() {
+    let s = with_settings(
+        svc("demo", "1.0", "a", &["demo.service"]),
+        "PORT=1",
+        Some(b"one"),
+    );
+    let e = plan(&facts(""), &host(vec![s.clone()])).unwrap_err();
+    assert_eq!(e.to_string(), "this host cannot encrypt credentials (systemd-creds is missing), and demo would get secrets; nothing was changed. Install systemd 250 or newer with systemd-creds, or set `unencryptedSecrets = true;` for this host in the inventory to hand them over as plain files only root can read");
+    let mut plain = s;
+    plain.settings.unencrypted = true;
+    let p = plan(&facts(""), &host(vec![plain])).unwrap();
+    let c = p.steps[0].settings.as_ref().unwrap();
+    assert!(!c.encrypted);
+    assert!(c.dropins["demo.service"].contains("\nLoadCredential=db:"));
 }
