@@ -8,6 +8,8 @@
 //! - `/var/lib/portables/NAME_VERSION.raw`: the images;
 //! - `/var/lib/attache/prefixes/FILE.raw`: the unit prefixes an image
 //!   declares (images from before these files declare their name);
+//! - `/var/lib/attache/signatures/FILE.raw.sig`: the image's block
+//!   signature, the basis of a delta upgrade (see [`delta`]);
 //! - `/var/lib/attache/NAME.previous`: what `attache rollback` goes back to;
 //! - `/var/lib/attache/unlink`: detaches one image's units by hand, where
 //!   portabled before 257 would take other images along;
@@ -489,7 +491,7 @@ pub fn place(tmp: &str, target: &str, prefixes: &[String]) -> Script {
     )
 }
 
-/// Deletes images with their prefix records.
+/// Deletes images with their prefix records and signatures.
 pub fn prune(images: &[String]) -> Script {
     let mut paths = images.to_vec();
     paths.extend(
@@ -497,6 +499,7 @@ pub fn prune(images: &[String]) -> Script {
             .iter()
             .map(|i| format!("{STATE_DIR}/prefixes/{}", crate::names::basename(i))),
     );
+    paths.extend(images.iter().map(|i| delta::signature_path(i)));
     Script::new("removing old images", format!("rm -f {}", words(&paths)))
 }
 
@@ -796,6 +799,7 @@ pub fn check_retries(c: &Check) -> u32 {
     }
 }
 
+pub mod delta;
 mod revert;
 pub use revert::*;
 mod settings;
