@@ -12,8 +12,9 @@
 //! which a third of the files changed. Both images are packed with
 //! attache's packer (its defaults), then the delta from 1 to 2 is computed
 //! as `attache deploy` does, at three signature block sizes. Prints a
-//! markdown table: bytes sent (the apply script plus the pieces) against
-//! the image, the signature read from the host, and the time to diff.
+//! markdown table: bytes sent (the apply script plus the pieces, and the
+//! new image's signature, which the host keeps for the next upgrade)
+//! against the image, and the time to diff.
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
@@ -238,26 +239,39 @@ fn main() {
         at(&v2, a2)
     );
     println!();
-    println!("| block | bytes sent | % of image | ops | signature KB | diff s |");
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("| block | delta bytes | signature bytes | bytes sent | % of image | ops | diff s |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
     let default = delta::block_size(old.len() as u64);
     for block in [4096, 8192, 16384, 32768] {
         let sig = delta::Signature::of_image(&old, &sha1, block);
         let t = Instant::now();
         let d = delta::diff(&sig, &new);
         let secs = t.elapsed().as_secs_f64();
-        let script = host::apply_script("/d", "/b", "/o", &d.ops, None);
-        let sent = script.len() as u64 + d.literal_bytes();
+        let script = host::apply_script("/d", "/b", "/o", &d.ops);
+        let delta = script.len() as u64 + d.literal_bytes();
+        // The new image's signature goes along, for the next upgrade.
+        let signature = delta::Signature::of_image(&new, &sha2, block)
+            .to_text()
+            .len() as u64;
+        let sent = delta + signature;
         println!(
-            "| {}{} | {} | {:.2} | {} | {} | {:.2} |",
+            "| {}{} | {} | {} | {} | {:.2} | {} | {:.2} |",
             block,
             if block == default { " (default)" } else { "" },
+            delta,
+            signature,
             sent,
             100.0 * sent as f64 / new.len() as f64,
             d.ops.len(),
-            sig.to_text().len() / 1024,
             secs
         );
     }
-    println!("| full upload | {} | 100.00 | | | |", new.len());
+    let signature = delta::Signature::of_image(&new, &sha2, default)
+        .to_text()
+        .len() as u64;
+    println!(
+        "| full upload | | {signature} | {} | {:.2} | | |",
+        new.len() as u64 + signature,
+        100.0 * (new.len() as u64 + signature) as f64 / new.len() as f64
+    );
 }

@@ -23,20 +23,23 @@ use std::collections::HashMap;
 use std::io::{self, Read};
 use std::path::Path;
 
-/// Bytes of the strong hash kept per block (BLAKE3, truncated): with
-/// 128 bits, a false match among a few million blocks is out of reach, and
-/// the sha256 of the whole rebuilt image is checked anyway.
-const STRONG: usize = 16;
+/// Bytes of the strong hash kept per block (BLAKE3, truncated). 64 bits
+/// make a false match among a few million blocks unlikely, and one would
+/// cost only a full upload: the sha256 of the whole rebuilt image is
+/// checked before it is used. Fewer bytes keep the signature, which goes
+/// to the host with every image and comes back at the next upgrade, small
+/// (26 bytes a block as hex).
+const STRONG: usize = 8;
 
 /// First line of a signature file.
 const MAGIC: &str = "attache-signature 1";
 
-/// The block size for an image of `size` bytes: about half its square root
-/// (rsync takes the square root), as a power of two from 2 KiB to 64 KiB.
-/// Smaller blocks lose fewer bytes around each change but make the
-/// signature (about 42 bytes a block, read from the host) larger.
+/// The block size for an image of `size` bytes: its square root, as
+/// rsync takes, rounded up to a power of two from 2 KiB to 64 KiB. Smaller
+/// blocks lose fewer bytes around each change but make the signature
+/// larger; this is where their sum is least in `cli/benches/RESULTS.md`.
 pub fn block_size(size: u64) -> u32 {
-    let root = (size as f64).sqrt() as u64 / 2;
+    let root = (size as f64).sqrt() as u64;
     root.next_power_of_two().clamp(2048, 65536) as u32
 }
 
@@ -81,7 +84,7 @@ impl Signature {
     /// one line per block.
     pub fn to_text(&self) -> String {
         let mut s = format!("{MAGIC} {} {} {}\n", self.block, self.size, self.sha256);
-        s.reserve(self.blocks.len() * (9 + 2 * STRONG + 1));
+        s.reserve(self.blocks.len() * (10 + 2 * STRONG));
         for (w, st) in &self.blocks {
             s.push_str(&format!("{w:08x} {}\n", hex::encode(st)));
         }
@@ -481,7 +484,8 @@ mod tests {
     #[test]
     fn block_sizes() {
         assert_eq!(block_size(0), 2048);
-        assert_eq!(block_size(100 << 20), 8192);
+        assert_eq!(block_size(100 << 20), 16384);
+        assert_eq!(block_size(35 << 20), 8192);
         assert_eq!(block_size(1 << 40), 65536);
     }
 }

@@ -39,9 +39,10 @@ impl Local {
     }
 }
 
-/// Stores the new image's signature on the host, for the next upgrade.
-/// `Err`: why the next upgrade will have to send the full image.
-pub async fn store_signature(s: &HostSession, local: &Local, target: &str) -> Result<(), String> {
+/// Stores the new image's signature on the host, for the next upgrade;
+/// returns the bytes sent. `Err`: why the next upgrade will have to send
+/// the full image.
+pub async fn store_signature(s: &HostSession, local: &Local, target: &str) -> Result<u64, String> {
     let mut f = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
     f.write_all(local.signature.to_text().as_bytes())
         .and_then(|()| f.flush())
@@ -49,8 +50,7 @@ pub async fn store_signature(s: &HostSession, local: &Local, target: &str) -> Re
     s.remote
         .upload(f.path(), &host::store_signature(target).text, &|_| {})
         .await
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .map_err(|e| e.to_string())
 }
 
 /// What a delta sent.
@@ -84,9 +84,21 @@ pub async fn send<E: Events>(
             None => "the host has no earlier image with a signature to start from".to_owned(),
         }
     })?;
+    if let Some(want) = check {
+        let out = s
+            .run(&ops::sha256(&basis), Stage::Push)
+            .await
+            .map_err(|e| format!("{} could not be hashed: {e}", basename(&basis)))?;
+        if ops::parse_sha256(&out.stdout).as_deref() != Some(want.as_str()) {
+            return Err(format!(
+                "{} is not the image its signature describes (changed or damaged)",
+                basename(&basis)
+            ));
+        }
+    }
     let delta = diff(&sig, &local.data);
     let file = host::delta_path(target);
-    let script = host::apply_script(&file, &basis, tmp, &delta.ops, check.as_deref());
+    let script = host::apply_script(&file, &basis, tmp, &delta.ops);
     let bytes = script.len() as u64 + delta.literal_bytes();
     let size = local.data.len() as u64;
     if bytes as f64 > size as f64 * MOST {
@@ -132,14 +144,10 @@ pub async fn send<E: Events>(
         Ok(o) if o.success() => Ok(Sent { bytes: sent, basis }),
         Ok(o) => {
             let _ = s.run(&ops::remove(&[tmp.to_owned()]), Stage::Push).await;
-            Err(if o.code == Some(65) {
-                format!(
-                    "{} is not the image its signature describes (changed or damaged)",
-                    basename(&basis)
-                )
-            } else {
-                format!("rebuilding the image from the delta failed: {}", o.tail())
-            })
+            Err(format!(
+                "rebuilding the image from the delta failed: {}",
+                o.tail()
+            ))
         }
         Err(e) => Err(format!("rebuilding the image from the delta failed: {e}")),
     }
@@ -147,8 +155,8 @@ pub async fn send<E: Events>(
 
 /// The basis: the attached image when the host vouched for it, else the
 /// image whose signature shares the most blocks with the new one (a cheap
-/// guess, from the signatures alone; its sha256 is then checked by the
-/// apply script). With it, the sha256 the apply script must check, if any.
+/// guess, from the signatures alone). With it, the sha256 the basis must
+/// be shown to have before a delta against it is sent, if any.
 fn choose(found: &host::Signatures, new: &Local) -> Option<(String, Signature, Option<String>)> {
     let parsed = found
         .found

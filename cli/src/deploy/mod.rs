@@ -417,11 +417,12 @@ impl<E: Events> Run<'_, E> {
         let image = basename(target).to_owned();
         let local = delta::Local::read(svc).await;
         if let Ok(local) = &local {
-            if let Err(why) = delta::store_signature(s, local, target).await {
-                self.note(&format!(
+            match delta::store_signature(s, local, target).await {
+                Ok(n) => t.bytes_sent += n,
+                Err(why) => self.note(&format!(
                     "{}: the image's signature could not be stored, so its next upgrade sends it whole: {why}",
                     svc.name
-                ));
+                )),
             }
         }
         let sent = match &local {

@@ -92,8 +92,8 @@ pub struct ServiceReport {
 /// How an image reached the host (all zero and `None` when it was there).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Transfer {
-    /// Bytes sent for this image: the delta, or the whole image (or both,
-    /// when a delta failed half-way).
+    /// Bytes sent for this image: its signature (for the next upgrade) and
+    /// the delta, or the whole image (or both, when a delta failed).
     pub bytes_sent: u64,
     /// What the delta spared: the image's size less the bytes sent.
     pub bytes_saved: u64,
