@@ -426,6 +426,8 @@ impl<E: Events> Run<'_, E> {
             }
         }
         let sent = match &local {
+            // The stalled upload the test fault makes is the full one.
+            Ok(_) if test_fault("stall-upload") => Err("the test fault stall-upload".to_owned()),
             Ok(local) => {
                 let send = delta::send(s, self.ev, local, target, &tmp, previous);
                 tokio::select! {
@@ -454,14 +456,18 @@ impl<E: Events> Run<'_, E> {
                 false
             }
         };
-        if !delivered && t.delta_basis.is_some() {
+        let failed_delta = if delivered {
+            None
+        } else {
+            t.delta_basis.take()
+        };
+        if let Some(basis) = failed_delta {
             let _ = s
                 .run(&ops::remove(std::slice::from_ref(&tmp)), Stage::Push)
                 .await;
-            t.full_upload_because =
-                Some(format!(
+            t.full_upload_because = Some(format!(
                 "the image rebuilt from the delta against {} did not have the built image's sha256",
-                t.delta_basis.take().map(|b| basename(&b).to_owned()).unwrap_or_default()
+                basename(&basis)
             ));
         }
         if let (Some(why), true) = (&t.full_upload_because, previous.is_some()) {
