@@ -5,6 +5,7 @@
 //! with is checked by its sha256 either way.
 
 use std::io::Write;
+use std::sync::Arc;
 
 use super::ops::{self, delta as host};
 use super::report::{Event, Events, Stage};
@@ -19,7 +20,7 @@ const MOST: f64 = 0.5;
 
 /// The new image in memory with its signature, made once per push.
 pub struct Local {
-    pub data: Vec<u8>,
+    pub data: Arc<[u8]>,
     pub signature: Signature,
 }
 
@@ -32,7 +33,10 @@ impl Local {
                 .map_err(|e| format!("could not read {}: {e}", path.display()))?;
             let block = crate::delta::block_size(data.len() as u64);
             let signature = Signature::of_image(&data, &sha, block);
-            Ok(Local { data, signature })
+            Ok(Local {
+                data: data.into(),
+                signature,
+            })
         })
         .await
         .map_err(|e| e.to_string())?
@@ -96,7 +100,11 @@ pub async fn send<E: Events>(
             ));
         }
     }
-    let delta = diff(&sig, &local.data);
+    // Diffing reads the whole image: off the async workers.
+    let data = Arc::clone(&local.data);
+    let delta = tokio::task::spawn_blocking(move || diff(&sig, &data))
+        .await
+        .map_err(|e| e.to_string())?;
     let file = host::delta_path(target);
     let script = host::apply_script(&file, &basis, tmp, &delta.ops);
     let bytes = script.len() as u64 + delta.literal_bytes();
