@@ -12,6 +12,7 @@ mod build;
 mod cache;
 mod cli;
 mod commands;
+mod delta;
 mod deploy;
 mod diff;
 mod error;

@@ -4,6 +4,7 @@
 
 mod build;
 mod busy_host;
+mod delta;
 mod deploy;
 mod edges;
 mod faults;

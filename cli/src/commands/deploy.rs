@@ -496,6 +496,7 @@ mod tests {
             previous: None,
             outcome: Outcome::RolledBack,
             settings: Vec::new(),
+            transfer: Default::default(),
         });
         let mut ok = HostReport::new("web2");
         ok.outcome = Outcome::Healthy;

@@ -7,6 +7,7 @@
 //! never from unit prefixes nor `portablectl list`.
 //!
 //! - `ops`: the remote protocol (every script, and its parser);
+//! - `delta`: sending an upgrade as the bytes the host lacks;
 //! - `plan`: what to do, as a pure function of the host's facts;
 //! - `health`: is it running;
 //! - `manage`: `status`, `rollback` and `detach` of one service;
@@ -22,6 +23,7 @@ use crate::inventory::Check;
 use crate::names::basename;
 use crate::remote::{Destination, Elevation, RemoteError, SshOptions};
 
+mod delta;
 mod error;
 mod health;
 mod interrupt;
@@ -42,7 +44,7 @@ pub use manage::{
 };
 pub use ops::{journal, quote, JournalQuery};
 pub use plan::{check_timer, Action};
-pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage};
+pub use report::{Event, Events, HostReport, Outcome, ServiceReport, Stage, Transfer};
 pub use session::HostSession;
 pub use settings::ServiceSettings;
 
@@ -234,6 +236,7 @@ impl<E: Events> Run<'_, E> {
                     .map(|c| c.what.clone())
                     .unwrap_or_default(),
                 outcome: Outcome::Planned,
+                transfer: Transfer::default(),
             });
         }
         if self.settings.dry_run {
@@ -243,8 +246,9 @@ impl<E: Events> Run<'_, E> {
         test_pause("before-push").await;
         self.go_on(s, "the upload")?;
         let t = self.stage(Stage::Push);
-        let pushed = self.push_all(s, &plan, &facts).await;
-        r.bytes_sent = *pushed.as_ref().unwrap_or(&0);
+        let pushed = self.push_all(s, &plan, &facts, r).await;
+        r.bytes_sent = r.services.iter().map(|sr| sr.transfer.bytes_sent).sum();
+        r.bytes_saved = r.services.iter().map(|sr| sr.transfer.bytes_saved).sum();
         t.end(r, pushed.is_ok());
         pushed?;
         self.go_on(
@@ -335,25 +339,30 @@ impl<E: Events> Run<'_, E> {
         Ok((plan, facts))
     }
 
+    /// Pushes every image the plan uploads; what each took goes into its
+    /// service's report (`r.services` is in the plan's order).
     async fn push_all(
         &self,
         s: &HostSession,
         plan: &Plan,
         facts: &HostFacts,
-    ) -> Result<u64, HostError> {
-        let mut sent = 0;
+        r: &mut HostReport,
+    ) -> Result<(), HostError> {
         if plan.steps.iter().any(|st| st.upload) {
             s.step(&ops::clear_partials(), Stage::Push).await?;
         }
-        for step in &plan.steps {
+        for (i, step) in plan.steps.iter().enumerate() {
             let svc = &self.plan.services[step.service];
             if step.upload {
                 self.go_on(s, "the upload")?;
-                sent += self.push(s, svc, &step.target).await?;
+                let transfer = &mut r.services[i].transfer;
+                self.push(s, svc, &step.target, step.previous.as_deref(), transfer)
+                    .await?;
             } else if let (Some(m), false) = (&svc.manifest, facts.has_manifest(&step.target)) {
                 // The image is there already, placed by an attache from
                 // before manifests: record its manifest now.
                 let tmp = self.push_manifest(s, m, &step.target).await?;
+                r.services[i].transfer.bytes_sent += m.len() as u64;
                 s.step(&ops::place_manifest(&tmp, &step.target), Stage::Push)
                     .await?;
             }
@@ -364,7 +373,7 @@ impl<E: Events> Run<'_, E> {
                     .await?;
             }
         }
-        Ok(sent)
+        Ok(())
     }
 
     /// Writes a service's next settings on the host, next to the live ones;
@@ -408,25 +417,133 @@ impl<E: Events> Run<'_, E> {
         Ok(())
     }
 
-    /// Uploads under a temporary name, checks its sha256 on the host, then
+    /// Sends the image as a delta when the host has a basis for one, else
+    /// whole, under a temporary name; checks its sha256 on the host, then
     /// renames it into place.
     async fn push(
         &self,
         s: &HostSession,
         svc: &ServicePlan,
         target: &str,
-    ) -> Result<u64, HostError> {
+        previous: Option<&str>,
+        t: &mut Transfer,
+    ) -> Result<(), HostError> {
         let tmp = ops::partial_path(target);
+        let image = basename(target).to_owned();
+        let local = delta::Local::read(svc).await;
+        if let Ok(local) = &local {
+            match delta::store_signature(s, local, target).await {
+                Ok(n) => t.bytes_sent += n,
+                Err(why) => self.note(&format!(
+                    "{}: the image's signature could not be stored, so its next upgrade sends it whole: {why}",
+                    svc.name
+                )),
+            }
+        }
+        let sent = match &local {
+            // The stalled upload the test fault makes is the full one.
+            Ok(_) if test_fault("stall-upload") => Err("the test fault stall-upload".to_owned()),
+            Ok(local) => {
+                let send = delta::send(s, self.ev, local, target, &tmp, previous);
+                tokio::select! {
+                    sent = send => sent,
+                    () = self.stop.after(1) => {
+                        let parts = [tmp, ops::delta::delta_path(target)];
+                        let _ = s.run(&ops::remove(&parts), Stage::Push).await;
+                        return Err(Cause::Interrupted { before: "the image was in place (its partial files were removed)" }
+                            .at(s.host(), Stage::Push));
+                    }
+                }
+            }
+            Err(why) => Err(why.clone()),
+        };
+        let mut delivered = match sent {
+            Ok(d) => {
+                t.bytes_sent += d.bytes;
+                t.delta_basis = Some(d.basis);
+                if test_fault("corrupt-upload") {
+                    s.step(&ops::corrupt(&tmp), Stage::Push).await?;
+                }
+                self.host_sha256(s, &tmp).await? == svc.sha256
+            }
+            Err(why) => {
+                t.full_upload_because = Some(why);
+                false
+            }
+        };
+        let failed_delta = if delivered {
+            None
+        } else {
+            t.delta_basis.take()
+        };
+        if let Some(basis) = failed_delta {
+            let _ = s
+                .run(&ops::remove(std::slice::from_ref(&tmp)), Stage::Push)
+                .await;
+            t.full_upload_because = Some(format!(
+                "the image rebuilt from the delta against {} did not have the built image's sha256",
+                basename(&basis)
+            ));
+        }
+        if let (Some(why), true) = (&t.full_upload_because, previous.is_some()) {
+            self.note(&format!("{}: sending the whole image: {why}", svc.name));
+        }
+        let mut got = String::new();
+        if !delivered {
+            t.bytes_sent += self.upload(s, svc, &tmp, &image).await?;
+            got = self.host_sha256(s, &tmp).await?;
+            delivered = got == svc.sha256;
+        }
+        if !delivered {
+            let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
+            return Err(Cause::Corrupt {
+                image,
+                got,
+                want: svc.sha256.clone(),
+            }
+            .at(s.host(), Stage::Push));
+        }
+        let manifest = match &svc.manifest {
+            Some(m) => {
+                let tmp = self.push_manifest(s, m, target).await?;
+                t.bytes_sent += m.len() as u64;
+                Some(tmp)
+            }
+            None => None,
+        };
+        t.bytes_saved = svc.size.saturating_sub(t.bytes_sent);
+        s.step(
+            &ops::place(&tmp, target, &svc.prefixes, manifest.as_deref()),
+            Stage::Push,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The sha256 of `path` on the host (empty when there is no such file).
+    async fn host_sha256(&self, s: &HostSession, path: &str) -> Result<String, HostError> {
+        let out = s.step(&ops::sha256(path), Stage::Push).await?;
+        Ok(ops::parse_sha256(&out.stdout).unwrap_or_default())
+    }
+
+    /// Uploads the whole image to `tmp`; returns the bytes sent.
+    async fn upload(
+        &self,
+        s: &HostSession,
+        svc: &ServicePlan,
+        tmp: &str,
+        image: &str,
+    ) -> Result<u64, HostError> {
         self.ev
             .emit(self.host_name(), Event::PushStarted { bytes: svc.size });
         let progress = |sent: u64| self.ev.emit(self.host_name(), Event::PushProgress { sent });
-        let image = basename(target).to_owned();
         let receive = if test_fault("stall-upload") {
-            ops::receive_stalled(&tmp)
+            ops::receive_stalled(tmp)
         } else {
-            ops::receive(&tmp)
+            ops::receive(tmp)
         };
         let upload = s.remote.upload(&svc.local, &receive.text, &progress);
+        let tmp = tmp.to_owned();
         let sent = tokio::select! {
             sent = upload => sent,
             () = self.stop.after(1) => {
@@ -443,9 +560,10 @@ impl<E: Events> Run<'_, E> {
                 // clears it under the lock.
                 let removed = s.run(&ops::remove(&[tmp]), Stage::Push).await;
                 let cause = match e {
-                    RemoteError::HostRefused { says, .. } if removed.is_ok() => {
-                        Cause::NotStored { image, says }
-                    }
+                    RemoteError::HostRefused { says, .. } if removed.is_ok() => Cause::NotStored {
+                        image: image.to_owned(),
+                        says,
+                    },
                     e => Cause::from(e),
                 };
                 return Err(cause.at(s.host(), Stage::Push));
@@ -454,26 +572,6 @@ impl<E: Events> Run<'_, E> {
         if test_fault("corrupt-upload") {
             s.step(&ops::corrupt(&tmp), Stage::Push).await?;
         }
-        let got = ops::parse_sha256(&s.step(&ops::sha256(&tmp), Stage::Push).await?.stdout)
-            .unwrap_or_default();
-        if got != svc.sha256 {
-            let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
-            return Err(Cause::Corrupt {
-                image,
-                got,
-                want: svc.sha256.clone(),
-            }
-            .at(s.host(), Stage::Push));
-        }
-        let manifest = match &svc.manifest {
-            Some(m) => Some(self.push_manifest(s, m, target).await?),
-            None => None,
-        };
-        s.step(
-            &ops::place(&tmp, target, &svc.prefixes, manifest.as_deref()),
-            Stage::Push,
-        )
-        .await?;
         Ok(sent)
     }
 

@@ -10,6 +10,8 @@
 //!   declares (images from before these files declare their name);
 //! - `/var/lib/attache/manifests/FILE.raw.json`: the image's manifest (what
 //!   it holds, as packed into it), for `attache diff`;
+//! - `/var/lib/attache/signatures/FILE.raw.sig`: the image's block
+//!   signature, the basis of a delta upgrade (see [`delta`]);
 //! - `/var/lib/attache/NAME.previous`: what `attache rollback` goes back to;
 //! - `/var/lib/attache/unlink`: detaches one image's units by hand, where
 //!   portabled before 257 would take other images along;
@@ -531,7 +533,7 @@ pub fn place(tmp: &str, target: &str, prefixes: &[String], manifest: Option<&str
     )
 }
 
-/// Deletes images with their prefix records and manifests.
+/// Deletes images with their prefix records, manifests and signatures.
 pub fn prune(images: &[String]) -> Script {
     let mut paths = images.to_vec();
     paths.extend(
@@ -540,6 +542,7 @@ pub fn prune(images: &[String]) -> Script {
             .map(|i| format!("{STATE_DIR}/prefixes/{}", crate::names::basename(i))),
     );
     paths.extend(images.iter().map(|i| manifest_path(i)));
+    paths.extend(images.iter().map(|i| delta::signature_path(i)));
     Script::new("removing old images", format!("rm -f {}", words(&paths)))
 }
 
@@ -947,6 +950,7 @@ pub fn check_retries(c: &Check) -> u32 {
     }
 }
 
+pub mod delta;
 mod revert;
 pub use revert::*;
 mod settings;

@@ -85,6 +85,22 @@ pub struct ServiceReport {
     /// What changes in the service's per-host settings (never a value).
     pub settings: Vec<String>,
     pub outcome: Outcome,
+    #[serde(flatten)]
+    pub transfer: Transfer,
+}
+
+/// How an image reached the host (all zero and `None` when it was there).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Transfer {
+    /// Bytes sent for this image: its signature (for the next upgrade) and
+    /// the delta, or the whole image (or both, when a delta failed).
+    pub bytes_sent: u64,
+    /// What the delta spared: the image's size less the bytes sent.
+    pub bytes_saved: u64,
+    /// The image on the host the delta was made against.
+    pub delta_basis: Option<String>,
+    /// Why the whole image was sent instead of a delta.
+    pub full_upload_because: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -93,6 +109,8 @@ pub struct HostReport {
     pub outcome: Outcome,
     pub stages: Vec<StageTime>,
     pub bytes_sent: u64,
+    /// What delta upgrades spared, over all services.
+    pub bytes_saved: u64,
     pub services: Vec<ServiceReport>,
     pub error: Option<String>,
     pub rollback_error: Option<String>,
@@ -105,6 +123,7 @@ impl HostReport {
             outcome: Outcome::Failed,
             stages: Vec::new(),
             bytes_sent: 0,
+            bytes_saved: 0,
             services: Vec::new(),
             error: None,
             rollback_error: None,

@@ -37,7 +37,10 @@
 //! attache writes the squashfs itself ([`writer`], format in [`sqfs`]);
 //! backhand is used only to read images back. Each file is read once;
 //! duplicates (hard links, or same size and BLAKE3, small files included)
-//! are found before compressing and share the first copy's data; blocks are
+//! are found before compressing and share the first copy's data; a store
+//! path's small files fill fragment blocks of their own, so an upgrade that
+//! changes one store path leaves the others' bytes as they were (what a
+//! delta upgrade relies on); blocks are
 //! compressed on all cores and written in a fixed order, so the image is the
 //! same byte for byte whatever the number of threads. Memory stays at a few
 //! blocks per thread plus the metadata tables. Measured against mksquashfs in

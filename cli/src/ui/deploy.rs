@@ -295,6 +295,7 @@ warning: web1: demo_1.0.raw is already there
             previous: None,
             outcome: Outcome::Healthy,
             settings: Vec::new(),
+            transfer: Default::default(),
         }
     }
 

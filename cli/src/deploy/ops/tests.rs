@@ -155,6 +155,9 @@ fn pruning_keeps_newest_attached_and_previous() {
     assert!(prune(&["/p/demo_1.raw".into()])
         .text
         .contains("/var/lib/attache/prefixes/demo_1.raw"));
+    assert!(prune(&["/p/demo_1.raw".into()])
+        .text
+        .contains("/var/lib/attache/signatures/demo_1.raw.sig"));
 }
 
 #[test]
@@ -267,6 +270,10 @@ fn scripts_pass_shellcheck() {
             lines: Some(5),
             follow: true,
         }),
+        delta::signatures(Some("/b.raw")),
+        delta::signatures(None),
+        delta::store_signature("/b.raw"),
+        delta::apply("/d"),
         portablectl("x-1", &c),
         portablectl(
             "x-2",

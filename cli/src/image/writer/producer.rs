@@ -6,6 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 
@@ -30,6 +31,7 @@ pub(super) fn produce(
         order,
         fragment: pool.take(),
         fragments: 0,
+        fragment_owner: None,
         scratch: Vec::new(),
         by_inode: HashMap::new(),
         by_content: HashMap::new(),
@@ -63,6 +65,8 @@ struct Producer<'p> {
     order: SyncSender<Msg>,
     fragment: Vec<u8>,
     fragments: u32,
+    /// The store path whose small files fill the current fragment block.
+    fragment_owner: Option<Vec<u8>>,
     scratch: Vec<u8>,
     by_inode: HashMap<(u64, u64), usize>,
     by_content: HashMap<(u64, [u8; 32]), usize>,
@@ -74,6 +78,14 @@ struct Producer<'p> {
     /// Messages for the next [`Msg::Batch`].
     batch: Vec<Msg>,
     stats: Stats,
+}
+
+/// `/nix/store/HASH-NAME` of a file under it, as bytes.
+fn store_path(path: &Path) -> Option<&[u8]> {
+    let b = path.as_os_str().as_bytes();
+    let rest = b.strip_prefix(b"/nix/store/")?;
+    let end = rest.iter().position(|&c| c == b'/').unwrap_or(rest.len());
+    Some(&b[..b"/nix/store/".len() + end])
 }
 
 /// The sizes shared by files that are not hard links of each other.
@@ -140,7 +152,7 @@ impl Producer<'_> {
     }
 
     fn run(&mut self, files: &[(&Path, &Content)]) -> Result<(), Stop> {
-        for (i, (_, content)) in files.iter().enumerate() {
+        for (i, (path, content)) in files.iter().enumerate() {
             let size = content.size();
             let inode = match content {
                 Content::Disk { dev, ino, .. } => Some((*dev, *ino)),
@@ -156,7 +168,7 @@ impl Producer<'_> {
                 continue;
             }
             let msg = if size < self.block_size as u64 {
-                self.small_file(i, content)?
+                self.small_file(i, store_path(path), content)?
             } else {
                 self.data_file(i, content)?
             };
@@ -177,8 +189,17 @@ impl Producer<'_> {
         self.flush_batch()
     }
 
-    /// A file smaller than a block: a duplicate, or appended to the fragment block.
-    fn small_file(&mut self, i: usize, content: &Content) -> Result<Msg, Stop> {
+    /// A file smaller than a block: a duplicate, or appended to the fragment
+    /// block. A store path's small files start a fragment block of their
+    /// own, so one changed store path leaves every other path's fragment
+    /// blocks the same bytes (what a delta upgrade finds again): measured
+    /// in `cli/benches/RESULTS.md`.
+    fn small_file(
+        &mut self,
+        i: usize,
+        owner: Option<&[u8]>,
+        content: &Content,
+    ) -> Result<Msg, Stop> {
         let size = content.size();
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
@@ -196,8 +217,14 @@ impl Producer<'_> {
         } else {
             None
         };
-        if self.fragment.len() + buf.len() > self.block_size {
+        let new_owner = owner != self.fragment_owner.as_deref();
+        if (new_owner && !self.fragment.is_empty())
+            || self.fragment.len() + buf.len() > self.block_size
+        {
             self.flush_fragment()?;
+        }
+        if new_owner {
+            self.fragment_owner = owner.map(<[u8]>::to_vec);
         }
         let offset = self.fragment.len() as u32;
         self.fragment.extend_from_slice(&buf);
