@@ -500,7 +500,7 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]
-    pub nix: NixBin,
+    pub nix: NixArgs,
 }
 
 /// The host and service `rollback` and `detach` act on.
@@ -517,7 +517,7 @@ pub struct HostServiceArgs {
     #[arg(long, value_name = "PROFILE")]
     pub profile: Option<String>,
     #[command(flatten)]
-    pub nix: NixBin,
+    pub nix: NixArgs,
 }
 
 /// Free a host whose deploy lock is held by an attache that is gone.
@@ -542,7 +542,7 @@ pub struct UnlockArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]
-    pub nix: NixBin,
+    pub nix: NixArgs,
 }
 
 /// Show what is inside a portable image, offline, and whether portabled would
@@ -618,7 +618,7 @@ pub struct LogsArgs {
     #[command(flatten)]
     pub fleet: FleetArgs,
     #[command(flatten)]
-    pub nix: NixBin,
+    pub nix: NixArgs,
 }
 
 /// The builder of portableService's `nix build`, inside the Nix sandbox:
@@ -691,6 +691,33 @@ mod tests {
 
     /// The Nix flags people type by habit work without `--`, with their
     /// values, on build and deploy alike; `--` still passes anything else.
+    /// The commands that read the inventory evaluate the same flake, so
+    /// they take the same Nix flags (the nixpkgs-style example needs them
+    /// offline).
+    #[test]
+    fn commands_that_read_the_inventory_take_nix_flags() {
+        for cmd in ["status", "rollback", "detach", "unlock", "logs"] {
+            let mut argv = vec!["attache", cmd, "h1"];
+            if matches!(cmd, "rollback" | "detach") {
+                argv.push("svc");
+            }
+            argv.extend(["--override-input", "nixpkgs", "path:./stub", "--impure"]);
+            let c = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{cmd}: {e}"));
+            let nix = match &c.command {
+                Command::Status(a) => &a.nix,
+                Command::Rollback(a) | Command::Detach(a) => &a.nix,
+                Command::Unlock(a) => &a.nix,
+                Command::Logs(a) => &a.nix,
+                _ => panic!("{cmd}"),
+            };
+            assert_eq!(
+                nix.to_nix(),
+                ["--impure", "--override-input", "nixpkgs", "path:./stub"],
+                "{cmd}"
+            );
+        }
+    }
+
     #[test]
     fn nix_flags_are_taken_as_nix_spells_them() {
         let c = Cli::try_parse_from([

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::cli::SshArgs;
+use crate::cli::{NixArgs, SshArgs};
 use crate::error::Error;
 use crate::inventory;
 use crate::nix::{Nix, NixError};
@@ -44,7 +44,7 @@ pub type Target = (String, Destination, Elevation);
 pub fn resolve(
     names: &[String],
     flake: &str,
-    nix: &Path,
+    nix: &NixArgs,
     ssh: &SshArgs,
 ) -> Result<Vec<Target>, Error> {
     Ok(resolve_with_profiles(names, flake, nix, ssh)?
@@ -57,7 +57,7 @@ pub fn resolve(
 pub fn resolve_one(
     host: &str,
     flake: &str,
-    nix: &Path,
+    nix: &NixArgs,
     ssh: &SshArgs,
 ) -> Result<(Target, Option<String>), Error> {
     resolve_with_profiles(&[host.to_owned()], flake, nix, ssh)?
@@ -77,12 +77,12 @@ fn no_flake_here(flake: &str) -> bool {
 fn resolve_with_profiles(
     names: &[String],
     flake: &str,
-    nix: &Path,
+    nix: &NixArgs,
     ssh: &SshArgs,
 ) -> Result<Vec<(Target, Option<String>)>, Error> {
     // `user@host` is never an inventory name: no need to evaluate the flake.
     let all_ssh = !names.is_empty() && names.iter().all(|n| n.contains('@') && !n.starts_with('@'));
-    let nix = Nix::new(nix.to_owned(), Vec::new());
+    let nix = Nix::new(nix.bin.path.clone(), nix.to_nix());
     let inv = if all_ssh || no_flake_here(flake) {
         None
     } else {

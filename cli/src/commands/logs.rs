@@ -15,7 +15,7 @@ pub fn run(args: &LogsArgs, ui: &Ui) -> Result<(), Error> {
     let targets = hosts::resolve(
         std::slice::from_ref(&args.host),
         &args.fleet.flake,
-        &args.nix.path,
+        &args.nix,
         &args.fleet.ssh,
     )?;
     let q = JournalQuery {

@@ -11,12 +11,8 @@ use crate::error::Error;
 use crate::ui::Ui;
 
 pub fn run(args: &HostServiceArgs, ui: &Ui) -> Result<(), Error> {
-    let ((name, dest, elev), inventory_profile) = hosts::resolve_one(
-        &args.host,
-        &args.fleet.flake,
-        &args.nix.path,
-        &args.fleet.ssh,
-    )?;
+    let ((name, dest, elev), inventory_profile) =
+        hosts::resolve_one(&args.host, &args.fleet.flake, &args.nix, &args.fleet.ssh)?;
     let profile = args
         .profile
         .clone()

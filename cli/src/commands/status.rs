@@ -11,12 +11,7 @@ use crate::remote::{Destination, Elevation, SshOptions};
 use crate::ui::{self, Ui};
 
 pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
-    let hosts = hosts::resolve(
-        &args.hosts,
-        &args.fleet.flake,
-        &args.nix.path,
-        &args.fleet.ssh,
-    )?;
+    let hosts = hosts::resolve(&args.hosts, &args.fleet.flake, &args.nix, &args.fleet.ssh)?;
     let opts = ssh_options(&args.fleet.ssh);
     // Reading is harmless: a failure stops nothing.
     let results = hosts::runtime()?.block_on(hosts::on_hosts(

@@ -10,12 +10,8 @@ use crate::error::Error;
 use crate::ui::Ui;
 
 pub fn run(args: &UnlockArgs, ui: &Ui) -> Result<(), Error> {
-    let ((name, dest, elev), _) = hosts::resolve_one(
-        &args.host,
-        &args.fleet.flake,
-        &args.nix.path,
-        &args.fleet.ssh,
-    )?;
+    let ((name, dest, elev), _) =
+        hosts::resolve_one(&args.host, &args.fleet.flake, &args.nix, &args.fleet.ssh)?;
     let opts = ssh_options(&args.fleet.ssh);
     let rt = hosts::runtime()?;
     let s = rt
