@@ -250,7 +250,13 @@ pub async fn rollback_service(
     s.step(&ops::swap_settings(service, &[]), Stage::Rollback)
         .await?;
     for c in &calls {
-        portablectl(s, c, service).await?;
+        if let Err(e) = portablectl(s, c, service).await {
+            // The image stayed: so do its settings.
+            let _ = s
+                .run(&ops::swap_settings(service, &[]), Stage::Rollback)
+                .await;
+            return Err(e);
+        }
     }
     // The units to check are the old image's: known now only if something
     // was attached before (its units), else read back after the attach.

@@ -348,9 +348,9 @@ impl<E: Events> Run<'_, E> {
         facts: &HostFacts,
         r: &mut HostReport,
     ) -> Result<(), HostError> {
-        if plan.steps.iter().any(|st| st.upload) {
-            s.step(&ops::clear_partials(), Stage::Push).await?;
-        }
+        // Every time, not only before an upload: a cut deploy's leftovers
+        // (possibly a whole image) must not wait for the next upgrade.
+        s.step(&ops::clear_partials(), Stage::Push).await?;
         for (i, step) in plan.steps.iter().enumerate() {
             let svc = &self.plan.services[step.service];
             if step.upload {
@@ -431,15 +431,6 @@ impl<E: Events> Run<'_, E> {
         let tmp = ops::partial_path(target);
         let image = basename(target).to_owned();
         let local = delta::Local::read(svc).await;
-        if let Ok(local) = &local {
-            match delta::store_signature(s, local, target).await {
-                Ok(n) => t.bytes_sent += n,
-                Err(why) => self.note(&format!(
-                    "{}: the image's signature could not be stored, so its next upgrade sends it whole: {why}",
-                    svc.name
-                )),
-            }
-        }
         let sent = match &local {
             // The stalled upload the test fault makes is the full one.
             Ok(_) if test_fault("stall-upload") => Err("the test fault stall-upload".to_owned()),
@@ -511,12 +502,23 @@ impl<E: Events> Run<'_, E> {
             }
             None => None,
         };
-        t.bytes_saved = svc.size.saturating_sub(t.bytes_sent);
         s.step(
             &ops::place(&tmp, target, &svc.prefixes, manifest.as_deref()),
             Stage::Push,
         )
         .await?;
+        // Only once the image is in place: a signature must describe the
+        // bytes at its name, or the next delta picks a basis that fails.
+        if let Ok(local) = &local {
+            match delta::store_signature(s, local, target).await {
+                Ok(n) => t.bytes_sent += n,
+                Err(why) => self.note(&format!(
+                    "{}: the image's signature could not be stored, so its next upgrade sends it whole: {why}",
+                    svc.name
+                )),
+            }
+        }
+        t.bytes_saved = svc.size.saturating_sub(t.bytes_sent);
         Ok(())
     }
 

@@ -431,13 +431,18 @@ pub fn partial_path(target: &str) -> String {
     )
 }
 
-/// Leftovers of an interrupted upload (we hold the host's lock); makes the
-/// image directory on a host that never had one, since reading the host
-/// (as `--dry-run` and `status` do) creates nothing.
+/// Leftovers of an interrupted deploy (we hold the host's lock): partial
+/// uploads, half-written signatures, settings staged but never switched.
+/// Makes the image directory on a host that never had one, since reading
+/// the host (as `--dry-run` and `status` do) creates nothing.
 pub fn clear_partials() -> Script {
     Script::new(
         "removing partial uploads",
-        format!("mkdir -p {PORTABLES} && rm -f {PORTABLES}/.*.attache-partial"),
+        format!(
+            "mkdir -p {PORTABLES} && rm -f {PORTABLES}/.*.attache-partial {sigs}/*.sig.tmp && rm -rf {settings}/next/*",
+            sigs = delta::SIGNATURES,
+            settings = settings::SETTINGS_DIR,
+        ),
     )
 }
 

@@ -27,7 +27,7 @@ pub fn credential_path(service: &str, name: &str) -> String {
 /// install or remove the drop-ins of a service's live directory; `restore`
 /// puts back what a deploy replaced and fails when there is nothing to.
 pub const SETTINGS_FNS: &str = r#"S=/var/lib/attache/settings
-unplug() { for f in "$S/live/$1/units/"*.conf; do [ -f "$f" ] || continue; u=${f##*/}; u=${u%.conf}; rm -f "/etc/systemd/system/$u.d/attache.conf"; rmdir "/etc/systemd/system/$u.d" 2>/dev/null; done; true; }
+unplug() { for f in "$S/live/$1/units/"*.conf; do [ -f "$f" ] || continue; u=${f##*/}; u=${u%.conf}; rm -f "/etc/systemd/system/$u.d/attache.conf"; rmdir "/etc/systemd/system/$u.d" 2>/dev/null || true; done; true; }
 plug() { for f in "$S/live/$1/units/"*.conf; do [ -f "$f" ] || continue; u=${f##*/}; u=${u%.conf}; d="/etc/systemd/system/$u.d"; mkdir -p "$d" && cp "$f" "$d/attache.conf.tmp" && mv -f "$d/attache.conf.tmp" "$d/attache.conf" || return 1; done; true; }
 restore() { [ -d "$S/before/$1" ] || return 1; unplug "$1"; rm -rf "$S/live/$1"; mv "$S/before/$1" "$S/live/$1" && plug "$1"; }
 "#;
@@ -115,8 +115,11 @@ pub fn stage(service: &str, dropins: &BTreeMap<String, String>, keep: &[String])
     let next = format!("{SETTINGS_DIR}/next/{service}");
     let live = format!("{SETTINGS_DIR}/live/{service}");
     let mut s = format!(
-        "set -e\numask 077\nmkdir -p {SETTINGS_DIR}\nchmod 0700 {SETTINGS_DIR}\nrm -rf {n}\nmkdir -p {n}/units {n}/credentials\n",
-        n = quote(&next)
+        "set -e\numask 077\nmkdir -p {SETTINGS_DIR}\nchmod 0700 {SETTINGS_DIR}\nrm -rf {n} {b}\nmkdir -p {n}/units {n}/credentials\n",
+        n = quote(&next),
+        // A `before` left by an earlier deploy that ended badly is not
+        // this deploy's to restore.
+        b = quote(&format!("{SETTINGS_DIR}/before/{service}"))
     );
     for (unit, text) in dropins {
         s += &format!(

@@ -455,3 +455,42 @@ fn revert_puts_settings_back_first() {
     let restore = body.find("if restore 'conf'").unwrap();
     assert!(restore < body.find("portablectl").unwrap(), "{body}");
 }
+
+/// An admin's own drop-in (`systemctl edit`) next to ours keeps the unit's
+/// `.d` directory: switching settings must go on, and putting them back
+/// must bring ours back.
+#[test]
+fn settings_switch_beside_an_admins_own_drop_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_str().unwrap().to_owned();
+    let s = format!("{root}/settings");
+    let etc = format!("{root}/etc/");
+    std::fs::create_dir_all(format!("{s}/live/svc/units")).unwrap();
+    std::fs::create_dir_all(format!("{s}/next/svc/units")).unwrap();
+    std::fs::create_dir_all(format!("{etc}u.service.d")).unwrap();
+    std::fs::write(format!("{s}/live/svc/units/u.service.conf"), "old\n").unwrap();
+    std::fs::write(format!("{s}/next/svc/units/u.service.conf"), "new\n").unwrap();
+    std::fs::write(format!("{etc}u.service.d/attache.conf"), "old\n").unwrap();
+    std::fs::write(format!("{etc}u.service.d/override.conf"), "admin\n").unwrap();
+    let run = |text: String| {
+        let text = text
+            .replace("/var/lib/attache/settings", &s)
+            .replace("/etc/systemd/system/", &etc);
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("systemctl() {{ :; }}\n{text}"))
+            .output()
+            .unwrap()
+    };
+    let ours = format!("{etc}u.service.d/attache.conf");
+    let out = run(apply("svc", &[]).text);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&ours).unwrap(), "new\n");
+    let out = run(restore("svc", &[]).text);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read_to_string(&ours).unwrap(), "old\n");
+    assert_eq!(
+        std::fs::read_to_string(format!("{etc}u.service.d/override.conf")).unwrap(),
+        "admin\n"
+    );
+}
