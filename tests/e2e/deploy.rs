@@ -428,35 +428,17 @@ fn connection_killed_during_upload() {
 #[test]
 fn concurrent_deploys_to_one_host() {
     let t = target(Guest::Bookworm, "lock");
-    // Build once, so both deploys reach the host at about the same time.
-    let out = tempfile::tempdir().unwrap();
-    let o = out.path().display().to_string();
-    attache_in(
-        &repo(),
-        t.cache.path(),
-        &["build", "-o", &o, "./examples/demo#demo"],
-    )
-    .ok();
-    let a = t.deploy_in_background(&["./examples/demo#demo"], &[]);
-    let b = t.deploy_in_background(&["./examples/demo#demo"], &[]);
-    let (a, b) = (a.join(), b.join());
-    let mut codes = [a.code, b.code];
-    codes.sort();
-    assert_eq!(
-        codes,
-        [0, 3],
-        "a:\n{}\n{}\nb:\n{}\n{}",
-        a.stdout,
-        a.stderr,
-        b.stdout,
-        b.stderr
-    );
-    let loser = if a.code == 3 { a } else { b };
+    // The first deploy holds the lock, paused just before its upload, for
+    // as long as the second needs: no race between two starts decides
+    // which one loses (under load, the two can miss each other).
+    let a = t.deploy_paused(&["./examples/demo#demo"], &[], "before-push", 40);
+    let loser = t.deploy(&["./examples/demo#demo"], &[]).fails(3);
     let err = host_report(&loser)["error"].as_str().unwrap().to_owned();
     assert!(
         err.contains("another attache is deploying to this host") && err.contains(" pid "),
         "{err}"
     );
+    a.join().ok();
     assert_eq!(
         t.root_image("demo.service"),
         "/var/lib/portables/demo_1.0.raw"
