@@ -15,7 +15,8 @@
 //! - `report`, `error`: what a host ends with.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::build::BuiltUnit;
@@ -113,8 +114,11 @@ pub async fn deploy_host<E: Events>(
         settings: &settings,
         ev: &ev,
         stop: &stop,
+        trips: OnceLock::new(),
     };
-    match run.host(&mut r).await {
+    let result = run.host(&mut r).await;
+    r.round_trips = run.trips();
+    match result {
         Ok(outcome) => r.outcome = outcome,
         Err(e) => {
             // A terminal's Ctrl-C also reaches an ssh still logging in; a
@@ -144,20 +148,29 @@ struct Run<'a, E> {
     settings: &'a Settings,
     ev: &'a E,
     stop: &'a Interrupt,
+    /// The host connection's count of commands, once connected.
+    trips: OnceLock<Arc<AtomicU32>>,
 }
 
-/// Times a stage into the report.
-struct Timer {
+/// Times a stage, and counts its round-trips, into the report.
+struct Timer<'a> {
     stage: Stage,
     start: Instant,
+    trips: &'a OnceLock<Arc<AtomicU32>>,
+    trips_before: u32,
 }
 
-impl Timer {
+fn trips_now(trips: &OnceLock<Arc<AtomicU32>>) -> u32 {
+    trips.get().map_or(0, |t| t.load(Ordering::Relaxed))
+}
+
+impl Timer<'_> {
     fn end(self, r: &mut HostReport, ok: bool) {
         r.stages.push(StageTime {
             stage: self.stage,
             ms: self.start.elapsed().as_millis(),
             ok,
+            round_trips: trips_now(self.trips) - self.trips_before,
         });
     }
 }
@@ -167,12 +180,18 @@ impl<E: Events> Run<'_, E> {
         &self.plan.name
     }
 
-    fn stage(&self, stage: Stage) -> Timer {
+    fn stage(&self, stage: Stage) -> Timer<'_> {
         self.ev.emit(self.host_name(), Event::Stage(stage));
         Timer {
             stage,
             start: Instant::now(),
+            trips: &self.trips,
+            trips_before: self.trips(),
         }
+    }
+
+    fn trips(&self) -> u32 {
+        trips_now(&self.trips)
     }
 
     fn note(&self, msg: &str) {
@@ -192,6 +211,9 @@ impl<E: Events> Run<'_, E> {
         let t = self.stage(Stage::Connect);
         let s =
             HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
+        if let Ok(s) = &s {
+            let _ = self.trips.set(s.remote.trips());
+        }
         t.end(r, s.is_ok());
         let mut s = s?;
         // A dry run only reads, and must leave the host as it was: taking
