@@ -511,20 +511,29 @@ impl<E: Events> Run<'_, E> {
             }
             .at(s.host(), Stage::Push));
         }
-        let manifest = match &svc.manifest {
-            Some(m) => {
-                let tmp = self.push_manifest(s, m, target).await?;
-                t.bytes_sent += m.len() as u64;
-                Some(tmp)
-            }
-            None => None,
+        let Some(m) = &svc.manifest else {
+            t.bytes_saved = svc.size.saturating_sub(t.bytes_sent);
+            s.step(&ops::place(&tmp, target, &svc.prefixes, None), Stage::Push)
+                .await?;
+            return Ok(());
         };
+        // The manifest rides on the stdin of the command that places both.
+        t.bytes_sent += m.len() as u64;
         t.bytes_saved = svc.size.saturating_sub(t.bytes_sent);
-        s.step(
-            &ops::place(&tmp, target, &svc.prefixes, manifest.as_deref()),
-            Stage::Push,
-        )
-        .await?;
+        let mtmp = ops::partial_path(&format!("{target}.json"));
+        let place = ops::receive_then(&mtmp, &ops::place(&tmp, target, &svc.prefixes, Some(&mtmp)));
+        let out = s
+            .remote
+            .run_with_input(&place.text, place.doing, m)
+            .await
+            .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
+        if !out.success() {
+            return Err(Cause::Step {
+                doing: place.doing.to_owned(),
+                output: out.tail(),
+            }
+            .at(s.host(), Stage::Push));
+        }
         Ok(())
     }
 

@@ -449,6 +449,18 @@ pub fn clear_then(then: &Script) -> Script {
     )
 }
 
+/// Streams stdin into `tmp` (which must work), then runs `then`.
+pub fn receive_then(tmp: &str, then: &Script) -> Script {
+    Script::new(
+        then.doing,
+        format!(
+            "( umask 077; exec cat > {} ) || exit 1\n{}",
+            quote(tmp),
+            then.text
+        ),
+    )
+}
+
 /// Streams stdin into `tmp`.
 pub fn receive(tmp: &str) -> Script {
     Script::new("uploading", format!("umask 077; exec cat > {}", quote(tmp)))

@@ -259,6 +259,7 @@ fn scripts_pass_shellcheck() {
         facts(&["/a.raw".into()], true),
         clear_partials(),
         clear_then(&facts(&[], false)),
+        receive_then("/m", &place("/a", "/b.raw", &["b".into()], Some("/m"))),
         batch(&[
             Part::from(disarm()),
             Part {
