@@ -155,6 +155,9 @@ pub struct Remote {
     session: Arc<Session>,
     elevation: Elevation,
     login_user: String,
+    /// Commands run on the host so far: each is one round-trip over the
+    /// multiplexed connection, what a deploy's speed mostly is.
+    trips: Arc<std::sync::atomic::AtomicU32>,
     _control_dir: tempfile::TempDir,
 }
 
@@ -213,6 +216,7 @@ impl Remote {
             session: Arc::new(session),
             elevation: Elevation::None,
             login_user: String::new(),
+            trips: Arc::default(),
             _control_dir: control_dir,
         };
         // Ask the host who we are instead of guessing from the user name.
@@ -252,6 +256,7 @@ impl Remote {
 
     /// Runs `script` with `sh -c` as the login user.
     async fn run_plain(&self, script: &str, doing: &str) -> Result<RemoteOutput, RemoteError> {
+        self.count();
         let out = self
             .session
             .command("sh")
@@ -288,6 +293,7 @@ impl Remote {
         &self,
         script: &str,
     ) -> Result<openssh::Child<Arc<Session>>, RemoteError> {
+        self.count();
         Session::to_command(self.session.clone(), "sh")
             .arg("-c")
             .arg(self.as_root(script))
@@ -307,6 +313,7 @@ impl Remote {
         script: &str,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, RemoteError> {
+        self.count();
         let mut child = self
             .session
             .command("sh")
@@ -376,6 +383,7 @@ impl Remote {
         doing: &str,
         input: &[u8],
     ) -> Result<RemoteOutput, RemoteError> {
+        self.count();
         let mut child = self
             .session
             .command("sh")
@@ -404,6 +412,16 @@ impl Remote {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    fn count(&self) {
+        self.trips
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The count of commands run on the host so far, live.
+    pub fn trips(&self) -> Arc<std::sync::atomic::AtomicU32> {
+        self.trips.clone()
     }
 
     fn lost(&self, doing: &str, e: impl std::fmt::Display) -> RemoteError {

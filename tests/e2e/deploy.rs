@@ -22,6 +22,7 @@ fn main_path(guest: Guest) {
     assert_eq!(h["outcome"], "healthy");
     assert_eq!(h["services"][0]["action"], "attach");
     assert!(h["bytes_sent"].as_u64().unwrap() > 0);
+    let first_trips = round_trips(&h);
     assert!(t.page(8080).contains("attache demo 1.0"));
     assert_eq!(
         t.root_image("demo.service"),
@@ -40,6 +41,8 @@ fn main_path(guest: Guest) {
     assert_eq!(h["bytes_sent"], 0);
     assert_eq!(h["services"][0]["action"], "unchanged");
     assert_eq!(h["outcome"], "healthy");
+    let unchanged_trips = round_trips(&h);
+    assert!(unchanged_trips <= UNCHANGED_TRIPS, "{h}");
 
     // Upgrade: reattach, new content served.
     let r = t.deploy(&["./examples/demo#demo-v2"], &[]);
@@ -50,6 +53,8 @@ fn main_path(guest: Guest) {
         h["services"][0]["previous"],
         "/var/lib/portables/demo_1.0.raw"
     );
+    let upgrade_trips = round_trips(&h);
+    eprintln!("{guest}: round-trips: first deploy {first_trips}, unchanged {unchanged_trips}, upgrade {upgrade_trips}");
     assert!(t.page(8080).contains("attache demo 2.0"));
     assert_eq!(
         t.root_image("demo.service"),
@@ -110,6 +115,24 @@ fn main_path(guest: Guest) {
         "{guest}: main deploy path in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// At most this many commands run on the host for an unchanged redeploy:
+/// connect, lock, read the host, check the service (units and checks at once,
+/// no settle time: it was running and nothing changed).
+const UNCHANGED_TRIPS: u64 = 4;
+
+/// The host's round-trips, which its stages account for.
+fn round_trips(h: &serde_json::Value) -> u64 {
+    let total = h["round_trips"].as_u64().unwrap();
+    let staged: u64 = h["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|st| st["round_trips"].as_u64().unwrap())
+        .sum();
+    assert!(staged <= total && total > 0, "{h}");
+    total
 }
 
 #[test]

@@ -71,33 +71,60 @@ fn unhealthy(s: &HostSession, image: &str, reason: String) -> HostError {
     .at(s.host(), Stage::Health)
 }
 
+/// Checks a service: its units (sampled twice, a `settle` time apart;
+/// once when `settle` is `None`, for a service that did not change and so
+/// has nothing to settle) and then the inventory's checks, whose first
+/// attempts share the last sample's round-trip.
 pub async fn health(
     s: &HostSession,
     svc: &ServicePlan,
     image: &str,
-    settle: Duration,
+    settle: Option<Duration>,
 ) -> Result<(), HostError> {
     let units = units_to_check(&svc.units);
-    if !units.is_empty() {
-        let show = ops::show(&units);
-        let before = ops::parse_show(&s.step(&show, Stage::Health).await?.stdout);
+    let show = ops::show(&units);
+    let mut before = None;
+    if let (Some(settle), false) = (settle, units.is_empty()) {
+        before = Some(ops::parse_show(&s.step(&show, Stage::Health).await?.stdout));
         tokio::time::sleep(settle).await;
-        let after = ops::parse_show(&s.step(&show, Stage::Health).await?.stdout);
-        judge(&units, &before, &after, image).map_err(|r| unhealthy(s, image, r))?;
     }
-    for check in &svc.checks {
-        run_check(s, check, image).await?;
+    let mut parts = Vec::new();
+    if !units.is_empty() {
+        parts.push(ops::Part::from(show));
+    }
+    let checks_at = parts.len();
+    parts.extend(svc.checks.iter().map(|c| ops::Part::from(ops::check(c))));
+    let outs = if parts.is_empty() {
+        Vec::new()
+    } else {
+        s.batch(&parts, Stage::Health).await?
+    };
+    if !units.is_empty() {
+        let after = ops::parse_show(s.part_ok(&parts[0], &outs[0], Stage::Health)?);
+        let before = before.as_ref().unwrap_or(&after);
+        judge(&units, before, &after, image).map_err(|r| unhealthy(s, image, r))?;
+    }
+    for (check, first) in svc.checks.iter().zip(&outs[checks_at..]) {
+        run_check(s, check, image, first).await?;
     }
     Ok(())
 }
 
-async fn run_check(s: &HostSession, check: &Check, image: &str) -> Result<(), HostError> {
+/// Tries a check again (its first attempt was `first`) until it passes or
+/// runs out of tries.
+async fn run_check(
+    s: &HostSession,
+    check: &Check,
+    image: &str,
+    first: &ops::PartOutput,
+) -> Result<(), HostError> {
+    if first.success() {
+        return Ok(());
+    }
     let script = ops::check(check);
-    let mut last = String::new();
-    for attempt in 0..ops::check_retries(check) {
-        if attempt > 0 {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+    let mut last = tail(&first.output);
+    for _ in 1..ops::check_retries(check) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let out = s.run(&script, Stage::Health).await?;
         if out.success() {
             return Ok(());
@@ -117,6 +144,12 @@ async fn run_check(s: &HostSession, check: &Check, image: &str) -> Result<(), Ho
             format!("{what}: {last}")
         },
     ))
+}
+
+/// The last lines of a part's output, as [`RemoteOutput::tail`] gives them.
+pub fn tail(output: &str) -> String {
+    let lines: Vec<&str> = output.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(8)..].join("\n")
 }
 
 /// After a rollback: the units the old image runs are up and run from it.

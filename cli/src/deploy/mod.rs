@@ -15,7 +15,8 @@
 //! - `report`, `error`: what a host ends with.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::build::BuiltUnit;
@@ -113,8 +114,11 @@ pub async fn deploy_host<E: Events>(
         settings: &settings,
         ev: &ev,
         stop: &stop,
+        trips: OnceLock::new(),
     };
-    match run.host(&mut r).await {
+    let result = run.host(&mut r).await;
+    r.round_trips = run.trips();
+    match result {
         Ok(outcome) => r.outcome = outcome,
         Err(e) => {
             // A terminal's Ctrl-C also reaches an ssh still logging in; a
@@ -144,20 +148,29 @@ struct Run<'a, E> {
     settings: &'a Settings,
     ev: &'a E,
     stop: &'a Interrupt,
+    /// The host connection's count of commands, once connected.
+    trips: OnceLock<Arc<AtomicU32>>,
 }
 
-/// Times a stage into the report.
-struct Timer {
+/// Times a stage, and counts its round-trips, into the report.
+struct Timer<'a> {
     stage: Stage,
     start: Instant,
+    trips: &'a OnceLock<Arc<AtomicU32>>,
+    trips_before: u32,
 }
 
-impl Timer {
+fn trips_now(trips: &OnceLock<Arc<AtomicU32>>) -> u32 {
+    trips.get().map_or(0, |t| t.load(Ordering::Relaxed))
+}
+
+impl Timer<'_> {
     fn end(self, r: &mut HostReport, ok: bool) {
         r.stages.push(StageTime {
             stage: self.stage,
             ms: self.start.elapsed().as_millis(),
             ok,
+            round_trips: trips_now(self.trips) - self.trips_before,
         });
     }
 }
@@ -167,12 +180,18 @@ impl<E: Events> Run<'_, E> {
         &self.plan.name
     }
 
-    fn stage(&self, stage: Stage) -> Timer {
+    fn stage(&self, stage: Stage) -> Timer<'_> {
         self.ev.emit(self.host_name(), Event::Stage(stage));
         Timer {
             stage,
             start: Instant::now(),
+            trips: &self.trips,
+            trips_before: self.trips(),
         }
+    }
+
+    fn trips(&self) -> u32 {
+        trips_now(&self.trips)
     }
 
     fn note(&self, msg: &str) {
@@ -192,6 +211,9 @@ impl<E: Events> Run<'_, E> {
         let t = self.stage(Stage::Connect);
         let s =
             HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
+        if let Ok(s) = &s {
+            let _ = self.trips.set(s.remote.trips());
+        }
         t.end(r, s.is_ok());
         let mut s = s?;
         // A dry run only reads, and must leave the host as it was: taking
@@ -259,25 +281,14 @@ impl<E: Events> Run<'_, E> {
         let changes: Vec<&Step> = plan.changes().collect();
         let reverts: Vec<ops::Revert> = changes.iter().filter_map(|c| c.revert.clone()).collect();
         let armed = self.settings.rollback && !changes.is_empty();
-        if armed {
-            let t = self.stage(Stage::Activate);
-            let a = s
-                .step(
-                    &ops::arm(&reverts, self.settings.rollback_after),
-                    Stage::Activate,
-                )
-                .await;
-            t.end(r, a.is_ok());
-            a?;
-            self.stop
-                .armed(self.host_name(), self.settings.rollback_after);
-        }
-        let failure = self.activate_and_check(s, &plan, r).await.err();
+        let arm = armed.then(|| ops::arm(&reverts, self.settings.rollback_after));
+        let failure = self.activate_and_check(s, &plan, arm, r).await.err();
         match failure {
             None => self.confirm(s, &plan, armed, r).await,
+            Some((e, false)) => Err(e),
             // `deploy_host` marks the changed services failed.
-            Some(e) if changes.is_empty() || !self.settings.rollback => Err(e),
-            Some(e) => {
+            Some((e, _)) if changes.is_empty() || !self.settings.rollback => Err(e),
+            Some((e, _)) => {
                 r.error = Some(e.to_string());
                 test_pause("before-rollback").await;
                 let t = self.stage(Stage::Rollback);
@@ -348,9 +359,6 @@ impl<E: Events> Run<'_, E> {
         facts: &HostFacts,
         r: &mut HostReport,
     ) -> Result<(), HostError> {
-        // Every time, not only before an upload: a cut deploy's leftovers
-        // (possibly a whole image) must not wait for the next upgrade.
-        s.step(&ops::clear_partials(), Stage::Push).await?;
         for (i, step) in plan.steps.iter().enumerate() {
             let svc = &self.plan.services[step.service];
             if step.upload {
@@ -494,22 +502,44 @@ impl<E: Events> Run<'_, E> {
             }
             .at(s.host(), Stage::Push));
         }
-        let manifest = match &svc.manifest {
-            Some(m) => {
-                let tmp = self.push_manifest(s, m, target).await?;
-                t.bytes_sent += m.len() as u64;
-                Some(tmp)
-            }
-            None => None,
+        let Some(m) = &svc.manifest else {
+            s.step(&ops::place(&tmp, target, &svc.prefixes, None), Stage::Push)
+                .await?;
+            self.sign(s, svc, &local, target, t).await;
+            return Ok(());
         };
-        s.step(
-            &ops::place(&tmp, target, &svc.prefixes, manifest.as_deref()),
-            Stage::Push,
-        )
-        .await?;
-        // Only once the image is in place: a signature must describe the
-        // bytes at its name, or the next delta picks a basis that fails.
-        if let Ok(local) = &local {
+        // The manifest rides on the stdin of the command that places both.
+        t.bytes_sent += m.len() as u64;
+        let mtmp = ops::partial_path(&format!("{target}.json"));
+        let place = ops::receive_then(&mtmp, &ops::place(&tmp, target, &svc.prefixes, Some(&mtmp)));
+        let out = s
+            .remote
+            .run_with_input(&place.text, place.doing, m)
+            .await
+            .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
+        if !out.success() {
+            return Err(Cause::Step {
+                doing: place.doing.to_owned(),
+                output: out.tail(),
+            }
+            .at(s.host(), Stage::Push));
+        }
+        self.sign(s, svc, &local, target, t).await;
+        Ok(())
+    }
+
+    /// Stores the placed image's signature, the basis of its next delta:
+    /// only once the image is in place, so that a signature always
+    /// describes the bytes at its name. Then counts what the push saved.
+    async fn sign(
+        &self,
+        s: &HostSession,
+        svc: &ServicePlan,
+        local: &Result<delta::Local, String>,
+        target: &str,
+        t: &mut Transfer,
+    ) {
+        if let Ok(local) = local {
             match delta::store_signature(s, local, target).await {
                 Ok(n) => t.bytes_sent += n,
                 Err(why) => self.note(&format!(
@@ -519,7 +549,6 @@ impl<E: Events> Run<'_, E> {
             }
         }
         t.bytes_saved = svc.size.saturating_sub(t.bytes_sent);
-        Ok(())
     }
 
     /// The sha256 of `path` on the host (empty when there is no such file).
@@ -603,35 +632,58 @@ impl<E: Events> Run<'_, E> {
         Ok(tmp)
     }
 
+    /// Activates each changed service in one round-trip (the first one
+    /// arming the host's revert before anything changes, when `arm`), then
+    /// checks every service.
     async fn activate_and_check(
         &self,
         s: &HostSession,
         plan: &Plan,
+        mut arm: Option<ops::Script>,
         r: &mut HostReport,
-    ) -> Result<(), HostError> {
+    ) -> Result<(), (HostError, bool)> {
         for step in plan.changes() {
             let t = self.stage(Stage::Activate);
-            let mut done = Ok(());
+            let svc = &self.plan.services[step.service];
+            let mut parts: Vec<ops::Part> = Vec::new();
+            let armed = arm.take().map(|a| parts.push(a.into())).is_some();
             if step.settings.is_some() {
-                let svc = &self.plan.services[step.service];
                 let restart = if step.action == Action::Restart {
                     health::units_to_check(&svc.units)
                 } else {
                     Vec::new()
                 };
-                done = s
-                    .step(&ops::apply(&svc.name, &restart), Stage::Activate)
-                    .await
-                    .map(drop);
+                parts.push(ops::Part {
+                    script: ops::apply(&svc.name, &restart),
+                    needs: parts.len().checked_sub(1),
+                });
             }
+            let calls_at = parts.len();
             for call in &step.activate {
-                if done.is_err() {
-                    break;
-                }
-                done = portablectl(s, call, &self.plan.services[step.service].name).await;
+                let id = format!(
+                    "{}-{}-{}",
+                    svc.name,
+                    call.verb.as_str(),
+                    session::unix_now()
+                );
+                parts.push(ops::Part {
+                    script: ops::portablectl(&id, call),
+                    needs: parts.len().checked_sub(1),
+                });
+            }
+            if armed {
+                // Said before it is known: a connection lost half-way may
+                // have left the host armed.
+                self.stop
+                    .armed(self.host_name(), self.settings.rollback_after);
+            }
+            let done = self.activated(s, step, &parts, calls_at).await;
+            if armed && done.as_ref().is_err_and(|(i, _)| *i == 0) {
+                self.stop.disarmed(self.host_name());
             }
             t.end(r, done.is_ok());
-            done?;
+            // An arm that failed changed nothing: nothing to put back.
+            done.map_err(|(i, e)| (e, !(armed && i == 0)))?;
         }
         test_pause("after-activate").await;
         for step in &plan.steps {
@@ -640,11 +692,57 @@ impl<E: Events> Run<'_, E> {
                 s,
                 &self.plan.services[step.service],
                 &step.target,
-                self.settings.settle,
+                // Unchanged and running: nothing started, nothing to settle.
+                (step.action != Action::Unchanged).then_some(self.settings.settle),
             )
             .await;
             t.end(r, h.is_ok());
-            h?;
+            h.map_err(|e| (e, true))?;
+        }
+        Ok(())
+    }
+
+    /// Runs one service's activation `parts` (the portablectl calls from
+    /// `calls_at`); on failure, which part failed and why.
+    async fn activated(
+        &self,
+        s: &HostSession,
+        step: &Step,
+        parts: &[ops::Part],
+        calls_at: usize,
+    ) -> Result<(), (usize, HostError)> {
+        if parts.is_empty() {
+            return Ok(());
+        }
+        let outs = s
+            .batch(parts, Stage::Activate)
+            .await
+            .map_err(|e| (usize::MAX, e))?;
+        for (i, out) in outs.iter().enumerate() {
+            if out.success() {
+                continue;
+            }
+            if i < calls_at {
+                match s.part_ok(&parts[i], out, Stage::Activate) {
+                    Err(e) => return Err((i, e)),
+                    Ok(_) => continue,
+                }
+            }
+            let call = &step.activate[i - calls_at];
+            let stage = if call.verb.detaches() {
+                Stage::Rollback
+            } else {
+                Stage::Activate
+            };
+            return Err((
+                i,
+                Cause::Portablectl {
+                    verb: call.verb.as_str(),
+                    image: call.image.clone(),
+                    output: ops::strip_harmless(&health::tail(&out.output)),
+                }
+                .at(s.host(), stage),
+            ));
         }
         Ok(())
     }
@@ -658,10 +756,38 @@ impl<E: Events> Run<'_, E> {
         armed: bool,
         r: &mut HostReport,
     ) -> Result<Outcome, HostError> {
+        if plan.changes().next().is_none() {
+            self.mark_confirmed(r);
+            return Ok(Outcome::Healthy);
+        }
+        // One round-trip disarms, then reads what both the last check and
+        // the pruning need.
+        let units: Vec<String> = plan
+            .changes()
+            .flat_map(|st| health::units_to_check(&self.plan.services[st.service].units))
+            .collect();
+        let mut parts = Vec::new();
         if armed {
-            let out = s.step(&ops::disarm(), Stage::Health).await?;
+            parts.push(ops::Part::from(ops::disarm()));
+        }
+        let needs = armed.then_some(0);
+        let facts_at = parts.len();
+        parts.push(ops::Part {
+            script: ops::facts(&[], false),
+            needs,
+        });
+        let show_at = (armed && !units.is_empty()).then(|| {
+            parts.push(ops::Part {
+                script: ops::show(&units),
+                needs,
+            });
+            parts.len() - 1
+        });
+        let outs = s.batch(&parts, Stage::Health).await?;
+        if armed {
+            let out = s.part_ok(&parts[0], &outs[0], Stage::Health)?;
             self.stop.disarmed(self.host_name());
-            if let Disarmed::AlreadyReverted(_) = ops::parse_disarm(&out.stdout) {
+            if let Disarmed::AlreadyReverted(_) = ops::parse_disarm(out) {
                 r.set_changed(Outcome::RolledBack);
                 r.error = Some(
                     Cause::RevertedByHost
@@ -671,51 +797,63 @@ impl<E: Events> Run<'_, E> {
                 return Ok(Outcome::RolledBack);
             }
         }
-        for sr in &mut r.services {
-            sr.outcome = if sr.action == Action::Unchanged {
-                Outcome::Unchanged
-            } else {
-                Outcome::Healthy
-            };
-        }
-        if plan.changes().next().is_none() {
-            return Ok(Outcome::Healthy);
-        }
-        // One read serves both the last check and the pruning.
-        let facts = self.facts(s, Stage::Health).await?;
-        if armed {
-            self.still_switched(s, plan, &facts).await?;
+        self.mark_confirmed(r);
+        let facts =
+            ops::parse_facts(s.part_ok(&parts[facts_at], &outs[facts_at], Stage::Health)?);
+        if let Some(i) = show_at {
+            let running = ops::parse_show(s.part_ok(&parts[i], &outs[i], Stage::Health)?);
+            self.still_switched(s, plan, &facts, &running)?;
         }
         let t = self.stage(Stage::Prune);
-        let mut failed = Vec::new();
+        // Per service: its settings, its previous image, then (only once
+        // that is recorded) its old images; all in one round-trip.
+        let mut parts = Vec::new();
+        let mut of_service = Vec::new();
         for step in plan.changes() {
             let svc = &self.plan.services[step.service];
-            let rec = ops::record_settings(&svc.name, step.settings.is_some());
-            if let Err(e) = s.step(&rec, Stage::Prune).await {
-                failed.push(format!(
-                    "recording the previous settings of {} failed, so `attache rollback` will not find them: {e}",
-                    svc.name
-                ));
-            }
-            let rec = ops::record_previous(&svc.name, step.previous.as_deref());
-            if let Err(e) = s.step(&rec, Stage::Prune).await {
-                failed.push(format!(
-                    "recording the previous image of {} failed, so `attache rollback` will not find it: {e}",
-                    svc.name
-                ));
-                continue;
-            }
+            parts.push(ops::Part::from(ops::record_settings(
+                &svc.name,
+                step.settings.is_some(),
+            )));
+            parts.push(ops::Part::from(ops::record_previous(
+                &svc.name,
+                step.previous.as_deref(),
+            )));
             let doomed = ops::prune_candidates(
                 &facts.images_of(&svc.name),
                 self.settings.keep,
                 Some(&step.target),
                 step.previous.as_deref(),
             );
-            if doomed.is_empty() {
-                continue;
+            if !doomed.is_empty() {
+                parts.push(ops::Part {
+                    script: ops::prune(&doomed),
+                    needs: Some(parts.len() - 1),
+                });
             }
-            if let Err(e) = s.step(&ops::prune(&doomed), Stage::Prune).await {
-                failed.push(format!("pruning old images failed: {e}"));
+            of_service.push((svc.name.as_str(), parts.len()));
+        }
+        let mut failed = Vec::new();
+        match s.batch(&parts, Stage::Prune).await {
+            Err(e) => failed.push(format!(
+                "recording the previous images and settings failed, so `attache rollback` may not find them: {e}"
+            )),
+            Ok(outs) => {
+                let mut from = 0;
+                for (name, to) in of_service {
+                    for i in from..to {
+                        let Err(e) = s.part_ok(&parts[i], &outs[i], Stage::Prune) else {
+                            continue;
+                        };
+                        failed.push(match i - from {
+                            0 => format!("recording the previous settings of {name} failed, so `attache rollback` will not find them: {e}"),
+                            1 => format!("recording the previous image of {name} failed, so `attache rollback` will not find it: {e}"),
+                            _ if outs[i].code.is_none() => continue,
+                            _ => format!("pruning old images failed: {e}"),
+                        });
+                    }
+                    from = to;
+                }
             }
         }
         t.end(r, failed.is_empty());
@@ -725,23 +863,26 @@ impl<E: Events> Run<'_, E> {
         Ok(Outcome::Healthy)
     }
 
+    /// Every service passed its checks: changed ones are healthy.
+    fn mark_confirmed(&self, r: &mut HostReport) {
+        for sr in &mut r.services {
+            sr.outcome = if sr.action == Action::Unchanged {
+                Outcome::Unchanged
+            } else {
+                Outcome::Healthy
+            };
+        }
+    }
+
     /// After disarming: nothing moved since the checks. The drop-ins name
     /// the new images and the changed services' units run from them.
-    async fn still_switched(
+    fn still_switched(
         &self,
         s: &HostSession,
         plan: &Plan,
         facts: &HostFacts,
+        running: &std::collections::BTreeMap<String, ops::UnitState>,
     ) -> Result<(), HostError> {
-        let units: Vec<String> = plan
-            .changes()
-            .flat_map(|st| health::units_to_check(&self.plan.services[st.service].units))
-            .collect();
-        let running = if units.is_empty() {
-            Default::default()
-        } else {
-            ops::parse_show(&s.step(&ops::show(&units), Stage::Health).await?.stdout)
-        };
         for step in plan.changes() {
             let svc = &self.plan.services[step.service];
             let now = facts.attached_image(&svc.name);

@@ -446,6 +446,26 @@ pub fn clear_partials() -> Script {
     )
 }
 
+/// `then`, after removing partial uploads (which must succeed).
+pub fn clear_then(then: &Script) -> Script {
+    Script::new(
+        then.doing,
+        format!("{{ {}; }} || exit 1\n{}", clear_partials().text, then.text),
+    )
+}
+
+/// Streams stdin into `tmp` (which must work), then runs `then`.
+pub fn receive_then(tmp: &str, then: &Script) -> Script {
+    Script::new(
+        then.doing,
+        format!(
+            "( umask 077; exec cat > {} ) || exit 1\n{}",
+            quote(tmp),
+            then.text
+        ),
+    )
+}
+
 /// Streams stdin into `tmp`.
 pub fn receive(tmp: &str) -> Script {
     Script::new("uploading", format!("umask 077; exec cat > {}", quote(tmp)))
@@ -960,6 +980,94 @@ mod revert;
 pub use revert::*;
 mod settings;
 pub use settings::*;
+
+// ---- several scripts in one round-trip -------------------------------------
+
+/// One script of a [`batch`], run only when the part `needs` (an earlier
+/// index) succeeded.
+pub struct Part {
+    pub script: Script,
+    pub needs: Option<usize>,
+}
+
+impl From<Script> for Part {
+    fn from(script: Script) -> Self {
+        Part {
+            script,
+            needs: None,
+        }
+    }
+}
+
+/// How one part of a batch ended: its exit code (`None`: not run, as what
+/// it needed failed) and what it printed, stdout and stderr together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartOutput {
+    pub code: Option<i32>,
+    pub output: String,
+}
+
+impl PartOutput {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+const PART: &str = "@@attache-part";
+const PART_RC: &str = "@@attache-rc";
+
+/// Runs `parts` one after the other in a single command on the host, each
+/// in a subshell of its own (an `exit` ends only that part): every command
+/// waits for the host once, and most of a deploy is that wait.
+pub fn batch(parts: &[Part]) -> Script {
+    let mut text = String::new();
+    for (i, p) in parts.iter().enumerate() {
+        let run = format!(
+            "printf '{PART}\\t{i}\\n'; ( {} ) 2>&1; r{i}=$?",
+            p.script.text
+        );
+        match p.needs {
+            Some(j) => text += &format!("if [ \"$r{j}\" = 0 ]; then {run}; else r{i}=-; fi\n"),
+            None => text += &format!("{run}\n"),
+        }
+        text += &format!("printf '\\n{PART_RC}\\t%s\\n' \"$r{i}\"\n");
+    }
+    Script::new(
+        parts.first().map_or("running commands", |p| p.script.doing),
+        text,
+    )
+}
+
+/// What each part of a [`batch`] of `n` parts did; a part the output does
+/// not reach (the connection ended) did not run.
+pub fn parse_batch(out: &str, n: usize) -> Vec<PartOutput> {
+    let mut parts = vec![
+        PartOutput {
+            code: None,
+            output: String::new()
+        };
+        n
+    ];
+    let mut cur: Option<usize> = None;
+    let mut text = String::new();
+    for line in out.split_inclusive('\n') {
+        let bare = line.trim_end_matches('\n');
+        if let Some(i) = bare.strip_prefix(&format!("{PART}\t")) {
+            cur = i.parse().ok().filter(|&i| i < n);
+            text.clear();
+        } else if let Some(rc) = bare.strip_prefix(&format!("{PART_RC}\t")) {
+            if let Some(i) = cur.take() {
+                // The newline before the marker is ours.
+                text.pop();
+                parts[i].output = std::mem::take(&mut text);
+                parts[i].code = rc.parse().ok();
+            }
+        } else if cur.is_some() {
+            text.push_str(line);
+        }
+    }
+    parts
+}
 
 #[cfg(test)]
 mod tests;

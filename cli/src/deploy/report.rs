@@ -72,6 +72,8 @@ pub struct StageTime {
     pub stage: Stage,
     pub ms: u128,
     pub ok: bool,
+    /// Commands run on the host during the stage.
+    pub round_trips: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -108,6 +110,9 @@ pub struct HostReport {
     pub host: String,
     pub outcome: Outcome,
     pub stages: Vec<StageTime>,
+    /// Commands run on the host, connecting included: each waits for the
+    /// host once over the open connection.
+    pub round_trips: u32,
     pub bytes_sent: u64,
     /// What delta upgrades spared, over all services.
     pub bytes_saved: u64,
@@ -122,6 +127,7 @@ impl HostReport {
             host: host.to_owned(),
             outcome: Outcome::Failed,
             stages: Vec::new(),
+            round_trips: 0,
             bytes_sent: 0,
             bytes_saved: 0,
             services: Vec::new(),

@@ -126,11 +126,47 @@ impl HostSession {
         Ok(out)
     }
 
+    /// Runs `parts` in one round-trip; how each ended is the caller's to
+    /// read (see [`Self::part_ok`]).
+    pub async fn batch(
+        &self,
+        parts: &[ops::Part],
+        stage: Stage,
+    ) -> Result<Vec<ops::PartOutput>, HostError> {
+        let out = self.run(&ops::batch(parts), stage).await?;
+        Ok(ops::parse_batch(&out.stdout, parts.len()))
+    }
+
+    /// A part of a batch that must have succeeded, as [`Self::step`] says it.
+    pub fn part_ok<'o>(
+        &self,
+        part: &ops::Part,
+        out: &'o ops::PartOutput,
+        stage: Stage,
+    ) -> Result<&'o str, HostError> {
+        if out.success() {
+            return Ok(&out.output);
+        }
+        Err(Cause::Step {
+            doing: part.script.doing.to_owned(),
+            output: {
+                let lines: Vec<&str> = out
+                    .output
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .collect();
+                lines[lines.len().saturating_sub(8)..].join("\n")
+            },
+        }
+        .at(&self.remote.name, stage))
+    }
+
     /// Reads the host's state, hashing `hash` (and every attached image
     /// when `hash_attached`). With `finish_pending`, a revert an earlier,
     /// never-confirmed deploy left armed (or running) is run and waited for
     /// first, so that what follows starts from the host's last good state
-    /// and no timer undoes it later. Returns whether one ran.
+    /// and no timer undoes it later; partial uploads go too. Returns
+    /// whether a revert ran.
     pub async fn facts(
         &self,
         hash: &[String],
@@ -139,7 +175,14 @@ impl HostSession {
         finish_pending: bool,
     ) -> Result<(ops::HostFacts, bool), HostError> {
         let read = ops::facts(hash, hash_attached);
-        let facts = ops::parse_facts(&self.step(&read, stage).await?.stdout);
+        // The caller holds the lock and will change the host: the partial
+        // uploads an interrupted deploy left go in the same round-trip.
+        let first = if finish_pending {
+            ops::clear_then(&read)
+        } else {
+            read.clone()
+        };
+        let facts = ops::parse_facts(&self.step(&first, stage).await?.stdout);
         if !(finish_pending && facts.revert_pending) {
             return Ok((facts, false));
         }

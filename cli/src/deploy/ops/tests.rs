@@ -258,6 +258,15 @@ fn scripts_pass_shellcheck() {
         corrupt("/a"),
         facts(&["/a.raw".into()], true),
         clear_partials(),
+        clear_then(&facts(&[], false)),
+        receive_then("/m", &place("/a", "/b.raw", &["b".into()], Some("/m"))),
+        batch(&[
+            Part::from(disarm()),
+            Part {
+                script: facts(&[], false),
+                needs: Some(0),
+            },
+        ]),
         receive("/a"),
         sha256("/a"),
         place("/a", "/b.raw", &["b".into()], Some("/m")),
@@ -493,4 +502,43 @@ fn settings_switch_beside_an_admins_own_drop_in() {
         std::fs::read_to_string(format!("{etc}u.service.d/override.conf")).unwrap(),
         "admin\n"
     );
+}
+
+#[test]
+fn a_batch_runs_each_part_on_its_own_and_skips_what_needed_a_failure() {
+    let s = |t: &str| Script::new("x", t);
+    let parts = [
+        Part::from(s("echo one; printf 'no newline'")),
+        Part::from(s("echo two >&2; exit 3")),
+        Part {
+            script: s("echo never"),
+            needs: Some(1),
+        },
+        Part {
+            script: s("echo four"),
+            needs: Some(0),
+        },
+    ];
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(batch(&parts).text)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let got = parse_batch(&String::from_utf8_lossy(&out.stdout), parts.len());
+    let want = |code: Option<i32>, output: &str| PartOutput {
+        code,
+        output: output.into(),
+    };
+    assert_eq!(
+        got,
+        [
+            want(Some(0), "one\nno newline"),
+            want(Some(3), "two\n"),
+            want(None, ""),
+            want(Some(0), "four\n"),
+        ]
+    );
+    // Cut short: what did not report did not run.
+    assert_eq!(parse_batch("@@attache-part\t0\nhalf", 2)[0].code, None);
 }
