@@ -215,6 +215,16 @@ pub struct NixArgs {
 }
 
 impl NixArgs {
+    /// The user's nix with these arguments.
+    pub fn nix(&self) -> crate::nix::Nix {
+        crate::nix::Nix::new(self.bin.path.clone(), self.to_nix())
+    }
+
+    /// `installable`, evaluated with these arguments.
+    pub fn source(&self, installable: crate::nix::Installable) -> Source {
+        Source::new(installable, self.bin.path.clone(), self.to_nix())
+    }
+
     /// The arguments every nix call gets, as Nix spells them.
     pub fn to_nix(&self) -> Vec<String> {
         let flags = [
@@ -361,7 +371,7 @@ impl InstallableForm {
                     name: self.name.clone(),
                     version: self.image_version.clone(),
                 },
-                ..Source::new(installable, nix.bin.path.clone(), nix.to_nix())
+                ..nix.source(installable)
             })
             .collect())
     }

@@ -19,7 +19,7 @@ use crate::deploy::{
 use crate::error::Error;
 use crate::image::Manifest;
 use crate::inventory::{self, Host};
-use crate::nix::{Nix, NixError};
+use crate::nix::NixError;
 use crate::remote::Destination;
 use crate::ui::{self, DeployView, Ui};
 
@@ -104,8 +104,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 flags.join(", ")
             )));
         }
-        let nix_args = args.nix.to_nix();
-        let nix = Nix::new(args.nix.bin.path.clone(), nix_args.clone());
+        let nix = args.nix.nix();
         nix.version()?;
         ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
         let hosts = inventory::load(&nix, &args.fleet.flake)
@@ -116,13 +115,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         let wanted: Vec<Source> = hosts
             .iter()
             .flat_map(|h| h.services.iter())
-            .map(|s| {
-                Source::new(
-                    s.installable.clone(),
-                    args.nix.bin.path.clone(),
-                    nix_args.clone(),
-                )
-            })
+            .map(|s| args.nix.source(s.installable.clone()))
             .collect();
         let built = build_all(&wanted, &pack, ui, &stop)?;
         hosts

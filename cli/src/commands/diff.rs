@@ -14,7 +14,7 @@ use crate::diff::{self as closure, ClosureDiff};
 use crate::error::Error;
 use crate::image::{self, Manifest};
 use crate::inventory;
-use crate::nix::{Installable, Nix};
+use crate::nix::Installable;
 use crate::remote::{Destination, Elevation, SshOptions};
 use crate::ui::{self, Ui};
 
@@ -55,11 +55,7 @@ fn image_manifest(path: &str) -> Result<Manifest, Error> {
 }
 
 fn built_manifest(installable: &str, args: &DiffArgs, ui: &Ui) -> Result<Manifest, Error> {
-    let src = Source::new(
-        Installable::Flake(installable.to_owned()),
-        args.nix.bin.path.clone(),
-        args.nix.args.clone(),
-    );
+    let src = args.nix.source(Installable::Flake(installable.to_owned()));
     let built = build::build_image(&src, &PackChoice::default(), &image_dir(), false, ui)?;
     built.manifest.ok_or_else(|| {
         Error::Usage(format!(
@@ -229,7 +225,7 @@ pub fn render(diffs: &[HostDiff]) -> String {
 
 fn on_hosts(args: &DiffArgs, target: &str, service: Option<&str>, ui: &Ui) -> Result<(), Error> {
     let flake = &args.fleet.flake;
-    let nix = Nix::new(args.nix.bin.path.clone(), args.nix.args.clone());
+    let nix = args.nix.nix();
     nix.version()?;
     ui.status("Reading", format!("{flake}#attache.hosts"));
     let hosts = inventory::load(&nix, flake).map_err(|e| inventory_error(e, flake))?;
@@ -249,13 +245,7 @@ fn on_hosts(args: &DiffArgs, target: &str, service: Option<&str>, ui: &Ui) -> Re
     let wanted: Vec<Source> = hosts
         .iter()
         .flat_map(|h| h.services.iter())
-        .map(|s| {
-            Source::new(
-                s.installable.clone(),
-                args.nix.bin.path.clone(),
-                args.nix.args.clone(),
-            )
-        })
+        .map(|s| args.nix.source(s.installable.clone()))
         .collect();
     let rt = hosts::runtime()?;
     let stop = {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::cli::{NixArgs, SshArgs};
 use crate::error::Error;
 use crate::inventory;
-use crate::nix::{Nix, NixError};
+use crate::nix::NixError;
 use crate::remote::{Destination, Elevation, SshOptions};
 
 pub fn ssh_options(a: &SshArgs) -> SshOptions {
@@ -82,7 +82,7 @@ fn resolve_with_profiles(
 ) -> Result<Vec<(Target, Option<String>)>, Error> {
     // `user@host` is never an inventory name: no need to evaluate the flake.
     let all_ssh = !names.is_empty() && names.iter().all(|n| n.contains('@') && !n.starts_with('@'));
-    let nix = Nix::new(nix.bin.path.clone(), nix.to_nix());
+    let nix = nix.nix();
     let inv = if all_ssh || no_flake_here(flake) {
         None
     } else {

@@ -56,9 +56,25 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
         path: path.to_owned(),
         source,
     };
-    let corrupt = |reason: String| ImageError::Corrupt {
+    let (file, size) = checked(path)?;
+    let sha256 = super::pack::hash_file(&file, size).map_err(read_err)?;
+    let fs = open(path, file)?;
+    let result = panic::catch_unwind(AssertUnwindSafe(|| read_image(path, &fs, size, sha256)));
+    result.unwrap_or_else(|_| {
+        Err(ImageError::Corrupt {
+            path: path.to_owned(),
+            reason: "the reader crashed on it".into(),
+        })
+    })
+}
+
+/// The squashfs image at `path`, its size, and its tables checked against
+/// the file (`bounds`), rewound: what every reader must do before backhand
+/// sees the file, since backhand trusts the tables it reads.
+pub(super) fn checked(path: &Path) -> Result<(File, u64), ImageError> {
+    let read_err = |source| ImageError::Read {
         path: path.to_owned(),
-        reason,
+        source,
     };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
@@ -71,19 +87,24 @@ pub fn inspect(path: &Path) -> Result<Inspection, ImageError> {
             path: path.to_owned(),
         });
     }
-    let sha256 = super::pack::hash_file(&file, size).map_err(read_err)?;
-
-    bounds::check(&mut file, size, bounds::LIMITS).map_err(corrupt)?;
+    bounds::check(&mut file, size, bounds::LIMITS).map_err(|reason| ImageError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    })?;
     file.rewind().map_err(read_err)?;
+    Ok((file, size))
+}
+
+/// backhand's reader over a file [`checked`] gave; its panics become errors.
+pub(super) fn open(path: &Path, file: File) -> Result<FilesystemReader<'static>, ImageError> {
+    let corrupt = |reason: String| ImageError::Corrupt {
+        path: path.to_owned(),
+        reason,
+    };
     let opened = panic::catch_unwind(AssertUnwindSafe(|| {
         FilesystemReader::from_reader(BufReader::new(file)).map_err(|e| corrupt(e.to_string()))
     }));
-    let fs = match opened {
-        Ok(r) => r?,
-        Err(_) => return Err(corrupt("the reader crashed on it".into())),
-    };
-    let result = panic::catch_unwind(AssertUnwindSafe(|| read_image(path, &fs, size, sha256)));
-    match result {
+    match opened {
         Ok(r) => r,
         Err(_) => Err(corrupt("the reader crashed on it".into())),
     }

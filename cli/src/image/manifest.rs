@@ -8,13 +8,12 @@
 //! version, no date), so the same closure still gives the same image bytes.
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Component, Path};
 
-use backhand::{FilesystemReader, InnerNode};
+use backhand::InnerNode;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -197,24 +196,13 @@ fn nar_cost(path: &Path, kind: &EntryKind, mode: u16, depth: usize) -> u64 {
 /// Reads the manifest of the image at `path`; `None` for an image packed
 /// before manifests (or by another tool).
 pub fn read(path: &Path) -> Result<Option<Manifest>, ImageError> {
-    let read_err = |source| ImageError::Read {
-        path: path.to_owned(),
-        source,
-    };
     let corrupt = |reason: String| ImageError::Corrupt {
         path: path.to_owned(),
         reason,
     };
-    let mut file = File::open(path).map_err(read_err)?;
-    let mut magic = [0u8; 4];
-    if file.read_exact(&mut magic).is_err() || magic != super::sqfs::MAGIC.to_le_bytes() {
-        return Err(ImageError::NotSquashfs {
-            path: path.to_owned(),
-        });
-    }
-    let file = File::open(path).map_err(read_err)?;
+    let (file, _) = super::inspect::checked(path)?;
+    let fs = super::inspect::open(path, file)?;
     let got = panic::catch_unwind(AssertUnwindSafe(|| -> Result<Option<Vec<u8>>, String> {
-        let fs = FilesystemReader::from_reader(BufReader::new(file)).map_err(|e| e.to_string())?;
         let Some(node) = fs.files().find(|n| n.fullpath == Path::new(MANIFEST_PATH)) else {
             return Ok(None);
         };
