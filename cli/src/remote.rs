@@ -313,18 +313,7 @@ impl Remote {
         script: &str,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, RemoteError> {
-        self.count();
-        let mut child = self
-            .session
-            .command("sh")
-            .arg("-c")
-            .arg(self.as_root(script))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .await
-            .map_err(|e| self.lost("uploading", &e))?;
+        let mut child = self.spawn_fed(script, Stdio::null(), "uploading").await?;
         let local_io = |source| RemoteError::LocalIo {
             host: self.name.clone(),
             path: local.display().to_string(),
@@ -383,18 +372,7 @@ impl Remote {
         doing: &str,
         input: &[u8],
     ) -> Result<RemoteOutput, RemoteError> {
-        self.count();
-        let mut child = self
-            .session
-            .command("sh")
-            .arg("-c")
-            .arg(self.as_root(script))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .await
-            .map_err(|e| self.lost(doing, &e))?;
+        let mut child = self.spawn_fed(script, Stdio::piped(), doing).await?;
         let mut stdin = child
             .stdin()
             .take()
@@ -412,6 +390,28 @@ impl Remote {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
+    }
+
+    /// Starts `script` as root with a pipe to its stdin (the caller feeds
+    /// it) and its stderr read back: one round-trip.
+    async fn spawn_fed(
+        &self,
+        script: &str,
+        stdout: Stdio,
+        doing: &str,
+    ) -> Result<openssh::Child<Arc<Session>>, RemoteError> {
+        self.count();
+        self.session
+            .clone()
+            .arc_command("sh")
+            .arg("-c")
+            .arg(self.as_root(script))
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .await
+            .map_err(|e| self.lost(doing, &e))
     }
 
     fn count(&self) {
