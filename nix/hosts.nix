@@ -12,7 +12,12 @@
 # Per host, per service: `settings.SERVICE."UNIT" = { Section.Key = value or [ values ]; }`
 # becomes a drop-in for that unit; `secrets.SERVICE.NAME = { file = "/abs/path"; }` or
 # `{ command = [ "pass" "show" "db" ]; }` is read by the CLI at deploy time and handed to the
-# service as the credential NAME. A secret is never a value here, and never a Nix path
+# service as the credential NAME.
+#
+# A pull host fetches its images itself from what `attache publish` writes:
+#   pull = { url = "https://images.example/attache"; interval = "15min";
+#            publicKey = "ssh-ed25519 AAAA… publisher"; };   # or insecureUnsigned = true;
+# `interval` defaults to "15min"; `publicKey` is the public half of `attache publish --key`. A secret is never a value here, and never a Nix path
 # (evaluation would copy it into the world-readable store).
 let
   serviceKey = s:
@@ -61,6 +66,16 @@ let
       # Only when asked: hosts that cannot encrypt credentials get them as
       # plain root-only files.
       unencryptedSecrets = h.unencryptedSecrets or false;
+      pull =
+        if !(h ? pull) || h.pull == null then null
+        else if !(builtins.isAttrs h.pull) || !(h.pull ? url)
+        then throw "attache.hosts: ${name}.pull must be { url = \"https://…\"; publicKey = \"ssh-ed25519 …\"; }"
+        else {
+          url = h.pull.url;
+          interval = h.pull.interval or "15min";
+          publicKey = h.pull.publicKey or null;
+          insecureUnsigned = h.pull.insecureUnsigned or false;
+        };
     };
 in
 inventory: builtins.mapAttrs normHost inventory

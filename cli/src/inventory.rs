@@ -161,6 +161,61 @@ pub struct Host {
     pub secrets: BTreeMap<String, BTreeMap<String, SecretSource>>,
     /// Hand secrets over unencrypted where the host cannot encrypt them.
     pub unencrypted_secrets: bool,
+    /// Set for a pull host: it fetches its images from a published
+    /// directory instead of having them pushed.
+    pub pull: Option<Pull>,
+}
+
+/// How a pull host finds and trusts the images `attache publish` writes.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Pull {
+    /// The URL at which the publish directory is served (no trailing `/`).
+    pub url: String,
+    /// How often the host looks for a newer version: a systemd time span.
+    pub interval: String,
+    /// The OpenSSH public key `SHA256SUMS.sig` must be made with
+    /// (`ssh-keygen -Y sign`), as one `ssh-ed25519 AAAA… comment` line.
+    #[serde(rename = "publicKey")]
+    pub public_key: Option<String>,
+    /// Accept an unsigned `SHA256SUMS`: only when the user asked for it.
+    #[serde(default, rename = "insecureUnsigned")]
+    pub insecure_unsigned: bool,
+}
+
+impl Pull {
+    /// Why the host could not pull as written, if it could not.
+    fn invalid(&self) -> Option<String> {
+        let url = self.url.trim_end_matches('/');
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Some(format!(
+                "pull.url '{}' does not start with http:// or https://",
+                self.url
+            ));
+        }
+        if let Err(why) = HttpUrl::parse(url) {
+            return Some(format!("pull.url {why}"));
+        }
+        let span_ok = !self.interval.trim().is_empty()
+            && self
+                .interval
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == ' ' || c == '.');
+        if !span_ok {
+            return Some(format!(
+                "pull.interval '{}' is not a systemd time span: write e.g. \"15min\" or \"1h\"",
+                self.interval
+            ));
+        }
+        match (&self.public_key, self.insecure_unsigned) {
+            (None, false) => Some("pull has no publicKey: give the public half of the key `attache publish --key` signs with, or set insecureUnsigned = true to accept unsigned images".into()),
+            (Some(_), true) => Some("pull has both publicKey and insecureUnsigned: keep one".into()),
+            (Some(k), false) if k.lines().count() != 1 || k.split_whitespace().count() < 2 || !k.trim_start().starts_with("ssh-") && !k.trim_start().starts_with("ecdsa-") && !k.trim_start().starts_with("sk-") => Some(format!(
+                "pull.publicKey is not one OpenSSH public key line (like the contents of KEY.pub): '{}'",
+                k.trim()
+            )),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +239,8 @@ struct RawHost {
     secrets: BTreeMap<String, BTreeMap<String, SecretSource>>,
     #[serde(default, rename = "unencryptedSecrets")]
     unencrypted_secrets: bool,
+    #[serde(default)]
+    pull: Option<Pull>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,6 +263,8 @@ pub enum InventoryError {
         service: String,
         services: String,
     },
+    #[error("host {host}: {why}")]
+    BadPull { host: String, why: String },
     #[error("host {host}: {check} of {service} {why}")]
     BadCheck {
         host: String,
@@ -294,6 +353,12 @@ pub fn parse(flake: &str, v: serde_json::Value) -> Result<Vec<Host>, InventoryEr
         })?;
     for (name, h) in &raw {
         validate_checks(name, h)?;
+        if let Some(why) = h.pull.as_ref().and_then(Pull::invalid) {
+            return Err(InventoryError::BadPull {
+                host: name.clone(),
+                why,
+            });
+        }
     }
     Ok(raw
         .into_iter()
@@ -320,6 +385,10 @@ pub fn parse(flake: &str, v: serde_json::Value) -> Result<Vec<Host>, InventoryEr
             settings: h.settings,
             secrets: h.secrets,
             unencrypted_secrets: h.unencrypted_secrets,
+            pull: h.pull.map(|p| Pull {
+                url: p.url.trim_end_matches('/').to_owned(),
+                ..p
+            }),
             name,
         })
         .collect())
@@ -456,7 +525,11 @@ mod tests {
                        "services": ["demo", "echo"], "profile": "default", "sudo": true,
                        "checks": {"echo": [{"type": "command", "command": "true", "timeout": 5, "retries": 2}]}},
                 "db1": {"host": "db1", "user": null, "port": null, "tags": [], "services": [],
-                        "profile": "trusted", "sudo": false, "checks": {}}
+                        "profile": "trusted", "sudo": false, "checks": {}},
+                "p1": {"host": "p1", "user": null, "port": null, "tags": ["pull"], "services": ["demo"],
+                       "profile": "default", "sudo": false, "checks": {},
+                       "pull": {"url": "http://images.example/attache/", "interval": "15min",
+                                "publicKey": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE publisher", "insecureUnsigned": false}}
             }),
         )
         .unwrap()
@@ -499,10 +572,36 @@ mod tests {
     }
 
     #[test]
+    fn pull_hosts() {
+        let h = sample();
+        let p1 = h.iter().find(|h| h.name == "p1").unwrap();
+        let pull = p1.pull.as_ref().unwrap();
+        assert_eq!(pull.url, "http://images.example/attache");
+        assert_eq!(pull.interval, "15min");
+        assert!(h.iter().find(|h| h.name == "h1").unwrap().pull.is_none());
+        let bad = |pull: serde_json::Value| {
+            parse(
+                ".",
+                json!({"p": {"host": "p", "user": null, "port": null, "services": ["demo"], "pull": pull}}),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let e = bad(json!({"url": "http://x/", "interval": "15min", "publicKey": null}));
+        assert!(e.contains("no publicKey"), "{e}");
+        let e = bad(json!({"url": "ftp://x/", "interval": "15min", "insecureUnsigned": true}));
+        assert!(e.contains("http://"), "{e}");
+        let e = bad(json!({"url": "http://x/", "interval": "15min; rm", "insecureUnsigned": true}));
+        assert!(e.contains("time span"), "{e}");
+        let e = bad(json!({"url": "http://x/", "interval": "1h", "publicKey": "AAAA"}));
+        assert!(e.contains("OpenSSH public key"), "{e}");
+    }
+
+    #[test]
     fn selection() {
         assert_eq!(
             names(&select(sample(), &[], None).unwrap()),
-            ["db1", "h1", "h2"]
+            ["db1", "h1", "h2", "p1"]
         );
         assert_eq!(
             names(&select(sample(), &["@web".into()], None).unwrap()),
@@ -519,7 +618,7 @@ mod tests {
         let e = select(sample(), &["nope".into()], None).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "no host or tag matches 'nope'. Known hosts: db1, h1, h2; tags: @canary, @web"
+            "no host or tag matches 'nope'. Known hosts: db1, h1, h2, p1; tags: @canary, @pull, @web"
         );
         assert!(select(vec![], &[], None).is_err());
     }
