@@ -11,6 +11,7 @@ mod hosts;
 mod inspect;
 mod logs;
 mod pack_spec;
+mod publish;
 mod rollback;
 mod status;
 mod unlock;
@@ -44,6 +45,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
     match command {
         Command::Build(args) => build::run(&args, ui),
         Command::Deploy(args) => deploy::run(&args, ui),
+        Command::Publish(args) => publish::run(&args, ui),
         Command::Status(args) => status::run(&args, ui),
         Command::Rollback(args) => rollback::run(&args, ui),
         Command::Detach(args) => detach::run(&args, ui),
