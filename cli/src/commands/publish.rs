@@ -147,16 +147,19 @@ fn sources_of_pull_hosts(
                 format!("{flake} has no pull hosts: give a host a pull section (pull = {{ url = \"http://…\"; publicKey = \"ssh-ed25519 …\"; }}), or publish installables ad hoc (attache publish .#demo --to DIR)")
             } else {
                 format!(
-                "no pull host is selected ({} are pushed to by attache deploy): select hosts with a pull section",
-                names(&push)
+                "no pull host is selected ({} {} pushed to by attache deploy): select hosts with a pull section",
+                names(&push),
+                if push.len() == 1 { "is" } else { "are" }
             )
             },
         ));
     }
-    if !push.is_empty() {
+    // With no selector, push hosts were never asked for.
+    if !(args.targets.is_empty() && args.on.is_none()) && !push.is_empty() {
         ui.warn(format!(
-            "skipping {}: not pull hosts (attache deploy pushes to them)",
-            names(&push)
+            "skipping {}: attache deploy pushes to {}, publish is for pull hosts",
+            names(&push),
+            if push.len() == 1 { "it" } else { "them" }
         ));
     }
     let trust: Vec<Trust> = pull

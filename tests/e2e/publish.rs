@@ -1,0 +1,339 @@
+//! `attache publish` with the real nix and the real ssh-keygen, no guest:
+//! the directory it writes is checked as a pull host checks it
+//! (`sha256sum -c`, `ssh-keygen -Y verify`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use crate::deploy::inventory;
+use crate::support::*;
+
+/// A fresh ed25519 key pair without passphrase: (private key, public line).
+fn keypair(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .stdin(Stdio::null())
+        .status()
+        .expect("ssh-keygen runs");
+    assert!(status.success(), "ssh-keygen: {status}");
+    let public = std::fs::read_to_string(dir.join(format!("{name}.pub"))).unwrap();
+    (key, public.trim().to_owned())
+}
+
+/// `sha256sum -c SHA256SUMS` in `dir`, as anyone can check a publish.
+fn sums_check(dir: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .args(["-c", "SHA256SUMS"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "sha256sum -c failed:\n{text}");
+    text
+}
+
+/// `ssh-keygen -Y verify` exactly as a pull host runs it, with `public` as
+/// the one allowed signer.
+fn verifies(dir: &Path, public: &str) -> bool {
+    let allowed = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        allowed.path(),
+        format!("attache-publish namespaces=\"attache-publish\" {public}\n"),
+    )
+    .unwrap();
+    Command::new("ssh-keygen")
+        .args([
+            "-Y",
+            "verify",
+            "-I",
+            "attache-publish",
+            "-n",
+            "attache-publish",
+            "-f",
+        ])
+        .arg(allowed.path())
+        .arg("-s")
+        .arg(dir.join("SHA256SUMS.sig"))
+        .stdin(std::fs::File::open(dir.join("SHA256SUMS")).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+fn pull_hosts(demo: &str, public: &str) -> String {
+    format!(
+        r#"pkgs: {{
+          p1 = {{
+            services = [ pkgs.{demo} ];
+            pull = {{ url = "http://127.0.0.1:1/attache"; publicKey = "{public}"; }};
+          }};
+          web1 = {{ services = [ pkgs.echo ]; }};
+        }}"#
+    )
+}
+
+fn mtimes(dir: &Path) -> Vec<(String, SystemTime)> {
+    files_in(dir)
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(dir.join(&f)).unwrap().modified().unwrap();
+            (f, m)
+        })
+        .collect()
+}
+
+/// The pull hosts of an inventory, published 1.0 then 2.0: a directory
+/// `sha256sum -c` and `ssh-keygen -Y verify` accept, pruned to --keep, not
+/// touched by a publish that changes nothing or is refused.
+#[test]
+fn publish_signs_keeps_and_prunes() {
+    let keys = tempfile::tempdir().unwrap();
+    let (key, public) = keypair(keys.path(), "publish");
+    let (other, other_public) = keypair(keys.path(), "other");
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("www");
+    let dir_s = dir.to_str().unwrap();
+    let key_s = key.to_str().unwrap();
+    let (flake_dir, flake) = inventory(&pull_hosts("demo", &public));
+    let hosts_nix = flake_dir.path().join("demo/hosts.nix");
+    let publish = |extra: &[&str]| {
+        attache_in(
+            &repo(),
+            cache.path(),
+            &[&["publish", "--flake", &flake, "--to", dir_s], extra].concat(),
+        )
+    };
+
+    // Neither a key nor the explicit choice to go unsigned: nothing written.
+    let r = publish(&[]).fails(1);
+    assert!(
+        r.error()
+            .starts_with("publish signs SHA256SUMS: give --key FILE"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.exists());
+    // p1 trusts `publish`, not `other`, and takes nothing unsigned.
+    let r = publish(&["--key", other.to_str().unwrap()]).fails(1);
+    assert!(
+        r.error().starts_with("p1 trusts another key"),
+        "{}",
+        r.stderr
+    );
+    let r = publish(&["--insecure-unsigned"]).fails(1);
+    assert!(
+        r.error()
+            .starts_with("p1 accepts only a SHA256SUMS signed by its pull.publicKey"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.exists());
+
+    // 1.0: only the pull host's service, signed.
+    let r = publish(&["--key", key_s, "--json"]).ok();
+    // web1 is no pull host, and no selector named it: not a word about it.
+    assert!(!r.stderr.contains("web1"), "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(j["published"][0]["file"], "demo_1.0.raw");
+    assert_eq!(j["published"][0]["copied"], true);
+    assert_eq!(j["signed"], true);
+    assert_eq!(
+        files_in(&dir),
+        [
+            ".attache-publish.lock",
+            "SHA256SUMS",
+            "SHA256SUMS.sig",
+            "demo_1.0.raw",
+            "demo_1.0.raw.json"
+        ]
+    );
+    assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\n");
+    let v1_sha = sha256_file(&dir.join("demo_1.0.raw"));
+    assert_eq!(j["published"][0]["sha256"], v1_sha.as_str());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap(),
+        format!("{v1_sha}  demo_1.0.raw\n")
+    );
+    assert!(verifies(&dir, &public));
+    assert!(!verifies(&dir, &other_public));
+    assert!(std::fs::read_to_string(dir.join("SHA256SUMS.sig"))
+        .unwrap()
+        .starts_with("-----BEGIN SSH SIGNATURE-----"));
+
+    // 2.0 with --keep 1: 1.0 and its manifest go.
+    std::fs::write(&hosts_nix, pull_hosts("demo-v2", &public)).unwrap();
+    let j = publish(&["--key", key_s, "--keep", "1", "--json"])
+        .ok()
+        .json();
+    assert_eq!(j["published"][0]["file"], "demo_2.0.raw");
+    assert_eq!(j["pruned"], serde_json::json!(["demo_1.0.raw"]));
+    assert_eq!(
+        files_in(&dir),
+        [
+            ".attache-publish.lock",
+            "SHA256SUMS",
+            "SHA256SUMS.sig",
+            "demo_2.0.raw",
+            "demo_2.0.raw.json"
+        ]
+    );
+    assert_eq!(sums_check(&dir), "demo_2.0.raw: OK\n");
+    assert!(verifies(&dir, &public));
+    assert!(!verifies(&dir, &other_public));
+
+    // The same again changes nothing: not a byte, not a time stamp.
+    let before = mtimes(&dir);
+    std::thread::sleep(Duration::from_millis(20));
+    let j = publish(&["--key", key_s, "--keep", "1", "--json"])
+        .ok()
+        .json();
+    assert_eq!(j["published"][0]["copied"], false);
+    assert_eq!(j["index_changed"], false);
+    assert_eq!(j["pruned"], serde_json::json!([]));
+    assert_eq!(mtimes(&dir), before);
+
+    // A dry run of another version says what it would do and does nothing.
+    std::fs::write(&hosts_nix, pull_hosts("demo", &public)).unwrap();
+    let j = publish(&["--key", key_s, "--keep", "1", "--dry-run", "--json"])
+        .ok()
+        .json();
+    assert_eq!(j["dry_run"], true);
+    assert_eq!(j["published"][0]["file"], "demo_1.0.raw");
+    assert_eq!(j["published"][0]["copied"], true);
+    assert_eq!(mtimes(&dir), before);
+
+    // Naming a push host is refused; with a pull host beside it, it is skipped.
+    let r = publish(&["web1", "--key", key_s]).fails(1);
+    assert_eq!(
+        r.error(),
+        "no pull host is selected (web1 is pushed to by attache deploy): select hosts with a pull section"
+    );
+    let r = publish(&["web1", "p1", "--key", key_s, "--keep", "1", "--dry-run"]).ok();
+    assert!(
+        r.stderr
+            .contains("skipping web1: attache deploy pushes to it, publish is for pull hosts"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// Installables ad hoc, unsigned only when asked; hosts and installables
+/// do not mix.
+#[test]
+fn publish_installables_unsigned() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("www");
+    let dir_s = dir.to_str().unwrap();
+    let run = |args: &[&str]| attache_in(&repo(), cache.path(), args);
+
+    let r = run(&["publish", "./examples/demo#demo", "--to", dir_s]).fails(1);
+    assert!(
+        r.error().starts_with("publish signs SHA256SUMS"),
+        "{}",
+        r.stderr
+    );
+    let r = run(&[
+        "publish",
+        "./examples/demo#demo",
+        "h1",
+        "--to",
+        dir_s,
+        "--insecure-unsigned",
+    ])
+    .fails(1);
+    assert!(
+        r.error().starts_with("h1 is no installable"),
+        "{}",
+        r.stderr
+    );
+    assert!(!dir.exists());
+
+    let j = run(&[
+        "publish",
+        "./examples/demo#demo",
+        "./examples/demo#demo-v2",
+        "--to",
+        dir_s,
+        "--insecure-unsigned",
+        "--json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(j["signed"], false);
+    assert_eq!(j["indexed"], 2);
+    assert_eq!(
+        files_in(&dir),
+        [
+            ".attache-publish.lock",
+            "SHA256SUMS",
+            "demo_1.0.raw",
+            "demo_1.0.raw.json",
+            "demo_2.0.raw",
+            "demo_2.0.raw.json"
+        ]
+    );
+    assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\ndemo_2.0.raw: OK\n");
+
+    // 1.0 again with other content: published beside it, under its own name.
+    let r = run(&[
+        "publish",
+        "./examples/demo#demo-rebuilt",
+        "--to",
+        dir_s,
+        "--insecure-unsigned",
+        "--json",
+    ])
+    .ok();
+    let file = r.json()["published"][0]["file"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        file.starts_with("demo_1.0-") && file.ends_with(".raw"),
+        "{file}"
+    );
+    assert!(
+        r.stderr
+            .contains("demo_1.0.raw is published with other content"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(sums_check(&dir).lines().count(), 3);
+}
+
+/// Ctrl-C while another publish holds the directory: nothing written, exit 3.
+#[test]
+fn publish_interrupted_while_waiting_writes_nothing() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let held = std::fs::File::create(out.path().join(".attache-publish.lock")).unwrap();
+    held.lock().unwrap();
+    let mut bg = attache_in_background(
+        &repo(),
+        cache.path(),
+        &[
+            "publish",
+            "./examples/demo#demo",
+            "--to",
+            out.path().to_str().unwrap(),
+            "--insecure-unsigned",
+        ],
+    );
+    bg.expect_stderr("Waiting for another publish", Duration::from_secs(300));
+    bg.interrupt();
+    let r = bg.join().fails(3);
+    assert!(
+        r.error()
+            .contains("while waiting for another publish; nothing was written"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(files_in(out.path()), [".attache-publish.lock"]);
+}
