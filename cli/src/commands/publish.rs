@@ -141,21 +141,20 @@ fn sources_of_pull_hosts(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // With no selector, push hosts were never asked for.
+    let named = !args.targets.is_empty() || args.on.is_some();
     if pull.is_empty() {
-        return Err(Error::Usage(
-            if args.targets.is_empty() && args.on.is_none() {
-                format!("{flake} has no pull hosts: give a host a pull section (pull = {{ url = \"http://…\"; publicKey = \"ssh-ed25519 …\"; }}), or publish installables ad hoc (attache publish .#demo --to DIR)")
-            } else {
-                format!(
+        return Err(Error::Usage(if !named {
+            format!("{flake} has no pull hosts: give a host a pull section (pull = {{ url = \"http://…\"; publicKey = \"ssh-ed25519 …\"; }}), or publish installables ad hoc (attache publish .#demo --to DIR)")
+        } else {
+            format!(
                 "no pull host is selected ({} {} pushed to by attache deploy): select hosts with a pull section",
                 names(&push),
                 if push.len() == 1 { "is" } else { "are" }
             )
-            },
-        ));
+        }));
     }
-    // With no selector, push hosts were never asked for.
-    if !(args.targets.is_empty() && args.on.is_none()) && !push.is_empty() {
+    if named && !push.is_empty() {
         ui.warn(format!(
             "skipping {}: attache deploy pushes to {}, publish is for pull hosts",
             names(&push),
