@@ -19,7 +19,7 @@ Exit codes:
   1  bad input: a wrong installable, a unit portabled would refuse, an unknown host
   2  environment: nix missing, I/O error, a host that cannot be reached
   3  deploy failed on at least one host (rolled back where possible), or a
-     deploy or build was interrupted (Ctrl-C, SIGTERM)";
+     deploy, build or publish was interrupted (Ctrl-C, SIGTERM)";
 
 /// Turn Nix into running systemd portable services.
 ///

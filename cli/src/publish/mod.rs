@@ -305,6 +305,7 @@ pub fn publish(
             })
             .collect(),
         pruned: plan.prune.clone(),
+        // Known for sure once the signature is looked at (not in a dry run).
         index_changed: old_text.as_deref() != Some(text.as_str()),
         indexed: plan.index.len(),
     };
@@ -318,6 +319,9 @@ pub fn publish(
         }
         return Ok(report);
     }
+    // Signed first: a wrong passphrase ends the publish before anything
+    // is copied, and the prompt comes before the long part.
+    let next = prepare_index(dir, &text, signing, old_text.as_deref(), ui)?;
     for p in &plan.places {
         if stop() {
             return Err(interrupted("before every image was in place"));
@@ -335,7 +339,11 @@ pub fn publish(
     if stop() {
         return Err(interrupted("before SHA256SUMS was written"));
     }
-    report.index_changed |= write_index(dir, &text, signing, old_text.as_deref(), ui)?;
+    sync_dir(dir)?;
+    report.index_changed = next.is_some();
+    if let Some(next) = next {
+        next.place(dir, ui)?;
+    }
     sync_dir(dir)?;
     // The index no longer names these: nobody is sent to them any more.
     for f in &plan.prune {
@@ -543,53 +551,80 @@ fn write_if_changed(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), PublishE
     temp.place(f, &to)
 }
 
-/// Writes the index and its signature unless both are as wanted already;
-/// the signature goes in place before the index, so that a reader between
-/// the two renames sees a pair that does not verify (and tries later)
-/// rather than a new index with no signature. True when anything changed.
-fn write_index(
+/// The index and its signature as they will be placed, written and
+/// signed under temporary names.
+struct NextIndex {
+    index: (Temp, File),
+    /// The new signature; `None` for an unsigned index (then an old
+    /// signature is removed).
+    sig: Option<Temp>,
+    /// The index's text is what the directory has; only the signature changes.
+    same_text: bool,
+}
+
+impl NextIndex {
+    /// The signature goes in place before the index, so that a reader
+    /// between the two renames sees a pair that does not verify (and tries
+    /// later) rather than a new index with no signature.
+    fn place(self, dir: &Path, ui: &Ui) -> Result<(), PublishError> {
+        let sig_path = dir.join(SIGNATURE);
+        match self.sig {
+            Some(sig) => {
+                let f =
+                    File::open(&sig.path).map_err(io(format!("reading {}", sig.path.display())))?;
+                sig.place(f, &sig_path)?;
+            }
+            // An old signature must not stay beside an index it does not sign.
+            None => match std::fs::remove_file(&sig_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(format!("removing {}", sig_path.display()))(e))
+                }
+                _ => {}
+            },
+        }
+        if !self.same_text {
+            ui.status("Writing", INDEX);
+            let (temp, f) = self.index;
+            temp.place(f, &dir.join(INDEX))?;
+        }
+        sync_dir(dir)
+    }
+}
+
+/// Writes and signs the next index under temporary names; `None` when the
+/// directory has it already, with a good signature when signing (or none
+/// when not).
+fn prepare_index(
     dir: &Path,
     text: &str,
     signing: &Signing,
     old: Option<&str>,
     ui: &Ui,
-) -> Result<bool, PublishError> {
+) -> Result<Option<NextIndex>, PublishError> {
     let index_path = dir.join(INDEX);
     let sig_path = dir.join(SIGNATURE);
     let same_text = old == Some(text);
-    match signing {
-        Signing::Unsigned => {
-            if same_text && !sig_path.exists() {
-                ui.status("Unchanged", INDEX);
-                return Ok(false);
+    let unchanged = same_text
+        && match signing {
+            Signing::Unsigned => !sig_path.exists(),
+            Signing::Key { public, .. } => {
+                sig_path.is_file() && sign::verify(public, &index_path, &sig_path)?
             }
-            let (temp, mut f) = Temp::create(dir, INDEX)?;
-            f.write_all(text.as_bytes())
-                .map_err(io(format!("writing {}", index_path.display())))?;
-            // An old signature must not stay beside an index it does not sign.
-            match std::fs::remove_file(&sig_path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io(format!("removing {}", sig_path.display()))(e))
-                }
-                _ => {}
-            }
-            ui.status("Writing", format!("{INDEX} (unsigned)"));
-            temp.place(f, &index_path)?;
-            Ok(true)
-        }
+        };
+    if unchanged {
+        ui.status("Unchanged", INDEX);
+        return Ok(None);
+    }
+    let (temp, mut f) = Temp::create(dir, INDEX)?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("writing {}", index_path.display())))?;
+    let sig = match signing {
+        Signing::Unsigned => None,
         Signing::Key { key, public } => {
-            if same_text && sig_path.is_file() && sign::verify(public, &index_path, &sig_path)? {
-                ui.status("Unchanged", format!("{INDEX} and {SIGNATURE}"));
-                return Ok(false);
-            }
-            let (temp, mut f) = Temp::create(dir, INDEX)?;
-            f.write_all(text.as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(io(format!("writing {}", index_path.display())))?;
             ui.status("Signing", format!("{INDEX} with {}", key.display()));
-            let made = sign::sign(key, &temp.path)?;
             let sig = Temp {
-                path: made,
+                path: sign::sign(key, &temp.path)?,
                 placed: false,
             };
             if !sign::verify(public, &temp.path, &sig.path)? {
@@ -598,16 +633,14 @@ fn write_index(
                     public: public.short(),
                 });
             }
-            let sig_file =
-                File::open(&sig.path).map_err(io(format!("reading {}", sig.path.display())))?;
-            sig.place(sig_file, &sig_path)?;
-            if !same_text {
-                ui.status("Writing", INDEX);
-                temp.place(f, &index_path)?;
-            }
-            Ok(true)
+            Some(sig)
         }
-    }
+    };
+    Ok(Some(NextIndex {
+        index: (temp, f),
+        sig,
+        same_text,
+    }))
 }
 
 pub fn human_bytes(n: u64) -> String {
