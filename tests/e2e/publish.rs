@@ -337,3 +337,45 @@ fn publish_interrupted_while_waiting_writes_nothing() {
     );
     assert_eq!(files_in(out.path()), [".attache-publish.lock"]);
 }
+
+/// A disk that fills up during the copy of 2.0 (a small tmpfs, mounted in
+/// a mount namespace of the test's own): exit 2 with the system's reason,
+/// no temporary file, and the index still lists 1.0, which still checks.
+#[test]
+fn publish_on_a_full_disk_keeps_the_last_index() {
+    let cache = tempfile::tempdir().unwrap();
+    let mnt = tempfile::tempdir().unwrap();
+    // 1.0 (about 900 KiB) fits, 2.0 beside it does not.
+    let script = r#"
+        set -u
+        mount -t tmpfs -o size=1300k tmpfs "$MNT"
+        "$ATTACHE" publish ./examples/demo#demo --to "$MNT/www" --insecure-unsigned -q >/dev/null || exit 10
+        "$ATTACHE" publish ./examples/demo#demo-v2 --to "$MNT/www" --insecure-unsigned -q >/dev/null
+        echo "exit $?"
+        cd "$MNT/www" && ls -A && sha256sum -c SHA256SUMS
+    "#;
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", script])
+        .current_dir(repo())
+        .env("MNT", mnt.path())
+        .env("ATTACHE", attache_bin())
+        .env("XDG_CACHE_HOME", cache.path())
+        .env_remove("ATTACHE_NIX")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(
+        stdout,
+        "exit 2\n.attache-publish.lock\nSHA256SUMS\ndemo_1.0.raw\ndemo_1.0.raw.json\ndemo_1.0.raw: OK\n",
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("demo_2.0.raw: No space left on device"),
+        "{stderr}"
+    );
+}

@@ -327,13 +327,19 @@ pub fn publish(
             return Err(interrupted("before every image was in place"));
         }
         let img = &images[p.image];
-        if let Some(m) = &img.manifest {
-            write_if_changed(dir, &format!("{}.json", p.file), m)?;
-        }
+        let json = format!("{}.json", p.file);
+        // In place after its image: a failed copy takes it along.
+        let manifest = match &img.manifest {
+            Some(m) => prepare_if_changed(dir, &json, m)?,
+            None => None,
+        };
         if p.copy {
             copy_in(dir, img, &p.file, stop, ui)?;
         } else {
             ui.status("Unchanged", format!("{} (already in {shown})", p.file));
+        }
+        if let Some((temp, f)) = manifest {
+            temp.place(f, &dir.join(&json))?;
         }
     }
     if stop() {
@@ -539,16 +545,21 @@ fn copy_in(
     temp.place(out, &to)
 }
 
-/// Writes `bytes` as `file` unless it holds them already.
-fn write_if_changed(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), PublishError> {
+/// `bytes` written as the temporary of `file`, unless `file` holds them
+/// already.
+fn prepare_if_changed(
+    dir: &Path,
+    file: &str,
+    bytes: &[u8],
+) -> Result<Option<(Temp, File)>, PublishError> {
     let to = dir.join(file);
     if std::fs::read(&to).is_ok_and(|b| b == bytes) {
-        return Ok(());
+        return Ok(None);
     }
     let (temp, mut f) = Temp::create(dir, file)?;
     f.write_all(bytes)
         .map_err(io(format!("writing {}", to.display())))?;
-    temp.place(f, &to)
+    Ok(Some((temp, f)))
 }
 
 /// The index and its signature as they will be placed, written and
