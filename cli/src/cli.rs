@@ -886,11 +886,11 @@ mod tests {
         assert!(Cli::try_parse_from(["attache", "build", "--option", "cores"]).is_err());
     }
 
-    /// Both commands that build list the Nix flags under their own heading.
+    /// The commands that build list the Nix flags under their own heading.
     #[test]
     fn help_shows_nix_options_in_their_own_heading() {
         let mut cmd = Cli::command();
-        for sub in ["build", "deploy"] {
+        for sub in ["build", "deploy", "publish"] {
             let help = cmd
                 .find_subcommand_mut(sub)
                 .unwrap()

@@ -4,9 +4,11 @@
 //! user's nix) -> `spec` (what goes into the image, checked against
 //! portabled's rules) -> `image` (squashfs, reproducible) -> `remote` (one
 //! SSH connection per host) -> `deploy` (push, attach, health, rollback);
-//! `inventory` says which hosts; `diff` compares two images' manifests. `cli` parses, `commands` (one file per
-//! command) calls the stages, `ui` owns the terminal, `error` maps failures
-//! to exit codes. This file only parses and dispatches.
+//! `inventory` says which hosts; `diff` compares two images' manifests;
+//! `publish` writes a directory pull hosts fetch from. `cli` parses,
+//! `commands` (one file per command) calls the stages, `ui` owns the
+//! terminal, `error` maps failures to exit codes. This file only parses and
+//! dispatches.
 
 mod build;
 mod cache;

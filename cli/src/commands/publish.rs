@@ -228,10 +228,91 @@ fn render(r: &Report) -> String {
         (_, false) => "unchanged",
     };
     out += &format!(
-        "{}/SHA256SUMS: {} images, {}, {index}\n",
+        "{}/SHA256SUMS: {} image{}, {}, {index}\n",
         r.dir.display(),
         r.indexed,
+        if r.indexed == 1 { "" } else { "s" },
         if r.signed { "signed" } else { "unsigned" }
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ui::capture::{self, settings};
+    use crate::ui::Verbosity;
+    use clap::Parser;
+
+    fn args(argv: &[&str]) -> PublishArgs {
+        let cli = crate::cli::Cli::try_parse_from([&["attache", "publish"], argv].concat())
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let crate::cli::Command::Publish(a) = cli.command else {
+            panic!("not publish")
+        };
+        a
+    }
+
+    /// `#`, -f or --expr make installables; anything else names hosts.
+    #[test]
+    fn hosts_or_installables() {
+        for hosts in [&["--to", "d"][..], &["@edge", "p1", "--to", "d"]] {
+            assert!(!ad_hoc(&args(hosts)), "{hosts:?}");
+        }
+        for installables in [
+            &[".#demo", "--to", "d"][..],
+            &["-f", "default.nix", "demo", "--to", "d"],
+            &["--impure", "--expr", "(import ./. {}).demo", "--to", "d"],
+        ] {
+            assert!(ad_hoc(&args(installables)), "{installables:?}");
+        }
+        let e = sources_ad_hoc(&args(&[".#demo", "h1", "--to", "d"])).unwrap_err();
+        assert!(e.to_string().starts_with("h1 is no installable"), "{e}");
+        let e = sources_ad_hoc(&args(&[".#demo", "--on", "p*", "--to", "d"])).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--on selects inventory hosts"),
+            "{e}"
+        );
+        let srcs = sources_ad_hoc(&args(&["-f", "default.nix", "demo", "--to", "d"])).unwrap();
+        assert_eq!(srcs[0].installable.to_string(), "-f default.nix demo");
+    }
+
+    /// Refused before any nix runs, and nothing written.
+    #[test]
+    fn refusals_come_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let to = dir.path().join("www");
+        let to = to.to_str().unwrap();
+        let (ui, _, _) = capture::ui(settings(Verbosity::Quiet));
+        let refused = |argv: &[&str]| {
+            let e = run(&args(argv), &ui).unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::ExitCode::BadInput, "{e}");
+            e.to_string()
+        };
+        let e = refused(&[".#demo", "--to", to]);
+        assert!(
+            e.starts_with("publish signs SHA256SUMS: give --key FILE"),
+            "{e}"
+        );
+        let e = refused(&[".#demo", "--to", to, "--key", "/nonexistent/key"]);
+        assert!(
+            e.starts_with("/nonexistent/key is not an OpenSSH key ssh-keygen can read"),
+            "{e}"
+        );
+        let e = refused(&[".#demo", "--to", to, "--insecure-unsigned", "--sudo"]);
+        assert!(e.starts_with("publish reaches no host over SSH"), "{e}");
+        let e = refused(&["p1", "--name", "x", "--to", to, "--insecure-unsigned"]);
+        assert!(e.starts_with("--name only with installables"), "{e}");
+        assert!(!dir.path().join("www").exists());
+        assert!(crate::cli::Cli::try_parse_from([
+            "attache",
+            "publish",
+            "--to",
+            to,
+            "--key",
+            "k",
+            "--insecure-unsigned"
+        ])
+        .is_err());
+    }
 }

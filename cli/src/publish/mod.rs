@@ -208,11 +208,23 @@ pub fn plan(
         versions.sort_by(|a, b| {
             version::compare(&b.version, &a.version).then_with(|| b.file.cmp(&a.file))
         });
-        if let Some(newest) = versions.first().filter(|e| !just.contains(e.file.as_str())) {
-            notes.push(format!(
+        // Every pull host reading the directory takes the newest version.
+        let wrote: Vec<&str> = versions
+            .iter()
+            .filter(|e| just.contains(e.file.as_str()))
+            .map(|e| e.file.as_str())
+            .collect();
+        match versions.first() {
+            Some(newest) if !just.contains(newest.file.as_str()) => notes.push(format!(
                 "{svc}: {} is published and newer than what this publish wrote; pull hosts take the newest version",
                 newest.file
-            ));
+            )),
+            Some(newest) if wrote.len() > 1 => notes.push(format!(
+                "{svc}: this publish wrote {}, and every pull host reading this directory takes the newest, {}: give hosts that must run another version a directory (pull.url) of their own",
+                wrote.join(", "),
+                newest.file
+            )),
+            _ => {}
         }
         prune.extend(
             versions

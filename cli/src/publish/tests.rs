@@ -71,7 +71,7 @@ fn new_images_are_copied_and_known_ones_are_not() {
     .unwrap();
     assert_eq!(files(&p), [("demo_2.0.raw", true), ("demo_1.0.raw", false)]);
     assert_eq!(indexed(&p), ["demo_1.0.raw", "demo_2.0.raw"]);
-    assert!(p.prune.is_empty() && p.notes.is_empty(), "{p:?}");
+    assert!(p.prune.is_empty(), "{p:?}");
     // The same image twice (two hosts run it) is published once.
     let p = plan_in(
         &[fake("demo", "1.0", "one"), fake("demo", "1.0", "one")],
@@ -174,6 +174,18 @@ fn what_was_just_published_is_never_pruned() {
     assert_eq!(
         p.notes,
         ["demo: demo_2.0.raw is published and newer than what this publish wrote; pull hosts take the newest version"]
+    );
+    // Two pull hosts running two versions of one service, published together.
+    let p = plan_in(
+        &[fake("demo", "1.0", "1"), fake("demo", "2.0", "2")],
+        &[],
+        1,
+    )
+    .unwrap();
+    assert!(p.prune.is_empty(), "{p:?}");
+    assert_eq!(
+        p.notes,
+        ["demo: this publish wrote demo_2.0.raw, demo_1.0.raw, and every pull host reading this directory takes the newest, demo_2.0.raw: give hosts that must run another version a directory (pull.url) of their own"]
     );
 }
 
