@@ -77,6 +77,8 @@ pub enum PublishError {
         "two images to publish are both named {file} but differ: give one of them another version"
     )]
     Twice { file: String },
+    #[error("{file:?} cannot be published: it is not a plain NAME_VERSION.raw file name")]
+    BadName { file: String },
     #[error(transparent)]
     Sign(#[from] SignError),
     #[error("the signature made with {key} does not verify with the public key taken for it ({public}): if {key}.pub is there, it is not {key}'s public half; fix or remove it")]
@@ -186,7 +188,7 @@ pub fn plan(
         };
         index.insert(
             target.clone(),
-            Entry::new(&target, &img.sha256).ok_or_else(|| PublishError::Twice {
+            Entry::new(&target, &img.sha256).ok_or_else(|| PublishError::BadName {
                 file: target.clone(),
             })?,
         );
