@@ -379,3 +379,88 @@ fn publish_on_a_full_disk_keeps_the_last_index() {
         "{stderr}"
     );
 }
+
+/// Ctrl-C (a real SIGINT) in the middle of copying 2.0, and again between
+/// placing 2.0 and writing the index: exit 3, no temporary file, and
+/// SHA256SUMS lists 1.0 only, which still checks. A reader at either
+/// moment sees the old index, whole.
+#[test]
+fn publish_interrupted_mid_way_keeps_the_last_index() {
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("www");
+    let dir_s = dir.to_str().unwrap();
+    let args = |installable| vec!["publish", installable, "--to", dir_s, "--insecure-unsigned"];
+    attache_in(&repo(), cache.path(), &args("./examples/demo#demo")).ok();
+    let index = || std::fs::read_to_string(dir.join("SHA256SUMS")).unwrap();
+    let v1_index = index();
+
+    let mut bg = attache_spawn(
+        &repo(),
+        cache.path(),
+        &args("./examples/demo#demo-v2"),
+        &[("ATTACHE_TEST_PAUSE", "publish-copy")],
+    );
+    bg.expect_pause("publish-copy");
+    assert!(
+        files_in(&dir).contains(&".demo_2.0.raw.tmp".to_owned()),
+        "{:?}",
+        files_in(&dir)
+    );
+    assert_eq!(index(), v1_index);
+    assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\n");
+    bg.interrupt();
+    let r = bg.join().fails(3);
+    assert!(
+        r.error()
+            .starts_with("interrupted while copying demo_2.0.raw"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        files_in(&dir),
+        [
+            ".attache-publish.lock",
+            "SHA256SUMS",
+            "demo_1.0.raw",
+            "demo_1.0.raw.json"
+        ]
+    );
+    assert_eq!(index(), v1_index);
+
+    let mut bg = attache_spawn(
+        &repo(),
+        cache.path(),
+        &args("./examples/demo#demo-v2"),
+        &[("ATTACHE_TEST_PAUSE", "publish-index")],
+    );
+    bg.expect_pause("publish-index");
+    // 2.0 is in place, its index is not: readers still get 1.0's.
+    assert!(files_in(&dir).contains(&"demo_2.0.raw".to_owned()));
+    assert_eq!(index(), v1_index);
+    bg.interrupt();
+    let r = bg.join().fails(3);
+    assert!(
+        r.error().contains("before SHA256SUMS was written"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        !files_in(&dir).iter().any(|f| f.ends_with(".tmp")),
+        "{:?}",
+        files_in(&dir)
+    );
+    assert_eq!(index(), v1_index);
+    assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\n");
+
+    // The next publish takes the 2.0 already there.
+    let j = attache_in(
+        &repo(),
+        cache.path(),
+        &[&args("./examples/demo#demo-v2")[..], &["--json"]].concat(),
+    )
+    .ok()
+    .json();
+    assert_eq!(j["published"][0]["copied"], false);
+    assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\ndemo_2.0.raw: OK\n");
+}

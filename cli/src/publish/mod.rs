@@ -356,6 +356,7 @@ pub fn publish(
             temp.place(f, &dir.join(&json))?;
         }
     }
+    test_pause("publish-index", stop);
     if stop() {
         return Err(interrupted("before SHA256SUMS was written"));
     }
@@ -379,6 +380,25 @@ pub fn publish(
     }
     sync_dir(dir)?;
     Ok(report)
+}
+
+/// A test-only hook, as deploy's: `ATTACHE_TEST_PAUSE=STEP` stops here for
+/// `ATTACHE_TEST_PAUSE_SECS` (30) seconds, or until Ctrl-C, so that the e2e
+/// suite can interrupt a publish at a known step.
+#[allow(clippy::print_stderr)]
+fn test_pause(step: &str, stop: &dyn Fn() -> bool) {
+    if std::env::var("ATTACHE_TEST_PAUSE").ok().as_deref() != Some(step) {
+        return;
+    }
+    let secs = std::env::var("ATTACHE_TEST_PAUSE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    eprintln!("attache-test: paused at {step}");
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < until && !stop() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The directory's lock, waited for (Ctrl-C still stops the wait).
@@ -540,6 +560,9 @@ fn copy_in(
         }
         h.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(io(&what))?;
+        if done == 0 {
+            test_pause("publish-copy", stop);
+        }
         done += n as u64;
         if let Some(b) = &bar {
             b.set_position(done);
