@@ -2,6 +2,7 @@
 //! checking a signature as a pull host does (`ssh-keygen -Y verify`): OpenSSH
 //! is on every machine that runs sshd, gpg is not.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -121,9 +122,14 @@ pub fn sign(key: &Path, file: &Path) -> Result<PathBuf, SignError> {
         return Ok(sig);
     }
     let _ = std::fs::remove_file(&sig);
+    let mut says = says(&out.stderr);
+    if says.contains("passphrase") && !std::io::stdin().is_terminal() {
+        says +=
+            " (nobody can type a passphrase here: add the key to ssh-agent and pass --key KEY.pub)";
+    }
     Err(SignError::Sign {
         key: key.display().to_string(),
-        says: says(&out.stderr),
+        says,
     })
 }
 
