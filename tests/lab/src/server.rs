@@ -56,6 +56,8 @@ impl Stats {
 
 struct Shared {
     dir: PathBuf,
+    /// Fault: close each 200 response after this many body bytes.
+    cut_after: Mutex<Option<u64>>,
     stats: Mutex<Stats>,
     /// Open connections by number, shut down when the server stops.
     conns: Mutex<(u64, BTreeMap<u64, TcpStream>)>,
@@ -90,6 +92,7 @@ impl Server {
             ports: ports.to_vec(),
             shared: Arc::new(Shared {
                 dir: dir.into(),
+                cut_after: Mutex::default(),
                 stats: Mutex::default(),
                 conns: Mutex::default(),
             }),
@@ -127,6 +130,13 @@ impl Server {
 
     pub fn reset_stats(&self) {
         *lock(&self.shared.stats) = Stats::default();
+    }
+
+    /// Fault: from now on, every file's response announces its full length
+    /// but closes the connection after `bytes` of its body (an interrupted
+    /// download); `None` serves whole files again.
+    pub fn cut_after(&self, bytes: Option<u64>) {
+        *lock(&self.shared.cut_after) = bytes;
     }
 
     /// Stops listening and cuts open connections: to a guest, the origin
@@ -281,12 +291,15 @@ fn handle(mut conn: &TcpStream, shared: &Shared) -> io::Result<()> {
     if method == "HEAD" {
         return Ok(());
     }
+    let mut left = lock(&shared.cut_after).unwrap_or(u64::MAX);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = file.read(&mut buf)?;
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let n = file.read(&mut buf[..want])?;
         if n == 0 {
             return Ok(());
         }
+        left -= n as u64;
         conn.write_all(&buf[..n])?;
         let mut stats = lock(&shared.stats);
         stats.paths.entry(path.clone()).or_default().bytes += n as u64;
@@ -396,6 +409,15 @@ mod tests {
         assert_eq!(stats.get("/nope").not_found, 1);
         assert_eq!(stats.get("/nope").bytes, 10);
         assert_eq!(stats.total().requests, 8, "{stats:#?}");
+
+        server.cut_after(Some(4));
+        let r = get(port, "GET /SHA256SUMS HTTP/1.1\r\n\r\n").unwrap();
+        assert!(
+            r.contains("Content-Length: 11\r\n") && r.ends_with("\r\n\r\nabc "),
+            "{r}"
+        );
+        assert_eq!(server.stats().get("/SHA256SUMS").bytes, 15);
+        server.cut_after(None);
 
         server.stop();
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
