@@ -36,7 +36,12 @@ impl PublicKey {
         let (kind, data) = (words.next()?, words.next()?);
         let known =
             kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
-        (known && data.starts_with("AAAA")).then(|| PublicKey {
+        // Key data is base64: anything else is no key (and `short` cuts it
+        // by bytes).
+        let base64 = data
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+        (known && base64 && data.starts_with("AAAA")).then(|| PublicKey {
             kind: kind.to_owned(),
             data: data.to_owned(),
         })
@@ -187,6 +192,8 @@ mod tests {
             "ssh-ed25519",
             "-----BEGIN OPENSSH PRIVATE KEY-----",
             "rsa AAAA",
+            // Not base64; `short` once cut the euro sign in half (a panic).
+            "ssh-ed25519 AAAA€xxxxxxxxxx",
         ] {
             assert_eq!(PublicKey::parse(bad), None, "{bad}");
         }

@@ -413,4 +413,14 @@ fn a_host_refuses_what_is_not_signed_by_its_key() {
         check_trust(&[host("open", None)], &Signing::Unsigned),
         Ok(())
     );
+    // A publicKey that is no key is shown as written, not cut (a panic).
+    let e = check_trust(
+        &[host("p3", Some("ssh-ed25519 AAAA€xxxxxxxxxx"))],
+        &key(ours),
+    )
+    .unwrap_err();
+    assert!(
+        e.starts_with("p3 trusts another key (ssh-ed25519 AAAA€xxxxxxxxxx) than /k/publish"),
+        "{e}"
+    );
 }
