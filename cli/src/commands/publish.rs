@@ -23,6 +23,7 @@ pub fn run(args: &PublishArgs, ui: &Ui) -> Result<(), Error> {
                 .into(),
         ));
     }
+    check_dir(&args.to)?;
     let signing = signing(args)?;
     let rt = hosts::runtime()?;
     let stop = {
@@ -56,6 +57,18 @@ pub fn run(args: &PublishArgs, ui: &Ui) -> Result<(), Error> {
         }
     })?;
     ui.result(&json!(report), &render(&report));
+    Ok(())
+}
+
+/// `--to` must name a directory, or where one will be (clap refuses an
+/// empty one). Said before anything is built.
+fn check_dir(to: &std::path::Path) -> Result<(), Error> {
+    if to.exists() && !to.is_dir() {
+        return Err(Error::Usage(format!(
+            "{} is not a directory: --to names the publish directory (created if missing)",
+            to.display()
+        )));
+    }
     Ok(())
 }
 
@@ -297,6 +310,20 @@ mod tests {
         let e = refused(&[".#demo", "--to", to, "--key", "/nonexistent/key"]);
         assert!(
             e.starts_with("/nonexistent/key is not an OpenSSH key ssh-keygen can read"),
+            "{e}"
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let e = refused(&[
+            ".#demo",
+            "--to",
+            file.to_str().unwrap(),
+            "--insecure-unsigned",
+        ]);
+        assert!(
+            e.ends_with(
+                "file is not a directory: --to names the publish directory (created if missing)"
+            ),
             "{e}"
         );
         let e = refused(&[".#demo", "--to", to, "--insecure-unsigned", "--sudo"]);
