@@ -77,6 +77,8 @@ pub enum PublishError {
         "two images to publish are both named {file} but differ: give one of them another version"
     )]
     Twice { file: String },
+    #[error("{path} is in the way: it is not a regular file (a directory?); move it away and publish again")]
+    InTheWay { path: String },
     #[error("{file:?} cannot be published: it is not a plain NAME_VERSION.raw file name")]
     BadName { file: String },
     #[error(transparent)]
@@ -511,24 +513,25 @@ fn sync_dir(dir: &Path) -> Result<(), PublishError> {
         .map_err(io(format!("syncing {}", dir.display())))
 }
 
-/// The sha256 of a file, `None` when there is none.
+/// The sha256 of an image file in the directory, `None` when there is
+/// none. Anything else under its name (a directory; a FIFO, whose read
+/// would never end) is in the way.
 fn sha256_in(path: &Path) -> Result<Option<String>, PublishError> {
-    let mut f = match File::open(path) {
-        Ok(f) => f,
+    let what = || format!("reading {}", path.display());
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+        Err(e) => return Err(io(what())(e)),
     };
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(io(format!("reading {}", path.display())))?;
-        if n == 0 {
-            return Ok(Some(hex::encode(h.finalize())));
-        }
-        h.update(&buf[..n]);
+    if !meta.is_file() {
+        return Err(PublishError::InTheWay {
+            path: path.display().to_string(),
+        });
     }
+    let f = File::open(path).map_err(io(what()))?;
+    crate::image::hash_file(&f, meta.len())
+        .map(Some)
+        .map_err(io(what()))
 }
 
 /// Copies an image in, checking on the way that it is still what was built.

@@ -424,3 +424,28 @@ fn a_host_refuses_what_is_not_signed_by_its_key() {
         "{e}"
     );
 }
+
+/// A directory or a FIFO under an image's name is refused in one sentence
+/// (reading the FIFO used to wait forever), and nothing is written.
+#[test]
+fn what_is_in_an_images_way_is_refused() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::create_dir(out.path().join("demo_1.0.raw")).unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(out.path().join("demo_2.0.raw"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    for version in ["1.0", "2.0"] {
+        let e = unsigned(out.path(), &[image(src.path(), "demo", version, "x")], 3).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}/demo_{version}.raw is in the way: it is not a regular file (a directory?); move it away and publish again",
+                out.path().display()
+            )
+        );
+    }
+    assert_eq!(listing(out.path()), [LOCK, "demo_1.0.raw", "demo_2.0.raw"]);
+}
