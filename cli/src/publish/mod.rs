@@ -593,8 +593,19 @@ fn prepare_if_changed(
     bytes: &[u8],
 ) -> Result<Option<(Temp, File)>, PublishError> {
     let to = dir.join(file);
-    if std::fs::read(&to).is_ok_and(|b| b == bytes) {
-        return Ok(None);
+    match std::fs::metadata(&to) {
+        // Read only when it can hold them (and cannot block, as a FIFO's read).
+        Ok(m) if m.is_file() => {
+            if m.len() == bytes.len() as u64 && std::fs::read(&to).is_ok_and(|b| b == bytes) {
+                return Ok(None);
+            }
+        }
+        Ok(_) => {
+            return Err(PublishError::InTheWay {
+                path: to.display().to_string(),
+            })
+        }
+        Err(_) => {}
     }
     let (temp, mut f) = Temp::create(dir, file)?;
     f.write_all(bytes)

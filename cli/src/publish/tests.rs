@@ -448,4 +448,12 @@ fn what_is_in_an_images_way_is_refused() {
         );
     }
     assert_eq!(listing(out.path()), [LOCK, "demo_1.0.raw", "demo_2.0.raw"]);
+    // Its manifest's name too, before the image is copied.
+    std::fs::create_dir(out.path().join("demo_3.0.raw.json")).unwrap();
+    let e = unsigned(out.path(), &[image(src.path(), "demo", "3.0", "x")], 3).unwrap_err();
+    assert!(matches!(e, PublishError::InTheWay { .. }), "{e}");
+    assert_eq!(
+        listing(out.path()),
+        [LOCK, "demo_1.0.raw", "demo_2.0.raw", "demo_3.0.raw.json"]
+    );
 }
