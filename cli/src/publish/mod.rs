@@ -186,6 +186,15 @@ pub fn plan(
                     Some(_) => return Err(changed(&tagged, "its name says")),
                 }
             }
+            // No index names it, so no host was sent to it: what a publish
+            // stopped before its index leaves (the user may have rebuilt
+            // that version since).
+            Some(_) if !index.contains_key(&plain) => {
+                notes.push(format!(
+                    "{plain} was in the directory but not in {INDEX} (a publish stopped before its index leaves it so): replacing it"
+                ));
+                (plain.clone(), true)
+            }
             Some(_) => return Err(changed(&plain, "SHA256SUMS lists")),
         };
         index.insert(

@@ -142,6 +142,41 @@ fn a_rebuilt_version_gets_its_own_name_and_hand_edits_are_refused() {
     );
 }
 
+/// An image no index lists (a publish stopped after placing it and before
+/// its index) is replaced by a rebuild of its version, not taken for a
+/// hand edit.
+#[test]
+fn an_unlisted_image_is_replaced() {
+    let p = plan(
+        &[fake("demo", "2.0", "fixed")],
+        &[entry("demo_1.0.raw", "one")],
+        &mut |f: &str| Ok((f == "demo_2.0.raw").then(|| sha(b"first try"))),
+        3,
+    )
+    .unwrap();
+    assert_eq!(files(&p), [("demo_2.0.raw", true)]);
+    assert_eq!(indexed(&p), ["demo_1.0.raw", "demo_2.0.raw"]);
+    assert_eq!(
+        p.notes,
+        ["demo_2.0.raw was in the directory but not in SHA256SUMS (a publish stopped before its index leaves it so): replacing it"]
+    );
+
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("demo_2.0.raw"), "first try").unwrap();
+    let v2 = image(src.path(), "demo", "2.0", "fixed");
+    let r = unsigned(out.path(), std::slice::from_ref(&v2), 3).unwrap();
+    assert!(r.published[0].copied, "{r:?}");
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("demo_2.0.raw")).unwrap(),
+        "fixed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.path().join(INDEX)).unwrap(),
+        format!("{}  demo_2.0.raw\n", v2.sha256)
+    );
+}
+
 /// Keep counts versions as systemd orders them (10.0 after 9.0), per
 /// published service; other services are left alone.
 #[test]
