@@ -284,8 +284,11 @@ pub fn publish(
         Some(lock)
     };
     let index_path = dir.join(INDEX);
-    let old_text = match std::fs::read_to_string(&index_path) {
-        Ok(t) => Some(t),
+    let old_text = match std::fs::read(&index_path) {
+        Ok(bytes) => Some(String::from_utf8(bytes).map_err(|_| PublishError::Index {
+            path: index_path.display().to_string(),
+            why: IndexError::NotText,
+        })?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io(format!("reading {}", index_path.display()))(e)),
     };

@@ -492,3 +492,21 @@ fn what_is_in_an_images_way_is_refused() {
         [LOCK, "demo_1.0.raw", "demo_2.0.raw", "demo_3.0.raw.json"]
     );
 }
+
+/// An index that is not text is bad input (exit 1, as README says), like
+/// one with a bad line, and nothing is written.
+#[test]
+fn an_index_that_is_not_text_is_refused() {
+    let src = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join(INDEX), b"\xff\xfe binary").unwrap();
+    let e = unsigned(out.path(), &[image(src.path(), "demo", "1.0", "one")], 3).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "{}/SHA256SUMS cannot be read: it is not text (UTF-8); fix it, or move it away to start a new index",
+            out.path().display()
+        )
+    );
+    assert_eq!(listing(out.path()), [LOCK, INDEX]);
+}
