@@ -312,7 +312,8 @@ pub fn publish(
         ui.warn(note);
     }
     let text = index::render(&plan.index);
-    let mut report = Report {
+    let unchanged = index_unchanged(dir, &text, signing, old_text.as_deref())?;
+    let report = Report {
         dir: dir.to_owned(),
         dry_run: opts.dry_run,
         signed: matches!(signing, Signing::Key { .. }),
@@ -333,8 +334,7 @@ pub fn publish(
             })
             .collect(),
         pruned: plan.prune.clone(),
-        // Known for sure once the signature is looked at (not in a dry run).
-        index_changed: old_text.as_deref() != Some(text.as_str()),
+        index_changed: !unchanged,
         indexed: plan.index.len(),
     };
     if opts.dry_run {
@@ -349,7 +349,12 @@ pub fn publish(
     }
     // Signed first: a wrong passphrase ends the publish before anything
     // is copied, and the prompt comes before the long part.
-    let next = prepare_index(dir, &text, signing, old_text.as_deref(), ui)?;
+    let next = if unchanged {
+        ui.status("Unchanged", INDEX);
+        None
+    } else {
+        Some(prepare_index(dir, &text, signing, old_text.as_deref(), ui)?)
+    };
     for p in &plan.places {
         if stop() {
             return Err(interrupted("before every image was in place"));
@@ -375,7 +380,6 @@ pub fn publish(
         return Err(interrupted("before SHA256SUMS was written"));
     }
     sync_dir(dir)?;
-    report.index_changed = next.is_some();
     if let Some(next) = next {
         next.place(dir, ui)?;
     }
@@ -665,30 +669,37 @@ impl NextIndex {
     }
 }
 
-/// Writes and signs the next index under temporary names; `None` when the
-/// directory has it already, with a good signature when signing (or none
-/// when not).
+/// Whether the directory has the index `text` already (its text is `old`),
+/// with a good signature when signing, or none when not.
+fn index_unchanged(
+    dir: &Path,
+    text: &str,
+    signing: &Signing,
+    old: Option<&str>,
+) -> Result<bool, PublishError> {
+    if old != Some(text) {
+        return Ok(false);
+    }
+    let sig_path = dir.join(SIGNATURE);
+    Ok(match signing {
+        Signing::Unsigned => !sig_path.exists(),
+        Signing::Key { public, .. } => {
+            sig_path.is_file() && sign::verify(public, &dir.join(INDEX), &sig_path)?
+        }
+    })
+}
+
+/// Writes and signs the next index under temporary names (the directory
+/// lacks it: see [`index_unchanged`]).
 fn prepare_index(
     dir: &Path,
     text: &str,
     signing: &Signing,
     old: Option<&str>,
     ui: &Ui,
-) -> Result<Option<NextIndex>, PublishError> {
+) -> Result<NextIndex, PublishError> {
     let index_path = dir.join(INDEX);
-    let sig_path = dir.join(SIGNATURE);
     let same_text = old == Some(text);
-    let unchanged = same_text
-        && match signing {
-            Signing::Unsigned => !sig_path.exists(),
-            Signing::Key { public, .. } => {
-                sig_path.is_file() && sign::verify(public, &index_path, &sig_path)?
-            }
-        };
-    if unchanged {
-        ui.status("Unchanged", INDEX);
-        return Ok(None);
-    }
     let (temp, mut f) = Temp::create(dir, INDEX)?;
     f.write_all(text.as_bytes())
         .and_then(|()| f.sync_all())
@@ -710,11 +721,11 @@ fn prepare_index(
             Some(sig)
         }
     };
-    Ok(Some(NextIndex {
+    Ok(NextIndex {
         index: (temp, f),
         sig,
         same_text,
-    }))
+    })
 }
 
 pub fn human_bytes(n: u64) -> String {
