@@ -228,7 +228,7 @@ fn render(r: &Report) -> String {
             "{}  sha256 {}  {}  {how}\n",
             p.file,
             &p.sha256.get(..12).unwrap_or(&p.sha256),
-            publish::human_bytes(p.bytes)
+            crate::ui::size(p.bytes)
         );
     }
     for f in &r.pruned {

@@ -559,7 +559,7 @@ fn copy_in(
     ui: &Ui,
 ) -> Result<(), PublishError> {
     let to = dir.join(file);
-    ui.status("Copying", format!("{file} ({})", human_bytes(img.size)));
+    ui.status("Copying", format!("{file} ({})", crate::ui::size(img.size)));
     let what = format!("copying {} to {}", img.path.display(), to.display());
     let mut from = File::open(&img.path).map_err(io(&what))?;
     let (temp, mut out) = Temp::create(dir, file)?;
@@ -726,21 +726,6 @@ fn prepare_index(
         sig,
         same_text,
     })
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
 }
 
 /// A pull host as far as publishing cares: which key it trusts.
