@@ -83,10 +83,7 @@ fn ad_hoc(args: &PublishArgs) -> bool {
 fn signing(args: &PublishArgs) -> Result<Signing, Error> {
     match (&args.key, args.insecure_unsigned) {
         (Some(key), _) => {
-            let public = sign::public_key(key).map_err(|e| match e {
-                sign::SignError::Run(io) => Error::io("running ssh-keygen -y (OpenSSH's client: apt install openssh-client)", io),
-                other => Error::Usage(other.to_string()),
-            })?;
+            let public = sign::public_key(key).map_err(|e| error(e.into()))?;
             Ok(Signing::Key {
                 key: key.clone(),
                 public,
