@@ -179,12 +179,40 @@ fn sources_of_pull_hosts(
         })
         .collect();
     publish::check_trust(&trust, signing).map_err(Error::Usage)?;
+    let urls: Vec<(&str, &str)> = pull
+        .iter()
+        .filter_map(|h| Some((h.name.as_str(), h.pull.as_ref()?.url.as_str())))
+        .collect();
+    if let Some(w) = several_places(&urls) {
+        ui.warn(w);
+    }
     inventory::share_builds(&nix, flake, &mut pull);
     Ok(pull
         .iter()
         .flat_map(|h| h.services.iter())
         .map(|s| args.nix.source(s.installable.clone()))
         .collect())
+}
+
+/// The selected pull hosts fetch from more than one URL (host, url): one
+/// directory may be served at each (an origin and a CDN), or they need a
+/// publish each. Worth saying either way, since --to is one directory.
+fn several_places(urls: &[(&str, &str)]) -> Option<String> {
+    let mut by_url: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (host, url) in urls {
+        by_url.entry(url).or_default().push(host);
+    }
+    (by_url.len() > 1).then(|| {
+        let places: Vec<String> = by_url
+            .iter()
+            .map(|(url, hosts)| format!("{} from {url}", hosts.join(", ")))
+            .collect();
+        format!(
+            "the selected pull hosts fetch from {} URLs ({}), and this publish writes one directory: unless it is served at each, publish each URL's hosts to its own (select them by name, @tag or --on)",
+            by_url.len(),
+            places.join("; ")
+        )
+    })
 }
 
 fn image(b: &Built) -> Image {
@@ -285,6 +313,18 @@ mod tests {
         );
         let srcs = sources_ad_hoc(&args(&["-f", "default.nix", "demo", "--to", "d"])).unwrap();
         assert_eq!(srcs[0].installable.to_string(), "-f default.nix demo");
+    }
+
+    #[test]
+    fn hosts_fetching_from_several_urls_are_pointed_out() {
+        assert_eq!(
+            several_places(&[("p1", "http://a/x"), ("p2", "http://a/x")]),
+            None
+        );
+        assert_eq!(
+            several_places(&[("p1", "http://a/x"), ("p2", "http://b"), ("p3", "http://a/x")]).unwrap(),
+            "the selected pull hosts fetch from 2 URLs (p1, p3 from http://a/x; p2 from http://b), and this publish writes one directory: unless it is served at each, publish each URL's hosts to its own (select them by name, @tag or --on)"
+        );
     }
 
     /// Refused before any nix runs, and nothing written.
