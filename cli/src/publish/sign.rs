@@ -59,6 +59,15 @@ impl PublicKey {
     }
 }
 
+/// `PATH` with `suffix` appended, as ssh-keygen names `KEY.pub` and
+/// `FILE.sig`: byte for byte (`display()` would change a name that is not
+/// UTF-8, and then the file would not be found).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 fn ssh_keygen() -> Command {
     Command::new("ssh-keygen")
 }
@@ -86,7 +95,7 @@ pub fn public_key(key: &Path) -> Result<PublicKey, SignError> {
     if let Some(public) = PublicKey::parse(&text) {
         return Ok(public);
     }
-    let pub_file = PathBuf::from(format!("{}.pub", key.display()));
+    let pub_file = with_suffix(key, ".pub");
     if let Some(public) = std::fs::read_to_string(&pub_file)
         .ok()
         .and_then(|t| PublicKey::parse(&t))
@@ -111,7 +120,7 @@ pub fn public_key(key: &Path) -> Result<PublicKey, SignError> {
 /// Signs `file` with `key`; the signature is `FILE.sig` (armored), removed
 /// again if ssh-keygen fails. Its stdin is the user's, for the passphrase.
 pub fn sign(key: &Path, file: &Path) -> Result<PathBuf, SignError> {
-    let sig = PathBuf::from(format!("{}.sig", file.display()));
+    let sig = with_suffix(file, ".sig");
     // ssh-keygen asks before it writes over a signature.
     let _ = std::fs::remove_file(&sig);
     let out = ssh_keygen()
@@ -174,6 +183,18 @@ mod tests {
 
     const ED: &str =
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPq0uSD4i5bJSC3pPZ6GUFMRz0QkkS3H6rO8QdV2lZ4X";
+
+    #[test]
+    fn suffixes_keep_names_that_are_not_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = Path::new(std::ffi::OsStr::from_bytes(b"/srv/caf\xe9"));
+        assert_eq!(
+            with_suffix(&dir.join(".SHA256SUMS.tmp"), ".sig")
+                .as_os_str()
+                .as_bytes(),
+            b"/srv/caf\xe9/.SHA256SUMS.tmp.sig"
+        );
+    }
 
     #[test]
     fn keys_compare_without_their_comment() {
