@@ -23,7 +23,9 @@ use crate::{Context, Error, Host, Result};
 pub const FETCH_URL: &str = "http://10.0.2.100";
 
 /// What one path was served: requests of any kind (404s included) and the
-/// body bytes written (a transfer the client cut counts what was written).
+/// body bytes sent. Counted before they are written, so that a client that
+/// has its whole answer finds it counted (a transfer the client cut may
+/// count up to one 64 KiB chunk it did not take).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Served {
     pub requests: u64,
@@ -282,12 +284,12 @@ fn handle(mut conn: &TcpStream, shared: &Shared) -> io::Result<()> {
         return respond(conn, "404 Not Found", body, method == "GET");
     };
     let len = file.metadata()?.len();
+    count(false, 0);
     write!(
         conn,
         "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\n\
          Connection: close\r\n\r\n"
     )?;
-    count(false, 0);
     if method == "HEAD" {
         return Ok(());
     }
@@ -300,9 +302,13 @@ fn handle(mut conn: &TcpStream, shared: &Shared) -> io::Result<()> {
             return Ok(());
         }
         left -= n as u64;
+        // Before the write: the client may be done as soon as it has them.
+        lock(&shared.stats)
+            .paths
+            .entry(path.clone())
+            .or_default()
+            .bytes += n as u64;
         conn.write_all(&buf[..n])?;
-        let mut stats = lock(&shared.stats);
-        stats.paths.entry(path.clone()).or_default().bytes += n as u64;
     }
 }
 
