@@ -464,3 +464,52 @@ fn publish_interrupted_mid_way_keeps_the_last_index() {
     assert_eq!(j["published"][0]["copied"], false);
     assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\ndemo_2.0.raw: OK\n");
 }
+
+/// The same images signed with another key, then unsigned: only the
+/// signature changes (replaced, then removed), never the index itself.
+#[test]
+fn publish_resigns_without_rewriting_the_index() {
+    let keys = tempfile::tempdir().unwrap();
+    let (first, first_public) = keypair(keys.path(), "first");
+    let (second, second_public) = keypair(keys.path(), "second");
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("www");
+    let dir_s = dir.to_str().unwrap();
+    let publish = |extra: &[&str]| {
+        attache_in(
+            &repo(),
+            cache.path(),
+            &[&["publish", "./examples/demo#demo", "--to", dir_s], extra].concat(),
+        )
+        .ok()
+        .json()
+    };
+    let index_mtime = || {
+        std::fs::metadata(dir.join("SHA256SUMS"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+
+    publish(&["--key", first.to_str().unwrap(), "--json"]);
+    assert!(verifies(&dir, &first_public));
+    let before = index_mtime();
+    std::thread::sleep(Duration::from_millis(20));
+
+    let j = publish(&["--key", second.to_str().unwrap(), "--json"]);
+    assert_eq!(j["index_changed"], true);
+    assert!(verifies(&dir, &second_public));
+    assert!(!verifies(&dir, &first_public));
+    assert_eq!(index_mtime(), before);
+
+    // A dry run says the same of dropping the signature, and keeps it.
+    let j = publish(&["--insecure-unsigned", "--dry-run", "--json"]);
+    assert_eq!(j["index_changed"], true);
+    assert!(dir.join("SHA256SUMS.sig").exists());
+    let j = publish(&["--insecure-unsigned", "--json"]);
+    assert_eq!(j["index_changed"], true);
+    assert!(!dir.join("SHA256SUMS.sig").exists());
+    assert_eq!(index_mtime(), before);
+    assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\n");
+}
