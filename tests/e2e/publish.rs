@@ -513,3 +513,47 @@ fn publish_resigns_without_rewriting_the_index() {
     assert_eq!(index_mtime(), before);
     assert_eq!(sums_check(&dir), "demo_1.0.raw: OK\n");
 }
+
+/// A key with a passphrase, no KEY.pub beside it, and no terminal to type
+/// the passphrase (setsid: none at all): refused before anything is built,
+/// saying what to do.
+#[test]
+fn publish_with_a_locked_key_and_no_terminal_says_what_to_do() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("locked");
+    let status = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "secret", "-f"])
+        .arg(&key)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::remove_file(keys.path().join("locked.pub")).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("www");
+    let run = Command::new("setsid")
+        .arg("-w")
+        .arg(attache_bin())
+        .args(["publish", "./examples/demo#demo", "--to"])
+        .arg(&dir)
+        .arg("--key")
+        .arg(&key)
+        .current_dir(repo())
+        .env("XDG_CACHE_HOME", cache.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "ssh-keygen cannot read the key {}: ",
+            key.display()
+        )) && stderr.contains(
+            "(nobody can type a passphrase here: add the key to ssh-agent and pass --key KEY.pub)"
+        ),
+        "{stderr}"
+    );
+    assert!(!dir.exists());
+}

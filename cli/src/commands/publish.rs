@@ -346,7 +346,7 @@ mod tests {
         );
         let e = refused(&[".#demo", "--to", to, "--key", "/nonexistent/key"]);
         assert!(
-            e.starts_with("/nonexistent/key is not an OpenSSH key ssh-keygen can read"),
+            e.starts_with("ssh-keygen cannot read the key /nonexistent/key: "),
             "{e}"
         );
         let file = dir.path().join("file");

@@ -14,7 +14,7 @@ pub enum SignError {
     /// ssh-keygen could not be started (missing when NotFound).
     #[error("running ssh-keygen (OpenSSH's client: apt install openssh-client): {0}")]
     Run(std::io::Error),
-    #[error("{key} is not an OpenSSH key ssh-keygen can read: {says}")]
+    #[error("ssh-keygen cannot read the key {key}: {says}")]
     BadKey { key: String, says: String },
     #[error("ssh-keygen could not sign with {key}: {says}")]
     Sign { key: String, says: String },
@@ -82,6 +82,17 @@ fn says(stderr: &[u8]) -> String {
     }
 }
 
+/// What ssh-keygen said, and what to do when it wanted a passphrase that
+/// nobody can type here (deriving the public half asks for it too).
+fn says_with_hint(stderr: &[u8]) -> String {
+    let mut says = says(stderr);
+    if says.contains("passphrase") && !std::io::stdin().is_terminal() {
+        says +=
+            " (nobody can type a passphrase here: add the key to ssh-agent and pass --key KEY.pub)";
+    }
+    says
+}
+
 /// The public half of `key`: the key itself when it is a public key (then
 /// ssh-keygen signs through the agent), else `KEY.pub` beside it, else what
 /// `ssh-keygen -y` derives (which may ask for the passphrase). A `KEY.pub`
@@ -113,7 +124,7 @@ pub fn public_key(key: &Path) -> Result<PublicKey, SignError> {
     let line = String::from_utf8_lossy(&out.stdout);
     match PublicKey::parse(&line) {
         Some(p) if out.status.success() => Ok(p),
-        _ => Err(bad(says(&out.stderr))),
+        _ => Err(bad(says_with_hint(&out.stderr))),
     }
 }
 
@@ -136,14 +147,9 @@ pub fn sign(key: &Path, file: &Path) -> Result<PathBuf, SignError> {
         return Ok(sig);
     }
     let _ = std::fs::remove_file(&sig);
-    let mut says = says(&out.stderr);
-    if says.contains("passphrase") && !std::io::stdin().is_terminal() {
-        says +=
-            " (nobody can type a passphrase here: add the key to ssh-agent and pass --key KEY.pub)";
-    }
     Err(SignError::Sign {
         key: key.display().to_string(),
-        says,
+        says: says_with_hint(&out.stderr),
     })
 }
 
