@@ -298,29 +298,24 @@ fn a_dry_run_writes_nothing() {
         dry_run: true,
     };
     let v1 = image(src.path(), "demo", "1.0", "one");
-    let r = publish(
-        &out,
-        std::slice::from_ref(&v1),
-        &Signing::Unsigned,
-        opts,
-        &|| false,
-        &quiet(),
-    )
-    .unwrap();
+    let dry = || {
+        publish(
+            &out,
+            std::slice::from_ref(&v1),
+            &Signing::Unsigned,
+            opts,
+            &|| false,
+            &quiet(),
+        )
+        .unwrap()
+    };
+    let r = dry();
     assert!(r.dry_run && r.published[0].copied && r.index_changed);
     assert!(!out.exists());
     // Only the signature would change (a stale one is removed): a change too.
     unsigned(&out, std::slice::from_ref(&v1), 3).unwrap();
     std::fs::write(out.join(SIGNATURE), "stale").unwrap();
-    let r = publish(
-        &out,
-        std::slice::from_ref(&v1),
-        &Signing::Unsigned,
-        opts,
-        &|| false,
-        &quiet(),
-    )
-    .unwrap();
+    let r = dry();
     assert!(r.index_changed && !r.published[0].copied, "{r:?}");
     assert!(out.join(SIGNATURE).exists());
 }
