@@ -34,7 +34,17 @@ use error::ExitCode;
 use ui::Ui;
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    // clap's own exit code for a mistyped flag is 2, which here means "the
+    // environment failed": a usage error is bad input (1). Help and
+    // --version still exit 0.
+    let cli = Cli::try_parse().unwrap_or_else(|e| {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() {
+            ExitCode::BadInput as i32
+        } else {
+            0
+        })
+    });
     let ui = Ui::terminal(commands::ui_settings(&cli.global));
     match commands::run(cli.command, &ui) {
         Ok(()) => std::process::ExitCode::from(ExitCode::Ok as u8),
