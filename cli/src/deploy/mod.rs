@@ -97,16 +97,126 @@ pub struct Settings {
     pub rollback_after: Duration,
 }
 
-/// Runs the whole pipeline on one host. Never panics; always returns a
-/// report saying where the host ended.
+/// What a host starts from: its connection, its lock (not in a dry run)
+/// and a first read of its state, none of which needs the images.
+pub struct Opened {
+    stages: Vec<StageTime>,
+    trips: Option<Arc<AtomicU32>>,
+    host: Result<(HostSession, HostFacts, bool), HostError>,
+}
+
+impl Opened {
+    /// Releases the lock and closes the connection, when there is one.
+    pub async fn close(self) {
+        if let Ok((s, ..)) = self.host {
+            s.close().await;
+        }
+    }
+}
+
+/// [`open_host`] started on the runtime, so that it runs while the images
+/// build.
+pub struct Opening(tokio::task::JoinHandle<Opened>);
+
+impl Opening {
+    pub fn start(
+        rt: &tokio::runtime::Handle,
+        name: &str,
+        destination: &Destination,
+        elevation: Elevation,
+        settings: Arc<Settings>,
+    ) -> Opening {
+        let (name, destination) = (name.to_owned(), destination.clone());
+        Opening(rt.spawn(async move { open_host(&name, &destination, elevation, &settings).await }))
+    }
+
+    async fn wait(self) -> Option<Opened> {
+        self.0.await.ok()
+    }
+
+    /// The images could not be built: no lock or connection is left behind.
+    pub async fn close(self) {
+        if let Some(o) = self.wait().await {
+            o.close().await;
+        }
+    }
+}
+
+/// Connects, then takes the lock and reads the host in one round-trip (a
+/// dry run only reads: taking the lock would create its file).
+pub async fn open_host(
+    name: &str,
+    destination: &Destination,
+    elevation: Elevation,
+    settings: &Settings,
+) -> Opened {
+    let mut stages = Vec::new();
+    let timed = |stages: &mut Vec<StageTime>, stage, start: Instant, ok, trips| {
+        stages.push(StageTime {
+            stage,
+            ms: start.elapsed().as_millis(),
+            ok,
+            round_trips: trips,
+        });
+    };
+    let start = Instant::now();
+    let s = HostSession::connect(name, destination, &settings.ssh, elevation).await;
+    let trips = s.as_ref().ok().map(|s| s.remote.trips());
+    let count = |t: &Option<Arc<AtomicU32>>| t.as_ref().map_or(0, |t| t.load(Ordering::Relaxed));
+    timed(&mut stages, Stage::Connect, start, s.is_ok(), count(&trips));
+    let mut s = match s {
+        Ok(s) => s,
+        Err(e) => {
+            return Opened {
+                stages,
+                trips,
+                host: Err(e),
+            }
+        }
+    };
+    let (start, before) = (Instant::now(), count(&trips));
+    let (stage, read) = if settings.dry_run {
+        let read = s.facts(&[], false, Stage::Preflight, false).await;
+        (Stage::Preflight, read)
+    } else {
+        (Stage::Lock, s.lock_and_read().await)
+    };
+    timed(
+        &mut stages,
+        stage,
+        start,
+        read.is_ok(),
+        count(&trips) - before,
+    );
+    let host = match read {
+        Ok((facts, finished)) => Ok((s, facts, finished)),
+        Err(e) => {
+            s.close().await;
+            Err(e)
+        }
+    };
+    Opened {
+        stages,
+        trips,
+        host,
+    }
+}
+
+/// Runs the whole pipeline on one host, from `opening` when it was opened
+/// already. Never panics; always returns a report saying where the host
+/// ended.
 pub async fn deploy_host<E: Events>(
     plan: HostPlan,
     settings: Arc<Settings>,
     ev: E,
     stop: Interrupt,
+    opening: Option<Opening>,
 ) -> HostReport {
     let mut r = HostReport::new(&plan.name);
     if stop.asked() {
+        if let Some(o) = opening {
+            o.close().await;
+        }
         return HostReport::skipped(&plan.name, "interrupted before it started");
     }
     let run = Run {
@@ -116,7 +226,7 @@ pub async fn deploy_host<E: Events>(
         stop: &stop,
         trips: OnceLock::new(),
     };
-    let result = run.host(&mut r).await;
+    let result = run.host(&mut r, opening).await;
     r.round_trips = run.trips();
     match result {
         Ok(outcome) => r.outcome = outcome,
@@ -206,25 +316,27 @@ impl<E: Events> Run<'_, E> {
         Ok(())
     }
 
-    async fn host(&self, r: &mut HostReport) -> Result<Outcome, HostError> {
+    async fn host(
+        &self,
+        r: &mut HostReport,
+        opening: Option<Opening>,
+    ) -> Result<Outcome, HostError> {
         let p = self.plan;
-        let t = self.stage(Stage::Connect);
-        let s =
-            HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
-        if let Ok(s) = &s {
-            let _ = self.trips.set(s.remote.trips());
+        self.ev.emit(self.host_name(), Event::Stage(Stage::Connect));
+        let opened = match opening {
+            Some(o) => o.wait().await,
+            None => None,
+        };
+        let opened = match opened {
+            Some(o) => o,
+            None => open_host(&p.name, &p.destination, p.elevation, self.settings).await,
+        };
+        r.stages.extend(opened.stages);
+        if let Some(t) = opened.trips {
+            let _ = self.trips.set(t);
         }
-        t.end(r, s.is_ok());
-        let mut s = s?;
-        // A dry run only reads, and must leave the host as it was: taking
-        // the lock would create its file.
-        if !self.settings.dry_run {
-            let t = self.stage(Stage::Lock);
-            let locked = s.lock().await;
-            t.end(r, locked.is_ok());
-            locked?;
-        }
-        let result = self.locked(&s, r).await;
+        let (s, facts, finished) = opened.host?;
+        let result = self.locked(&s, facts, finished, r).await;
         s.close().await;
         result
     }
@@ -235,9 +347,15 @@ impl<E: Events> Run<'_, E> {
         Ok(s.facts(&[], false, stage, false).await?.0)
     }
 
-    async fn locked(&self, s: &HostSession, r: &mut HostReport) -> Result<Outcome, HostError> {
+    async fn locked(
+        &self,
+        s: &HostSession,
+        facts: HostFacts,
+        finished: bool,
+        r: &mut HostReport,
+    ) -> Result<Outcome, HostError> {
         let t = self.stage(Stage::Preflight);
-        let prepared = self.prepare(s).await;
+        let prepared = self.prepare(s, facts, finished).await;
         t.end(r, prepared.is_ok());
         let (plan, facts) = prepared?;
         for step in &plan.steps {
@@ -336,12 +454,25 @@ impl<E: Events> Run<'_, E> {
         }
     }
 
-    /// Reads the host and plans; finishes first an earlier deploy that was
-    /// never confirmed, so the plan starts from the host's last good state.
-    async fn prepare(&self, s: &HostSession) -> Result<(Plan, HostFacts), HostError> {
-        let hash = plan::files_to_hash(self.plan);
-        let finish = !self.settings.dry_run;
-        let (facts, finished) = s.facts(&hash, false, Stage::Preflight, finish).await?;
+    /// Plans from the host's first read (`finished`: an earlier deploy
+    /// that was never confirmed was put back first, so the plan starts from
+    /// the host's last good state). Reads the host again only when it has
+    /// images of the names built, whose sha256 the plan needs.
+    async fn prepare(
+        &self,
+        s: &HostSession,
+        facts: HostFacts,
+        finished: bool,
+    ) -> Result<(Plan, HostFacts), HostError> {
+        let hash: Vec<String> = plan::files_to_hash(self.plan)
+            .into_iter()
+            .filter(|f| facts.images.contains_key(f))
+            .collect();
+        let facts = if hash.is_empty() {
+            facts
+        } else {
+            s.facts(&hash, false, Stage::Preflight, false).await?.0
+        };
         if finished {
             self.note("an earlier deploy was never confirmed; its automatic rollback put back what it replaced first");
         }

@@ -75,12 +75,21 @@ for fd in /proc/[0-9]*/fd/*; do
 done
 true"#;
 
+/// Ends the output of the script a lock runs once taken (see [`lock_then`]),
+/// with its exit code.
+pub const READ_END: &str = "@read-end";
+
 /// Takes the per-host lock and holds it while our stdin stays open: the lock
 /// ends with the connection, so a killed attache never leaves it behind.
 /// The holder's record names the host-side process that holds it (`$$`,
 /// which becomes the `cat`), for `attache unlock`. flock is looked for
-/// before anything is written.
-pub fn lock(holder: &str) -> Script {
+/// before anything is written. Once taken, runs `then` (its output, then
+/// [`READ_END`] and its exit code): taking the lock and reading the host
+/// in one round-trip.
+pub fn lock_then(holder: &str, then: Option<&Script>) -> Script {
+    let then = then
+        .map(|t| format!("( {} ) </dev/null 2>&1; echo \"{READ_END} $?\"\n", t.text))
+        .unwrap_or_default();
     Script::new(
         "taking the deploy lock",
         format!(
@@ -90,7 +99,7 @@ exec 9>>/run/attache/lock
 if ! flock -n 9; then echo BUSY; exec 9>&-; {LOCK_HOLDERS}; exit 75; fi
 printf 'holder\t%s\nfrom\t%s\npid\t%s\nsince\t%s\n' {holder} "${{SSH_CLIENT%% *}}" $$ "$(date +%s)" > /run/attache/lock.holder
 echo LOCKED
-exec cat >/dev/null"#,
+{then}exec cat >/dev/null"#,
             holder = quote(holder)
         ),
     )

@@ -188,7 +188,9 @@ fn checks_pass_url_parts_as_arguments() {
     assert!(s.contains("curl is missing"), "{s}");
     assert_eq!(check_retries(&c), 2);
     assert_eq!(check_budget(&c), Duration::from_secs(24));
-    assert!(lock("me; rm -rf /").text.contains("'me; rm -rf /'"));
+    assert!(lock_then("me; rm -rf /", None)
+        .text
+        .contains("'me; rm -rf /'"));
     assert_eq!(quote("it's"), r"'it'\''s'");
 }
 
@@ -213,7 +215,7 @@ fn lock_holder_parsing() {
 /// flock is looked for before anything is written on the host.
 #[test]
 fn lock_needs_flock_before_it_writes() {
-    let s = lock("me").text;
+    let s = lock_then("me", None).text;
     let flock = s.find("command -v flock").unwrap();
     assert!(flock < s.find("mkdir").unwrap(), "{s}");
 }
@@ -251,7 +253,7 @@ fn scripts_pass_shellcheck() {
         profile: Some("default".into()),
     };
     let scripts = [
-        lock("me"),
+        lock_then("me", None),
         lock_holder(),
         unlock(42),
         receive_stalled("/a"),
