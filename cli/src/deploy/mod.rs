@@ -826,6 +826,7 @@ impl<E: Events> Run<'_, E> {
         mut arm: Option<ops::Script>,
         r: &mut HostReport,
     ) -> Result<(), (HostError, bool)> {
+        let mut samples = std::collections::BTreeMap::new();
         for step in plan.changes() {
             let t = self.stage(Stage::Activate);
             let svc = &self.plan.services[step.service];
@@ -855,6 +856,14 @@ impl<E: Events> Run<'_, E> {
                     needs: parts.len().checked_sub(1),
                 });
             }
+            // The settle time's first sample, as soon as the units started.
+            let units = health::units_to_check(&svc.units);
+            if !parts.is_empty() && !units.is_empty() {
+                parts.push(ops::Part {
+                    script: ops::sample(&units),
+                    needs: Some(parts.len() - 1),
+                });
+            }
             if armed {
                 // Said before it is known: a connection lost half-way may
                 // have left the host armed.
@@ -867,7 +876,8 @@ impl<E: Events> Run<'_, E> {
             }
             t.end(r, done.is_ok());
             // An arm that failed changed nothing: nothing to put back.
-            done.map_err(|(i, e)| (e, !(armed && i == 0)))?;
+            let sample = done.map_err(|(i, e)| (e, !(armed && i == 0)))?;
+            samples.insert(step.service, sample);
         }
         test_pause("after-activate").await;
         for step in &plan.steps {
@@ -878,6 +888,7 @@ impl<E: Events> Run<'_, E> {
                 &step.target,
                 // Unchanged and running: nothing started, nothing to settle.
                 (step.action != Action::Unchanged).then_some(self.settings.settle),
+                samples.remove(&step.service).flatten(),
             )
             .await;
             t.end(r, h.is_ok());
@@ -887,22 +898,24 @@ impl<E: Events> Run<'_, E> {
     }
 
     /// Runs one service's activation `parts` (the portablectl calls from
-    /// `calls_at`); on failure, which part failed and why.
+    /// `calls_at`, then maybe the first sample of the settle time); on
+    /// failure, which part failed and why.
     async fn activated(
         &self,
         s: &HostSession,
         step: &Step,
         parts: &[ops::Part],
         calls_at: usize,
-    ) -> Result<(), (usize, HostError)> {
+    ) -> Result<Option<health::Started>, (usize, HostError)> {
         if parts.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let outs = s
             .batch(parts, Stage::Activate)
             .await
             .map_err(|e| (usize::MAX, e))?;
-        for (i, out) in outs.iter().enumerate() {
+        let sample_at = calls_at + step.activate.len();
+        for (i, out) in outs.iter().enumerate().take(sample_at) {
             if out.success() {
                 continue;
             }
@@ -928,7 +941,11 @@ impl<E: Events> Run<'_, E> {
                 .at(s.host(), stage),
             ));
         }
-        Ok(())
+        // Without it, the health check takes its own first sample.
+        Ok(outs
+            .get(sample_at)
+            .filter(|o| o.success())
+            .and_then(|o| health::Started::parse(&o.output)))
     }
 
     /// Everything passed: disarm the host's revert, make sure it never ran,

@@ -962,6 +962,40 @@ pub fn journal_units(facts: &HostFacts, service: Option<&str>) -> Vec<String> {
 // ---- health ---------------------------------------------------------------
 
 /// `systemctl show` of the properties health needs, one block per unit.
+/// The host's clock (`/proc/uptime`, in hundredths of a second) and then
+/// the units' states: the first sample of a settle time, taken on the host
+/// as soon as the units started.
+pub fn sample(units: &[String]) -> Script {
+    Script::new(
+        "reading unit states",
+        format!(
+            "read up _ </proc/uptime; echo \"@uptime=$up\"; {}",
+            show(units).text
+        ),
+    )
+}
+
+/// The host's clock in a [`sample`], in hundredths of a second.
+pub fn parse_uptime(out: &str) -> Option<u64> {
+    let up = out.lines().find_map(|l| l.strip_prefix("@uptime="))?;
+    let (s, cs) = up.trim().split_once('.')?;
+    Some(s.parse::<u64>().ok()? * 100 + cs.parse::<u64>().ok()?)
+}
+
+/// Waits on the host until `settle` has passed since its clock read `at`
+/// (see [`sample`]): a settle time measured from when the units started,
+/// not from when attache heard of it.
+pub fn settle_until(at: u64, settle: Duration) -> Script {
+    let end = at + settle.as_millis() as u64 / 10;
+    Script::new(
+        "waiting for the settle time",
+        format!(
+            "read up _ </proc/uptime; now=${{up%.*}}${{up#*.}}; left=$(({end} - now)); \
+             [ \"$left\" -le 0 ] || sleep \"$((left / 100)).$(printf %02d $((left % 100)))\""
+        ),
+    )
+}
+
 pub fn show(units: &[String]) -> Script {
     Script::new(
         "reading unit states",

@@ -333,6 +333,8 @@ fn scripts_pass_shellcheck() {
         disarm(),
         postpone(Duration::from_secs(60)),
         run_pending_revert(),
+        sample(&["a.service".into()]),
+        settle_until(100, Duration::from_secs(3)),
         record_previous("x", Some("/x.raw")),
         record_previous("x", None),
         stage(
@@ -579,4 +581,30 @@ fn a_batch_runs_each_part_on_its_own_and_skips_what_needed_a_failure() {
     );
     // Cut short: what did not report did not run.
     assert_eq!(parse_batch("@@attache-part\t0\nhalf", 2)[0].code, None);
+}
+
+/// The settle time runs on the host's clock from the first sample: the
+/// wait ends that long after the sample, however late it starts.
+#[test]
+fn the_settle_time_counts_from_the_sample() {
+    let sh = |text: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(text)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let at = parse_uptime(&sh(&sample(&[]).text)).unwrap();
+    let started = std::time::Instant::now();
+    sh(&settle_until(at, Duration::from_millis(600)).text);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+    // Already past: no wait.
+    let started = std::time::Instant::now();
+    sh(&settle_until(at, Duration::ZERO).text);
+    assert!(started.elapsed() < Duration::from_millis(400));
+    assert_eq!(parse_uptime("@uptime=1058.34\n@unit=a"), Some(105_834));
+    assert_eq!(parse_uptime("@unit=a"), None);
 }
