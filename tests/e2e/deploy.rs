@@ -23,6 +23,7 @@ fn main_path(guest: Guest) {
     assert_eq!(h["services"][0]["action"], "attach");
     assert!(h["bytes_sent"].as_u64().unwrap() > 0);
     let first_trips = round_trips(&h);
+    assert_eq!(first_trips, FIRST_TRIPS, "{h}");
     assert!(t.page(8080).contains("attache demo 1.0"));
     assert_eq!(
         t.root_image("demo.service"),
@@ -54,6 +55,7 @@ fn main_path(guest: Guest) {
         "/var/lib/portables/demo_1.0.raw"
     );
     let upgrade_trips = round_trips(&h);
+    assert_eq!(upgrade_trips, UPGRADE_TRIPS, "{h}");
     eprintln!("{guest}: round-trips: first deploy {first_trips}, unchanged {unchanged_trips}, upgrade {upgrade_trips}");
     assert!(t.page(8080).contains("attache demo 2.0"));
     assert_eq!(
@@ -118,9 +120,18 @@ fn main_path(guest: Guest) {
 }
 
 /// At most this many commands run on the host for an unchanged redeploy:
-/// connect, lock, read the host, check the service (units and checks at once,
-/// no settle time: it was running and nothing changed).
+/// connect, lock and read the host, hash its image, check the service
+/// (units and checks at once, no settle time: it was running and nothing
+/// changed).
 const UNCHANGED_TRIPS: u64 = 4;
+
+/// A first deploy on a host with no image: connect, lock and read, push,
+/// activate (and take the first sample), settle and check, confirm, prune.
+const FIRST_TRIPS: u64 = 7;
+
+/// An upgrade: a first deploy's, and reading the signatures of the
+/// images a delta can start from.
+const UPGRADE_TRIPS: u64 = 8;
 
 /// The host's round-trips, which its stages account for.
 fn round_trips(h: &serde_json::Value) -> u64 {
@@ -143,6 +154,30 @@ fn main_path_bookworm() {
 #[test]
 fn main_path_trixie() {
     main_path(Guest::Trixie);
+}
+
+/// The host is connected to, locked and read while the image builds; a
+/// build that fails says so, and leaves neither the lock nor a connection
+/// behind: the next deploy goes through.
+#[test]
+fn build_failure_releases_the_early_lock() {
+    let t = target(Guest::Bookworm, "buildfail");
+    t.host.ssh_ok("rm -f /run/attache/lock.holder");
+    let r = t.deploy(&["./examples/demo#notadrv"], &[]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("is a string, not a derivation"),
+        "{}",
+        r.stderr
+    );
+    // Taken while building (its holder is recorded), and free now.
+    t.host.ssh_ok("test -s /run/attache/lock.holder");
+    t.host.ssh_ok("flock -n /run/attache/lock true");
+    let r = t.deploy(&["./examples/demo#demo"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    let h = host_report(&r);
+    assert_eq!(h["outcome"], "healthy");
+    assert_eq!(round_trips(&h), FIRST_TRIPS, "{h}");
 }
 
 #[test]
