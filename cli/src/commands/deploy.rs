@@ -50,7 +50,7 @@ pub(super) fn build_all(
         let b = build::build_image(src, pack, &dir, false, ui);
         if stop.asked() {
             return Err(Error::Interrupted(format!(
-                "interrupted during the build of {key}; no host was touched"
+                "interrupted during the build of {key}; no host was changed"
             )));
         }
         built.insert(key, b?);

@@ -102,7 +102,7 @@ pub struct Settings {
 pub struct Opened {
     stages: Vec<StageTime>,
     trips: Option<Arc<AtomicU32>>,
-    host: Result<(HostSession, HostFacts, bool), HostError>,
+    host: Result<(HostSession, HostFacts), HostError>,
 }
 
 impl Opened {
@@ -177,7 +177,7 @@ pub async fn open_host(
     let (start, before) = (Instant::now(), count(&trips));
     let (stage, read) = if settings.dry_run {
         let read = s.facts(&[], false, Stage::Preflight, false).await;
-        (Stage::Preflight, read)
+        (Stage::Preflight, read.map(|(facts, _)| facts))
     } else {
         (Stage::Lock, s.lock_and_read().await)
     };
@@ -189,7 +189,7 @@ pub async fn open_host(
         count(&trips) - before,
     );
     let host = match read {
-        Ok((facts, finished)) => Ok((s, facts, finished)),
+        Ok(facts) => Ok((s, facts)),
         Err(e) => {
             s.close().await;
             Err(e)
@@ -335,8 +335,8 @@ impl<E: Events> Run<'_, E> {
         if let Some(t) = opened.trips {
             let _ = self.trips.set(t);
         }
-        let (s, facts, finished) = opened.host?;
-        let result = self.locked(&s, facts, finished, r).await;
+        let (s, facts) = opened.host?;
+        let result = self.locked(&s, facts, r).await;
         s.close().await;
         result
     }
@@ -351,11 +351,10 @@ impl<E: Events> Run<'_, E> {
         &self,
         s: &HostSession,
         facts: HostFacts,
-        finished: bool,
         r: &mut HostReport,
     ) -> Result<Outcome, HostError> {
         let t = self.stage(Stage::Preflight);
-        let prepared = self.prepare(s, facts, finished).await;
+        let prepared = self.prepare(s, facts).await;
         t.end(r, prepared.is_ok());
         let (plan, facts) = prepared?;
         for step in &plan.steps {
@@ -454,24 +453,24 @@ impl<E: Events> Run<'_, E> {
         }
     }
 
-    /// Plans from the host's first read (`finished`: an earlier deploy
-    /// that was never confirmed was put back first, so the plan starts from
-    /// the host's last good state). Reads the host again only when it has
-    /// images of the names built, whose sha256 the plan needs.
+    /// Plans from the host's first read. Reads the host again only when
+    /// it has images of the names built, whose sha256 the plan needs, or
+    /// when an earlier deploy was never confirmed: that one is finished
+    /// first, so the plan starts from the host's last good state.
     async fn prepare(
         &self,
         s: &HostSession,
         facts: HostFacts,
-        finished: bool,
     ) -> Result<(Plan, HostFacts), HostError> {
         let hash: Vec<String> = plan::files_to_hash(self.plan)
             .into_iter()
             .filter(|f| facts.images.contains_key(f))
             .collect();
-        let facts = if hash.is_empty() {
-            facts
+        let finish = facts.revert_pending && !self.settings.dry_run;
+        let (facts, finished) = if hash.is_empty() && !finish {
+            (facts, false)
         } else {
-            s.facts(&hash, false, Stage::Preflight, false).await?.0
+            s.facts(&hash, false, Stage::Preflight, finish).await?
         };
         if finished {
             self.note("an earlier deploy was never confirmed; its automatic rollback put back what it replaced first");
@@ -744,8 +743,12 @@ impl<E: Events> Run<'_, E> {
             () = self.stop.after(1) => {
                 // The upload is dropped, which closes its channel.
                 let _ = s.run(&ops::remove(partials), Stage::Push).await;
-                return Err(Cause::Interrupted { before: "the image was in place (its partial files were removed)" }
-                    .at(s.host(), Stage::Push));
+                let before = if partials.len() == 1 {
+                    "the image was in place (its partial file was removed)"
+                } else {
+                    "the image was in place (its partial files were removed)"
+                };
+                return Err(Cause::Interrupted { before }.at(s.host(), Stage::Push));
             }
         };
         let says = match sent {

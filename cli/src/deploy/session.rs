@@ -62,12 +62,12 @@ impl HostSession {
         self.lock_then(None).await.map(drop)
     }
 
-    /// Takes the host's lock and, in the same round-trip, clears what an
-    /// interrupted deploy left and reads the host; then finishes an
-    /// earlier deploy that was never confirmed, as [`Self::facts`] does.
-    pub async fn lock_and_read(&mut self) -> Result<(ops::HostFacts, bool), HostError> {
-        let read = ops::facts(&[], false);
-        let first = ops::clear_then(&read);
+    /// Takes the host's lock and, in the same round-trip, clears the
+    /// partial uploads an interrupted deploy left and reads the host. A
+    /// revert an unconfirmed deploy left pending is only reported
+    /// (`revert_pending`): nothing else changes before the images are built.
+    pub async fn lock_and_read(&mut self) -> Result<ops::HostFacts, HostError> {
+        let first = ops::clear_then(&ops::facts(&[], false));
         let (code, out) = self.lock_then(Some(&first)).await?.unwrap_or_default();
         if code != 0 {
             return Err(Cause::Step {
@@ -76,14 +76,7 @@ impl HostSession {
             }
             .at(&self.remote.name, Stage::Preflight));
         }
-        let facts = ops::parse_facts(&out);
-        if !facts.revert_pending {
-            return Ok((facts, false));
-        }
-        self.step(&ops::run_pending_revert(), Stage::Preflight)
-            .await?;
-        let again = ops::parse_facts(&self.step(&read, Stage::Preflight).await?.stdout);
-        Ok((again, true))
+        Ok(ops::parse_facts(&out))
     }
 
     /// Takes the lock, then runs `then` while holding it: its exit code
