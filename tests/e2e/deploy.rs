@@ -571,6 +571,50 @@ fn connection_lost_during_activation_reverts_by_itself() {
     );
 }
 
+/// An attache killed after the switch leaves the host armed; the next
+/// deploy finishes that one first (after its build: nothing changes on the
+/// host while the image builds), then deploys and ends healthy.
+#[test]
+fn next_deploy_finishes_an_unconfirmed_one() {
+    let t = target(Guest::Bookworm, "pending");
+    t.deploy(&["./examples/demo#demo"], &[]).ok();
+    let bg = t.deploy_in_background(
+        &["./examples/demo#demo-v2"],
+        &["--settle", "90", "--rollback-after", "600"],
+    );
+    assert!(
+        wait_for(
+            &t.host,
+            "[ \"$(systemctl show -p RootImage --value demo.service)\" = /var/lib/portables/demo_2.0.raw ]",
+            Duration::from_secs(180),
+            Duration::from_secs(1)
+        ),
+        "2.0 was never attached"
+    );
+    bg.signal("KILL");
+    t.host.kill_connections().unwrap();
+    let _ = bg.join();
+    t.host.ssh_ok("test -e /var/lib/attache/revert.sh");
+    let r = t.deploy(&["./examples/demo#demo-v2"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    assert!(
+        r.stderr.contains("an earlier deploy was never confirmed"),
+        "{}",
+        r.stderr
+    );
+    let h = host_report(&r);
+    assert_eq!(h["services"][0]["action"], "reattach", "{h}");
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_2.0.raw"
+    );
+    assert!(!t
+        .host
+        .ssh("test -e /var/lib/attache/revert.sh")
+        .status
+        .success());
+}
+
 #[test]
 fn unknown_host_key_needs_consent() {
     let t = target(Guest::Bookworm, "newkey");
