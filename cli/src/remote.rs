@@ -313,6 +313,18 @@ impl Remote {
         script: &str,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, RemoteError> {
+        self.upload_then(local, &[], script, progress).await
+    }
+
+    /// [`Self::upload`], then `then` on the same stdin: a file and what
+    /// goes with it in one command.
+    pub async fn upload_then(
+        &self,
+        local: &Path,
+        then: &[u8],
+        script: &str,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<u64, RemoteError> {
         let mut child = self.spawn_fed(script, Stdio::null(), "uploading").await?;
         let local_io = |source| RemoteError::LocalIo {
             host: self.name.clone(),
@@ -340,6 +352,15 @@ impl Remote {
             }
             sent += n as u64;
             progress(sent);
+        }
+        if broken.is_none() && !then.is_empty() {
+            match stdin.write_all(then).await {
+                Ok(()) => {
+                    sent += then.len() as u64;
+                    progress(sent);
+                }
+                Err(e) => broken = Some(e),
+            }
         }
         if broken.is_none() {
             broken = stdin.shutdown().await.err();

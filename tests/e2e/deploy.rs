@@ -23,6 +23,7 @@ fn main_path(guest: Guest) {
     assert_eq!(h["services"][0]["action"], "attach");
     assert!(h["bytes_sent"].as_u64().unwrap() > 0);
     let first_trips = round_trips(&h);
+    assert_eq!(first_trips, FIRST_TRIPS, "{h}");
     assert!(t.page(8080).contains("attache demo 1.0"));
     assert_eq!(
         t.root_image("demo.service"),
@@ -54,6 +55,7 @@ fn main_path(guest: Guest) {
         "/var/lib/portables/demo_1.0.raw"
     );
     let upgrade_trips = round_trips(&h);
+    assert_eq!(upgrade_trips, UPGRADE_TRIPS, "{h}");
     eprintln!("{guest}: round-trips: first deploy {first_trips}, unchanged {unchanged_trips}, upgrade {upgrade_trips}");
     assert!(t.page(8080).contains("attache demo 2.0"));
     assert_eq!(
@@ -118,9 +120,18 @@ fn main_path(guest: Guest) {
 }
 
 /// At most this many commands run on the host for an unchanged redeploy:
-/// connect, lock, read the host, check the service (units and checks at once,
-/// no settle time: it was running and nothing changed).
+/// connect, lock and read the host, hash its image, check the service
+/// (units and checks at once, no settle time: it was running and nothing
+/// changed).
 const UNCHANGED_TRIPS: u64 = 4;
+
+/// A first deploy on a host with no image: connect, lock and read, push,
+/// activate (and take the first sample), settle and check, confirm, prune.
+const FIRST_TRIPS: u64 = 7;
+
+/// An upgrade: a first deploy's, and reading the signatures of the
+/// images a delta can start from.
+const UPGRADE_TRIPS: u64 = 8;
 
 /// The host's round-trips, which its stages account for.
 fn round_trips(h: &serde_json::Value) -> u64 {
@@ -143,6 +154,30 @@ fn main_path_bookworm() {
 #[test]
 fn main_path_trixie() {
     main_path(Guest::Trixie);
+}
+
+/// The host is connected to, locked and read while the image builds; a
+/// build that fails says so, and leaves neither the lock nor a connection
+/// behind: the next deploy goes through.
+#[test]
+fn build_failure_releases_the_early_lock() {
+    let t = target(Guest::Bookworm, "buildfail");
+    t.host.ssh_ok("rm -f /run/attache/lock.holder");
+    let r = t.deploy(&["./examples/demo#notadrv"], &[]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("is a string, not a derivation"),
+        "{}",
+        r.stderr
+    );
+    // Taken while building (its holder is recorded), and free now.
+    t.host.ssh_ok("test -s /run/attache/lock.holder");
+    t.host.ssh_ok("flock -n /run/attache/lock true");
+    let r = t.deploy(&["./examples/demo#demo"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    let h = host_report(&r);
+    assert_eq!(h["outcome"], "healthy");
+    assert_eq!(round_trips(&h), FIRST_TRIPS, "{h}");
 }
 
 #[test]
@@ -534,6 +569,50 @@ fn connection_lost_during_activation_reverts_by_itself() {
         "{}",
         t.host.diagnostics(Some("demo.service"))
     );
+}
+
+/// An attache killed after the switch leaves the host armed; the next
+/// deploy finishes that one first (after its build: nothing changes on the
+/// host while the image builds), then deploys and ends healthy.
+#[test]
+fn next_deploy_finishes_an_unconfirmed_one() {
+    let t = target(Guest::Bookworm, "pending");
+    t.deploy(&["./examples/demo#demo"], &[]).ok();
+    let bg = t.deploy_in_background(
+        &["./examples/demo#demo-v2"],
+        &["--settle", "90", "--rollback-after", "600"],
+    );
+    assert!(
+        wait_for(
+            &t.host,
+            "[ \"$(systemctl show -p RootImage --value demo.service)\" = /var/lib/portables/demo_2.0.raw ]",
+            Duration::from_secs(180),
+            Duration::from_secs(1)
+        ),
+        "2.0 was never attached"
+    );
+    bg.signal("KILL");
+    t.host.kill_connections().unwrap();
+    let _ = bg.join();
+    t.host.ssh_ok("test -e /var/lib/attache/revert.sh");
+    let r = t.deploy(&["./examples/demo#demo-v2"], &[]);
+    assert_eq!(r.code, 0, "{}", t.diag(&r, "demo.service"));
+    assert!(
+        r.stderr.contains("an earlier deploy was never confirmed"),
+        "{}",
+        r.stderr
+    );
+    let h = host_report(&r);
+    assert_eq!(h["services"][0]["action"], "reattach", "{h}");
+    assert_eq!(
+        t.root_image("demo.service"),
+        "/var/lib/portables/demo_2.0.raw"
+    );
+    assert!(!t
+        .host
+        .ssh("test -e /var/lib/attache/revert.sh")
+        .status
+        .success());
 }
 
 #[test]

@@ -50,7 +50,7 @@ pub(super) fn build_all(
         let b = build::build_image(src, pack, &dir, false, ui);
         if stop.asked() {
             return Err(Error::Interrupted(format!(
-                "interrupted during the build of {key}; no host was touched"
+                "interrupted during the build of {key}; no host was changed"
             )));
         }
         built.insert(key, b?);
@@ -82,50 +82,6 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         let _in_runtime = rt.enter();
         Interrupt::listen().map_err(|e| Error::io("listening for Ctrl-C", e))?
     };
-    let plans: Vec<HostPlan> = if let Some(to) = &args.to {
-        let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
-        let wanted = args.form.sources(&args.targets, &args.nix)?;
-        let built = build_all(&wanted, &pack, ui, &stop)?;
-        vec![HostPlan {
-            name: to.clone(),
-            destination: dest,
-            elevation: elevation(args.fleet.ssh.sudo),
-            profile: args.profile.clone().unwrap_or_else(|| "default".into()),
-            services: wanted
-                .iter()
-                .map(|w| plan_service(&built[&w.installable.to_string()], Vec::new()))
-                .collect(),
-        }]
-    } else {
-        let flags = args.form.installable_flags();
-        if !flags.is_empty() {
-            return Err(Error::Usage(format!(
-                "{} only with --to USER@HOST (deploying ad hoc): the inventory says what each of its hosts runs",
-                flags.join(", ")
-            )));
-        }
-        let nix = args.nix.nix();
-        nix.version()?;
-        ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
-        let hosts = inventory::load(&nix, &args.fleet.flake)
-            .map_err(|e| inventory_error(e, &args.fleet.flake))?;
-        let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
-            .map_err(|e| Error::Usage(e.to_string()))?;
-        inventory::share_builds(&nix, &args.fleet.flake, &mut hosts);
-        let wanted: Vec<Source> = hosts
-            .iter()
-            .flat_map(|h| h.services.iter())
-            .map(|s| args.nix.source(s.installable.clone()))
-            .collect();
-        let built = build_all(&wanted, &pack, ui, &stop)?;
-        hosts
-            .into_iter()
-            .map(|h| host_plan(h, &built, args))
-            .collect::<Result<_, _>>()?
-    };
-    if plans.is_empty() {
-        return Err(Error::Usage("no hosts selected".into()));
-    }
     let settings = Arc::new(Settings {
         ssh: ssh_options(&args.fleet.ssh),
         rollback: !args.no_rollback,
@@ -134,9 +90,25 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         settle: Duration::from_secs(args.settle),
         rollback_after: Duration::from_secs(args.rollback_after),
     });
-    for p in &plans {
-        deploy::check_timer(p, &settings).map_err(|e| Error::Usage(format!("{}: {e}", p.name)))?;
-    }
+    let early = Early::new(&rt, &settings, args);
+    let plans = plan_hosts(args, &pack, ui, &stop, &early).and_then(|plans| {
+        if plans.is_empty() {
+            return Err(Error::Usage("no hosts selected".into()));
+        }
+        for p in &plans {
+            deploy::check_timer(p, &settings)
+                .map_err(|e| Error::Usage(format!("{}: {e}", p.name)))?;
+        }
+        Ok(plans)
+    });
+    let plans = match plans {
+        Ok(plans) => plans,
+        Err(e) => {
+            // The hosts opened while building: no lock nor connection stays.
+            rt.block_on(early.close());
+            return Err(e);
+        }
+    };
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -161,13 +133,21 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 plans,
                 policy,
                 |r: &HostReport| good(r.outcome),
-                |plan| deploy::deploy_host(plan, settings.clone(), view.clone(), stop.clone()),
+                |plan| {
+                    let opened = early.take(&plan.name);
+                    deploy::deploy_host(plan, settings.clone(), view.clone(), stop.clone(), opened)
+                },
             ) => Some(ran),
             () = stop.after(2) => None,
         };
         warn.abort();
+        if ran.is_some() {
+            // Hosts skipped after a failure.
+            early.close().await;
+        }
         ran
     });
+
     let Some(ran) = ran else {
         view.clear();
         // Dropping the runtime drops every host's session: its lock ends,
@@ -217,6 +197,116 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         }
     }
     result
+}
+
+/// Builds what the hosts run and plans each host; the hosts that start
+/// first are opened (`early`) while the images build.
+fn plan_hosts(
+    args: &DeployArgs,
+    pack: &PackChoice,
+    ui: &Ui,
+    stop: &Interrupt,
+    early: &Early,
+) -> Result<Vec<HostPlan>, Error> {
+    if let Some(to) = &args.to {
+        let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
+        let elevation = elevation(args.fleet.ssh.sudo);
+        let wanted = args.form.sources(&args.targets, &args.nix)?;
+        early.open([(to.as_str(), &dest, elevation)]);
+        let built = build_all(&wanted, pack, ui, stop)?;
+        return Ok(vec![HostPlan {
+            name: to.clone(),
+            destination: dest,
+            elevation,
+            profile: args.profile.clone().unwrap_or_else(|| "default".into()),
+            services: wanted
+                .iter()
+                .map(|w| plan_service(&built[&w.installable.to_string()], Vec::new()))
+                .collect(),
+        }]);
+    }
+    let flags = args.form.installable_flags();
+    if !flags.is_empty() {
+        return Err(Error::Usage(format!(
+            "{} only with --to USER@HOST (deploying ad hoc): the inventory says what each of its hosts runs",
+            flags.join(", ")
+        )));
+    }
+    let nix = args.nix.nix();
+    nix.version()?;
+    ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
+    let hosts = inventory::load(&nix, &args.fleet.flake)
+        .map_err(|e| inventory_error(e, &args.fleet.flake))?;
+    let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
+        .map_err(|e| Error::Usage(e.to_string()))?;
+    early.open(hosts.iter().map(|h| {
+        let elevation = elevation(h.sudo || args.fleet.ssh.sudo);
+        (h.name.as_str(), &h.destination, elevation)
+    }));
+    inventory::share_builds(&nix, &args.fleet.flake, &mut hosts);
+    let wanted: Vec<Source> = hosts
+        .iter()
+        .flat_map(|h| h.services.iter())
+        .map(|s| args.nix.source(s.installable.clone()))
+        .collect();
+    let built = build_all(&wanted, pack, ui, stop)?;
+    hosts
+        .into_iter()
+        .map(|h| host_plan(h, &built, args))
+        .collect()
+}
+
+/// The hosts opened (connected, locked, read) while the images build: the
+/// first ones to deploy, as many as start at once.
+struct Early<'r> {
+    rt: &'r tokio::runtime::Runtime,
+    settings: Arc<Settings>,
+    first: usize,
+    opened: std::sync::Mutex<BTreeMap<String, deploy::Opening>>,
+}
+
+impl<'r> Early<'r> {
+    fn new(rt: &'r tokio::runtime::Runtime, settings: &Arc<Settings>, args: &DeployArgs) -> Self {
+        Early {
+            rt,
+            settings: settings.clone(),
+            first: args.canary.filter(|&c| c > 0).unwrap_or(args.jobs).max(1),
+            opened: Default::default(),
+        }
+    }
+
+    fn open<'h>(
+        &self,
+        hosts: impl IntoIterator<Item = (&'h str, &'h Destination, crate::remote::Elevation)>,
+    ) {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, dest, elevation) in hosts.into_iter().take(self.first) {
+            let o = deploy::Opening::start(
+                self.rt.handle(),
+                name,
+                dest,
+                elevation,
+                self.settings.clone(),
+            );
+            opened.insert(name.to_owned(), o);
+        }
+    }
+
+    fn take(&self, host: &str) -> Option<deploy::Opening> {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        opened.remove(host)
+    }
+
+    /// Releases the locks and closes the connections of hosts that will
+    /// not be deployed.
+    async fn close(&self) {
+        let all = std::mem::take(&mut *self.opened.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut closing = tokio::task::JoinSet::new();
+        for o in all.into_values() {
+            closing.spawn(o.close());
+        }
+        while closing.join_next().await.is_some() {}
+    }
 }
 
 /// For each host where a changed service failed, the `attache logs`

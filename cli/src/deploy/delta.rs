@@ -7,10 +7,10 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use super::ops::{self, delta as host};
-use super::report::{Event, Events, Stage};
+use super::ops::delta as host;
+use super::report::Stage;
 use super::session::HostSession;
-use super::{test_pause, ServicePlan};
+use super::ServicePlan;
 use crate::delta::{diff, Signature};
 use crate::names::basename;
 
@@ -43,37 +43,31 @@ impl Local {
     }
 }
 
-/// Stores the new image's signature on the host, for the next upgrade;
-/// returns the bytes sent. `Err`: why the next upgrade will have to send
-/// the full image.
-pub async fn store_signature(s: &HostSession, local: &Local, target: &str) -> Result<u64, String> {
-    let mut f = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
-    f.write_all(local.signature.to_text().as_bytes())
-        .and_then(|()| f.flush())
-        .map_err(|e| e.to_string())?;
-    s.remote
-        .upload(f.path(), &host::store_signature(target).text, &|_| {})
-        .await
-        .map_err(|e| e.to_string())
-}
+/// Why a push with nothing to start from sends the whole image.
+pub const NO_BASIS: &str = "the host has no earlier image with a signature to start from";
 
-/// What a delta sent.
-pub struct Sent {
+/// A delta ready to go: its script and pieces in a local file, to be
+/// uploaded to `ops::delta::delta_path` and run there (see `ops::push`).
+pub struct Prepared {
+    pub file: tempfile::NamedTempFile,
     pub bytes: u64,
     pub basis: String,
+    /// The sha256 the basis must show first, when the host did not vouch
+    /// for it.
+    pub check: Option<String>,
 }
 
-/// Rebuilds the new image at `tmp` on the host from a basis there and the
-/// bytes it lacks. `previous`: the image the service has attached, the
-/// basis tried first. `Err`: why the full image must go instead.
-pub async fn send<E: Events>(
+/// Reads the signatures of the images on the host (one round-trip) and
+/// makes the delta that rebuilds the new image at `tmp` from a basis
+/// there. `previous`: the image the service has attached, the basis tried
+/// first. `Err`: why the full image must go instead.
+pub async fn prepare(
     s: &HostSession,
-    ev: &E,
     local: &Local,
     target: &str,
     tmp: &str,
     previous: Option<&str>,
-) -> Result<Sent, String> {
+) -> Result<Prepared, String> {
     let out = s
         .run(&host::signatures(previous), Stage::Push)
         .await
@@ -85,21 +79,9 @@ pub async fn send<E: Events>(
                 "{} is not the image its signature describes (changed or damaged), and no other image can serve as a basis",
                 basename(p)
             ),
-            None => "the host has no earlier image with a signature to start from".to_owned(),
+            None => NO_BASIS.to_owned(),
         }
     })?;
-    if let Some(want) = check {
-        let out = s
-            .run(&ops::sha256(&basis), Stage::Push)
-            .await
-            .map_err(|e| format!("{} could not be hashed: {e}", basename(&basis)))?;
-        if ops::parse_sha256(&out.stdout).as_deref() != Some(want.as_str()) {
-            return Err(format!(
-                "{} is not the image its signature describes (changed or damaged)",
-                basename(&basis)
-            ));
-        }
-    }
     // Diffing reads the whole image: off the async workers.
     let data = Arc::clone(&local.data);
     let delta = tokio::task::spawn_blocking(move || diff(&sig, &data))
@@ -133,32 +115,12 @@ pub async fn send<E: Events>(
         .and_then(|()| delta.pieces(&local.data).try_for_each(|p| f.write_all(p)))
         .and_then(|()| f.flush());
     written.map_err(|e| format!("could not write the delta: {e}"))?;
-    ev.emit(s.host(), Event::PushStarted { bytes });
-    let progress = |sent: u64| ev.emit(s.host(), Event::PushProgress { sent });
-    let sent = s
-        .remote
-        .upload(f.path(), &ops::receive(&file).text, &progress)
-        .await;
-    let sent = match sent {
-        Ok(n) => n,
-        Err(e) => {
-            let _ = s.run(&ops::remove(&[file]), Stage::Push).await;
-            return Err(format!("uploading the delta failed: {e}"));
-        }
-    };
-    test_pause("mid-delta").await;
-    let applied = s.run(&host::apply(&file), Stage::Push).await;
-    match applied {
-        Ok(o) if o.success() => Ok(Sent { bytes: sent, basis }),
-        Ok(o) => {
-            let _ = s.run(&ops::remove(&[tmp.to_owned()]), Stage::Push).await;
-            Err(format!(
-                "rebuilding the image from the delta failed: {}",
-                o.tail()
-            ))
-        }
-        Err(e) => Err(format!("rebuilding the image from the delta failed: {e}")),
-    }
+    Ok(Prepared {
+        file: f,
+        bytes,
+        basis,
+        check,
+    })
 }
 
 /// The basis: the attached image when the host vouched for it, else the

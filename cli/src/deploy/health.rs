@@ -71,24 +71,53 @@ fn unhealthy(s: &HostSession, image: &str, reason: String) -> HostError {
     .at(s.host(), Stage::Health)
 }
 
+/// The first sample of a settle time, taken by the activation's own
+/// command (see [`ops::sample`]).
+pub struct Started {
+    pub units: BTreeMap<String, UnitState>,
+    /// The host's clock then, in hundredths of a second.
+    pub at: u64,
+}
+
+impl Started {
+    pub fn parse(out: &str) -> Option<Started> {
+        Some(Started {
+            at: ops::parse_uptime(out)?,
+            units: ops::parse_show(out),
+        })
+    }
+}
+
 /// Checks a service: its units (sampled twice, a `settle` time apart;
 /// once when `settle` is `None`, for a service that did not change and so
 /// has nothing to settle) and then the inventory's checks, whose first
-/// attempts share the last sample's round-trip.
+/// attempts share the last sample's round-trip. With `started`, the first
+/// sample is that one and the host waits out the settle time from its
+/// clock then, in the same round-trip as the last sample.
 pub async fn health(
     s: &HostSession,
     svc: &ServicePlan,
     image: &str,
     settle: Option<Duration>,
+    started: Option<Started>,
 ) -> Result<(), HostError> {
     let units = units_to_check(&svc.units);
     let show = ops::show(&units);
     let mut before = None;
-    if let (Some(settle), false) = (settle, units.is_empty()) {
-        before = Some(ops::parse_show(&s.step(&show, Stage::Health).await?.stdout));
-        tokio::time::sleep(settle).await;
-    }
     let mut parts = Vec::new();
+    if let (Some(settle), false) = (settle, units.is_empty()) {
+        match started {
+            Some(started) => {
+                parts.push(ops::Part::from(ops::settle_until(started.at, settle)));
+                before = Some(started.units);
+            }
+            None => {
+                before = Some(ops::parse_show(&s.step(&show, Stage::Health).await?.stdout));
+                tokio::time::sleep(settle).await;
+            }
+        }
+    }
+    let show_at = parts.len();
     if !units.is_empty() {
         parts.push(ops::Part::from(show));
     }
@@ -100,7 +129,7 @@ pub async fn health(
         s.batch(&parts, Stage::Health).await?
     };
     if !units.is_empty() {
-        let after = ops::parse_show(s.part_ok(&parts[0], &outs[0], Stage::Health)?);
+        let after = ops::parse_show(s.part_ok(&parts[show_at], &outs[show_at], Stage::Health)?);
         let before = before.as_ref().unwrap_or(&after);
         judge(&units, before, &after, image).map_err(|r| unhealthy(s, image, r))?;
     }

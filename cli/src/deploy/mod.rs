@@ -97,16 +97,126 @@ pub struct Settings {
     pub rollback_after: Duration,
 }
 
-/// Runs the whole pipeline on one host. Never panics; always returns a
-/// report saying where the host ended.
+/// What a host starts from: its connection, its lock (not in a dry run)
+/// and a first read of its state, none of which needs the images.
+pub struct Opened {
+    stages: Vec<StageTime>,
+    trips: Option<Arc<AtomicU32>>,
+    host: Result<(HostSession, HostFacts), HostError>,
+}
+
+impl Opened {
+    /// Releases the lock and closes the connection, when there is one.
+    pub async fn close(self) {
+        if let Ok((s, ..)) = self.host {
+            s.close().await;
+        }
+    }
+}
+
+/// [`open_host`] started on the runtime, so that it runs while the images
+/// build.
+pub struct Opening(tokio::task::JoinHandle<Opened>);
+
+impl Opening {
+    pub fn start(
+        rt: &tokio::runtime::Handle,
+        name: &str,
+        destination: &Destination,
+        elevation: Elevation,
+        settings: Arc<Settings>,
+    ) -> Opening {
+        let (name, destination) = (name.to_owned(), destination.clone());
+        Opening(rt.spawn(async move { open_host(&name, &destination, elevation, &settings).await }))
+    }
+
+    async fn wait(self) -> Option<Opened> {
+        self.0.await.ok()
+    }
+
+    /// The images could not be built: no lock or connection is left behind.
+    pub async fn close(self) {
+        if let Some(o) = self.wait().await {
+            o.close().await;
+        }
+    }
+}
+
+/// Connects, then takes the lock and reads the host in one round-trip (a
+/// dry run only reads: taking the lock would create its file).
+pub async fn open_host(
+    name: &str,
+    destination: &Destination,
+    elevation: Elevation,
+    settings: &Settings,
+) -> Opened {
+    let mut stages = Vec::new();
+    let timed = |stages: &mut Vec<StageTime>, stage, start: Instant, ok, trips| {
+        stages.push(StageTime {
+            stage,
+            ms: start.elapsed().as_millis(),
+            ok,
+            round_trips: trips,
+        });
+    };
+    let start = Instant::now();
+    let s = HostSession::connect(name, destination, &settings.ssh, elevation).await;
+    let trips = s.as_ref().ok().map(|s| s.remote.trips());
+    let count = |t: &Option<Arc<AtomicU32>>| t.as_ref().map_or(0, |t| t.load(Ordering::Relaxed));
+    timed(&mut stages, Stage::Connect, start, s.is_ok(), count(&trips));
+    let mut s = match s {
+        Ok(s) => s,
+        Err(e) => {
+            return Opened {
+                stages,
+                trips,
+                host: Err(e),
+            }
+        }
+    };
+    let (start, before) = (Instant::now(), count(&trips));
+    let (stage, read) = if settings.dry_run {
+        let read = s.facts(&[], false, Stage::Preflight, false).await;
+        (Stage::Preflight, read.map(|(facts, _)| facts))
+    } else {
+        (Stage::Lock, s.lock_and_read().await)
+    };
+    timed(
+        &mut stages,
+        stage,
+        start,
+        read.is_ok(),
+        count(&trips) - before,
+    );
+    let host = match read {
+        Ok(facts) => Ok((s, facts)),
+        Err(e) => {
+            s.close().await;
+            Err(e)
+        }
+    };
+    Opened {
+        stages,
+        trips,
+        host,
+    }
+}
+
+/// Runs the whole pipeline on one host, from `opening` when it was opened
+/// already. Never panics; always returns a report saying where the host
+/// ended.
 pub async fn deploy_host<E: Events>(
     plan: HostPlan,
     settings: Arc<Settings>,
     ev: E,
     stop: Interrupt,
+    opening: Option<Opening>,
 ) -> HostReport {
     let mut r = HostReport::new(&plan.name);
     if stop.asked() {
+        if let Some(o) = opening {
+            o.close().await;
+        }
         return HostReport::skipped(&plan.name, "interrupted before it started");
     }
     let run = Run {
@@ -116,7 +226,7 @@ pub async fn deploy_host<E: Events>(
         stop: &stop,
         trips: OnceLock::new(),
     };
-    let result = run.host(&mut r).await;
+    let result = run.host(&mut r, opening).await;
     r.round_trips = run.trips();
     match result {
         Ok(outcome) => r.outcome = outcome,
@@ -206,25 +316,27 @@ impl<E: Events> Run<'_, E> {
         Ok(())
     }
 
-    async fn host(&self, r: &mut HostReport) -> Result<Outcome, HostError> {
+    async fn host(
+        &self,
+        r: &mut HostReport,
+        opening: Option<Opening>,
+    ) -> Result<Outcome, HostError> {
         let p = self.plan;
-        let t = self.stage(Stage::Connect);
-        let s =
-            HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
-        if let Ok(s) = &s {
-            let _ = self.trips.set(s.remote.trips());
+        self.ev.emit(self.host_name(), Event::Stage(Stage::Connect));
+        let opened = match opening {
+            Some(o) => o.wait().await,
+            None => None,
+        };
+        let opened = match opened {
+            Some(o) => o,
+            None => open_host(&p.name, &p.destination, p.elevation, self.settings).await,
+        };
+        r.stages.extend(opened.stages);
+        if let Some(t) = opened.trips {
+            let _ = self.trips.set(t);
         }
-        t.end(r, s.is_ok());
-        let mut s = s?;
-        // A dry run only reads, and must leave the host as it was: taking
-        // the lock would create its file.
-        if !self.settings.dry_run {
-            let t = self.stage(Stage::Lock);
-            let locked = s.lock().await;
-            t.end(r, locked.is_ok());
-            locked?;
-        }
-        let result = self.locked(&s, r).await;
+        let (s, facts) = opened.host?;
+        let result = self.locked(&s, facts, r).await;
         s.close().await;
         result
     }
@@ -235,9 +347,14 @@ impl<E: Events> Run<'_, E> {
         Ok(s.facts(&[], false, stage, false).await?.0)
     }
 
-    async fn locked(&self, s: &HostSession, r: &mut HostReport) -> Result<Outcome, HostError> {
+    async fn locked(
+        &self,
+        s: &HostSession,
+        facts: HostFacts,
+        r: &mut HostReport,
+    ) -> Result<Outcome, HostError> {
         let t = self.stage(Stage::Preflight);
-        let prepared = self.prepare(s).await;
+        let prepared = self.prepare(s, facts).await;
         t.end(r, prepared.is_ok());
         let (plan, facts) = prepared?;
         for step in &plan.steps {
@@ -336,12 +453,25 @@ impl<E: Events> Run<'_, E> {
         }
     }
 
-    /// Reads the host and plans; finishes first an earlier deploy that was
-    /// never confirmed, so the plan starts from the host's last good state.
-    async fn prepare(&self, s: &HostSession) -> Result<(Plan, HostFacts), HostError> {
-        let hash = plan::files_to_hash(self.plan);
-        let finish = !self.settings.dry_run;
-        let (facts, finished) = s.facts(&hash, false, Stage::Preflight, finish).await?;
+    /// Plans from the host's first read. Reads the host again only when
+    /// it has images of the names built, whose sha256 the plan needs, or
+    /// when an earlier deploy was never confirmed: that one is finished
+    /// first, so the plan starts from the host's last good state.
+    async fn prepare(
+        &self,
+        s: &HostSession,
+        facts: HostFacts,
+    ) -> Result<(Plan, HostFacts), HostError> {
+        let hash: Vec<String> = plan::files_to_hash(self.plan)
+            .into_iter()
+            .filter(|f| facts.images.contains_key(f))
+            .collect();
+        let finish = facts.revert_pending && !self.settings.dry_run;
+        let (facts, finished) = if hash.is_empty() && !finish {
+            (facts, false)
+        } else {
+            s.facts(&hash, false, Stage::Preflight, finish).await?
+        };
         if finished {
             self.note("an earlier deploy was never confirmed; its automatic rollback put back what it replaced first");
         }
@@ -364,8 +494,17 @@ impl<E: Events> Run<'_, E> {
             if step.upload {
                 self.go_on(s, "the upload")?;
                 let transfer = &mut r.services[i].transfer;
-                self.push(s, svc, &step.target, step.previous.as_deref(), transfer)
-                    .await?;
+                // A host with no image at all has no basis for a delta.
+                let basis = !facts.images.is_empty();
+                self.push(
+                    s,
+                    svc,
+                    &step.target,
+                    step.previous.as_deref(),
+                    basis,
+                    transfer,
+                )
+                .await?;
             } else if let (Some(m), false) = (&svc.manifest, facts.has_manifest(&step.target)) {
                 // The image is there already, placed by an attache from
                 // before manifests: record its manifest now.
@@ -426,184 +565,232 @@ impl<E: Events> Run<'_, E> {
     }
 
     /// Sends the image as a delta when the host has a basis for one, else
-    /// whole, under a temporary name; checks its sha256 on the host, then
-    /// renames it into place.
+    /// whole, each in one command that receives it under a temporary name,
+    /// checks its sha256 on the host, and only then renames it into place
+    /// with its manifest and stores its signature.
     async fn push(
         &self,
         s: &HostSession,
         svc: &ServicePlan,
         target: &str,
         previous: Option<&str>,
+        basis: bool,
         t: &mut Transfer,
     ) -> Result<(), HostError> {
         let tmp = ops::partial_path(target);
-        let image = basename(target).to_owned();
         let local = delta::Local::read(svc).await;
-        let sent = match &local {
+        // What follows the image on the command's stdin.
+        let manifest = svc.manifest.clone().unwrap_or_default();
+        let signature = match &local {
+            Ok(l) => l.signature.to_text().into_bytes(),
+            Err(_) => Vec::new(),
+        };
+        let lens = (manifest.len() as u64, signature.len() as u64);
+        let then = [manifest, signature].concat();
+        let mut faults = ops::PushFaults {
+            corrupt: test_fault("corrupt-upload"),
+            stall: test_fault("stall-upload"),
+            pause: None,
+        };
+        let prepared = match &local {
             // The stalled upload the test fault makes is the full one.
-            Ok(_) if test_fault("stall-upload") => Err("the test fault stall-upload".to_owned()),
-            Ok(local) => {
-                let send = delta::send(s, self.ev, local, target, &tmp, previous);
-                tokio::select! {
-                    sent = send => sent,
-                    () = self.stop.after(1) => {
-                        let parts = [tmp, ops::delta::delta_path(target)];
-                        let _ = s.run(&ops::remove(&parts), Stage::Push).await;
-                        return Err(Cause::Interrupted { before: "the image was in place (its partial files were removed)" }
-                            .at(s.host(), Stage::Push));
+            Ok(_) if faults.stall => Err("the test fault stall-upload".to_owned()),
+            Ok(_) if !basis => Err(delta::NO_BASIS.to_owned()),
+            Ok(local) => delta::prepare(s, local, target, &tmp, previous).await,
+            Err(why) => Err(why.clone()),
+        };
+        let why = match prepared {
+            Err(why) => why,
+            Ok(d) => {
+                let file = ops::delta::delta_path(target);
+                let body = ops::Body::Delta {
+                    file: &file,
+                    size: d.bytes,
+                    basis: &d.basis,
+                    check: d.check.as_deref(),
+                };
+                if std::env::var("ATTACHE_TEST_PAUSE").ok().as_deref() == Some("mid-delta") {
+                    faults.pause = Some(test_pause_secs());
+                }
+                let script = ops::push(
+                    &body,
+                    &tmp,
+                    target,
+                    &svc.sha256,
+                    &svc.prefixes,
+                    lens.0,
+                    lens.1,
+                    faults,
+                );
+                let pushed = self
+                    .send(
+                        s,
+                        d.file.path(),
+                        &then,
+                        &script,
+                        &[tmp.clone(), file.clone()],
+                        target,
+                        faults.pause.is_some(),
+                    )
+                    .await?;
+                t.delta_basis = Some(d.basis.clone());
+                match pushed {
+                    Pushed::Placed { sent, signed } => {
+                        t.bytes_sent += sent;
+                        self.signed(svc, signed, t);
+                        return Ok(());
+                    }
+                    Pushed::Corrupt(_) => {
+                        t.bytes_sent += d.bytes;
+                        t.delta_basis = None;
+                        format!(
+                            "the image rebuilt from the delta against {} did not have the built image's sha256",
+                            basename(&d.basis)
+                        )
+                    }
+                    Pushed::NoDelta(why) => {
+                        t.bytes_sent += d.bytes;
+                        t.delta_basis = None;
+                        why
                     }
                 }
             }
-            Err(why) => Err(why.clone()),
         };
-        let mut delivered = match sent {
-            Ok(d) => {
-                t.bytes_sent += d.bytes;
-                t.delta_basis = Some(d.basis);
-                if test_fault("corrupt-upload") {
-                    s.step(&ops::corrupt(&tmp), Stage::Push).await?;
-                }
-                self.host_sha256(s, &tmp).await? == svc.sha256
-            }
-            Err(why) => {
-                t.full_upload_because = Some(why);
-                false
-            }
-        };
-        let failed_delta = if delivered {
-            None
-        } else {
-            t.delta_basis.take()
-        };
-        if let Some(basis) = failed_delta {
-            let _ = s
-                .run(&ops::remove(std::slice::from_ref(&tmp)), Stage::Push)
-                .await;
-            t.full_upload_because = Some(format!(
-                "the image rebuilt from the delta against {} did not have the built image's sha256",
-                basename(&basis)
-            ));
-        }
-        if let (Some(why), true) = (&t.full_upload_because, previous.is_some()) {
+        if previous.is_some() {
             self.note(&format!("{}: sending the whole image: {why}", svc.name));
         }
-        let mut got = String::new();
-        if !delivered {
-            t.bytes_sent += self.upload(s, svc, &tmp, &image).await?;
-            got = self.host_sha256(s, &tmp).await?;
-            delivered = got == svc.sha256;
-        }
-        if !delivered {
-            let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
-            return Err(Cause::Corrupt {
-                image,
+        t.full_upload_because = Some(why);
+        let body = ops::Body::Whole { size: svc.size };
+        let script = ops::push(
+            &body,
+            &tmp,
+            target,
+            &svc.sha256,
+            &svc.prefixes,
+            lens.0,
+            lens.1,
+            faults,
+        );
+        let pushed = self
+            .send(
+                s,
+                &svc.local,
+                &then,
+                &script,
+                std::slice::from_ref(&tmp),
+                target,
+                false,
+            )
+            .await?;
+        match pushed {
+            Pushed::Placed { sent, signed } => {
+                t.bytes_sent += sent;
+                self.signed(svc, signed, t);
+                Ok(())
+            }
+            Pushed::Corrupt(got) => Err(Cause::Corrupt {
+                image: basename(target).to_owned(),
                 got,
                 want: svc.sha256.clone(),
             }
-            .at(s.host(), Stage::Push));
-        }
-        let Some(m) = &svc.manifest else {
-            s.step(&ops::place(&tmp, target, &svc.prefixes, None), Stage::Push)
-                .await?;
-            self.sign(s, svc, &local, target, t).await;
-            return Ok(());
-        };
-        // The manifest rides on the stdin of the command that places both.
-        t.bytes_sent += m.len() as u64;
-        let mtmp = ops::partial_path(&format!("{target}.json"));
-        let place = ops::receive_then(&mtmp, &ops::place(&tmp, target, &svc.prefixes, Some(&mtmp)));
-        let out = s
-            .remote
-            .run_with_input(&place.text, place.doing, m)
-            .await
-            .map_err(|e| Cause::from(e).at(s.host(), Stage::Push))?;
-        if !out.success() {
-            return Err(Cause::Step {
-                doing: place.doing.to_owned(),
-                output: out.tail(),
+            .at(s.host(), Stage::Push)),
+            Pushed::NoDelta(why) => Err(Cause::NotStored {
+                image: basename(target).to_owned(),
+                says: why,
             }
-            .at(s.host(), Stage::Push));
+            .at(s.host(), Stage::Push)),
         }
-        self.sign(s, svc, &local, target, t).await;
-        Ok(())
     }
 
-    /// Stores the placed image's signature, the basis of its next delta:
-    /// only once the image is in place, so that a signature always
-    /// describes the bytes at its name. Then counts what the push saved.
-    async fn sign(
-        &self,
-        s: &HostSession,
-        svc: &ServicePlan,
-        local: &Result<delta::Local, String>,
-        target: &str,
-        t: &mut Transfer,
-    ) {
-        if let Ok(local) = local {
-            match delta::store_signature(s, local, target).await {
-                Ok(n) => t.bytes_sent += n,
-                Err(why) => self.note(&format!(
-                    "{}: the image's signature could not be stored, so its next upgrade sends it whole: {why}",
-                    svc.name
-                )),
-            }
+    /// Notes a signature that could not be stored, then counts what the
+    /// push saved.
+    fn signed(&self, svc: &ServicePlan, signed: Result<(), String>, t: &mut Transfer) {
+        if let Err(why) = signed {
+            self.note(&format!(
+                "{}: the image's signature could not be stored, so its next upgrade sends it whole: {why}",
+                svc.name
+            ));
         }
         t.bytes_saved = svc.size.saturating_sub(t.bytes_sent);
     }
 
-    /// The sha256 of `path` on the host (empty when there is no such file).
-    async fn host_sha256(&self, s: &HostSession, path: &str) -> Result<String, HostError> {
-        let out = s.step(&ops::sha256(path), Stage::Push).await?;
-        Ok(ops::parse_sha256(&out.stdout).unwrap_or_default())
-    }
-
-    /// Uploads the whole image to `tmp`; returns the bytes sent.
-    async fn upload(
+    /// Runs one push `script` fed `local` then `then`; `partials`: what an
+    /// interrupted or failed push leaves, removed.
+    #[allow(clippy::too_many_arguments)]
+    async fn send(
         &self,
         s: &HostSession,
-        svc: &ServicePlan,
-        tmp: &str,
-        image: &str,
-    ) -> Result<u64, HostError> {
+        local: &std::path::Path,
+        then: &[u8],
+        script: &ops::Script,
+        partials: &[String],
+        target: &str,
+        pause: bool,
+    ) -> Result<Pushed, HostError> {
+        let total = std::fs::metadata(local).map_or(0, |m| m.len()) + then.len() as u64;
         self.ev
-            .emit(self.host_name(), Event::PushStarted { bytes: svc.size });
-        let progress = |sent: u64| self.ev.emit(self.host_name(), Event::PushProgress { sent });
-        let receive = if test_fault("stall-upload") {
-            ops::receive_stalled(tmp)
-        } else {
-            ops::receive(tmp)
+            .emit(self.host_name(), Event::PushStarted { bytes: total });
+        let progress = |sent: u64| {
+            self.ev.emit(self.host_name(), Event::PushProgress { sent });
+            if pause && sent == total {
+                // The host waits after receiving it, before using it.
+                test_pause_said("mid-delta");
+            }
         };
-        let upload = s.remote.upload(&svc.local, &receive.text, &progress);
-        let tmp = tmp.to_owned();
+        let upload = s.remote.upload_then(local, then, &script.text, &progress);
         let sent = tokio::select! {
             sent = upload => sent,
             () = self.stop.after(1) => {
                 // The upload is dropped, which closes its channel.
-                let _ = s.run(&ops::remove(&[tmp]), Stage::Push).await;
-                return Err(Cause::Interrupted { before: "the image was in place (its partial file was removed)" }
-                    .at(s.host(), Stage::Push));
+                let _ = s.run(&ops::remove(partials), Stage::Push).await;
+                let before = if partials.len() == 1 {
+                    "the image was in place (its partial file was removed)"
+                } else {
+                    "the image was in place (its partial files were removed)"
+                };
+                return Err(Cause::Interrupted { before }.at(s.host(), Stage::Push));
             }
         };
-        let sent = match sent {
-            Ok(sent) => sent,
+        let says = match sent {
+            Ok(sent) => {
+                return Ok(Pushed::Placed {
+                    sent,
+                    signed: Ok(()),
+                })
+            }
+            Err(RemoteError::HostRefused { says, .. }) => says,
             Err(e) => {
                 // Best effort: with the connection gone, the next deploy
                 // clears it under the lock.
-                let removed = s.run(&ops::remove(&[tmp]), Stage::Push).await;
-                let cause = match e {
-                    RemoteError::HostRefused { says, .. } if removed.is_ok() => Cause::NotStored {
-                        image: image.to_owned(),
-                        says,
-                    },
-                    e => Cause::from(e),
-                };
-                return Err(cause.at(s.host(), Stage::Push));
+                let _ = s.run(&ops::remove(partials), Stage::Push).await;
+                return Err(Cause::from(e).at(s.host(), Stage::Push));
             }
         };
-        if test_fault("corrupt-upload") {
-            s.step(&ops::corrupt(&tmp), Stage::Push).await?;
+        let said = |mark: &str| {
+            says.lines()
+                .find_map(|l| l.strip_prefix(mark))
+                .map(|rest| rest.trim().to_owned())
+        };
+        if let Some(got) = said(ops::PUSH_CORRUPT) {
+            return Ok(Pushed::Corrupt(got));
         }
-        Ok(sent)
+        if let Some(why) = said(ops::PUSH_NO_DELTA) {
+            return Ok(Pushed::NoDelta(why));
+        }
+        if let Some(why) = said(ops::PUSH_NO_SIGNATURE) {
+            let sent = total.saturating_sub(then.len() as u64);
+            return Ok(Pushed::Placed {
+                sent,
+                signed: Err(why),
+            });
+        }
+        // The host refused before the rename (a full disk): nothing placed.
+        let _ = s.run(&ops::remove(partials), Stage::Push).await;
+        Err(Cause::NotStored {
+            image: basename(target).to_owned(),
+            says,
+        }
+        .at(s.host(), Stage::Push))
     }
 
     /// Uploads an image's manifest next to its partial upload; `place`
@@ -642,6 +829,7 @@ impl<E: Events> Run<'_, E> {
         mut arm: Option<ops::Script>,
         r: &mut HostReport,
     ) -> Result<(), (HostError, bool)> {
+        let mut samples = std::collections::BTreeMap::new();
         for step in plan.changes() {
             let t = self.stage(Stage::Activate);
             let svc = &self.plan.services[step.service];
@@ -671,6 +859,14 @@ impl<E: Events> Run<'_, E> {
                     needs: parts.len().checked_sub(1),
                 });
             }
+            // The settle time's first sample, as soon as the units started.
+            let units = health::units_to_check(&svc.units);
+            if !parts.is_empty() && !units.is_empty() {
+                parts.push(ops::Part {
+                    script: ops::sample(&units),
+                    needs: Some(parts.len() - 1),
+                });
+            }
             if armed {
                 // Said before it is known: a connection lost half-way may
                 // have left the host armed.
@@ -683,7 +879,8 @@ impl<E: Events> Run<'_, E> {
             }
             t.end(r, done.is_ok());
             // An arm that failed changed nothing: nothing to put back.
-            done.map_err(|(i, e)| (e, !(armed && i == 0)))?;
+            let sample = done.map_err(|(i, e)| (e, !(armed && i == 0)))?;
+            samples.insert(step.service, sample);
         }
         test_pause("after-activate").await;
         for step in &plan.steps {
@@ -694,6 +891,7 @@ impl<E: Events> Run<'_, E> {
                 &step.target,
                 // Unchanged and running: nothing started, nothing to settle.
                 (step.action != Action::Unchanged).then_some(self.settings.settle),
+                samples.remove(&step.service).flatten(),
             )
             .await;
             t.end(r, h.is_ok());
@@ -703,22 +901,24 @@ impl<E: Events> Run<'_, E> {
     }
 
     /// Runs one service's activation `parts` (the portablectl calls from
-    /// `calls_at`); on failure, which part failed and why.
+    /// `calls_at`, then maybe the first sample of the settle time); on
+    /// failure, which part failed and why.
     async fn activated(
         &self,
         s: &HostSession,
         step: &Step,
         parts: &[ops::Part],
         calls_at: usize,
-    ) -> Result<(), (usize, HostError)> {
+    ) -> Result<Option<health::Started>, (usize, HostError)> {
         if parts.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let outs = s
             .batch(parts, Stage::Activate)
             .await
             .map_err(|e| (usize::MAX, e))?;
-        for (i, out) in outs.iter().enumerate() {
+        let sample_at = calls_at + step.activate.len();
+        for (i, out) in outs.iter().enumerate().take(sample_at) {
             if out.success() {
                 continue;
             }
@@ -744,7 +944,11 @@ impl<E: Events> Run<'_, E> {
                 .at(s.host(), stage),
             ));
         }
-        Ok(())
+        // Without it, the health check takes its own first sample.
+        Ok(outs
+            .get(sample_at)
+            .filter(|o| o.success())
+            .and_then(|o| health::Started::parse(&o.output)))
     }
 
     /// Everything passed: disarm the host's revert, make sure it never ran,
@@ -983,18 +1187,39 @@ fn test_fault(name: &str) -> bool {
     std::env::var("ATTACHE_TEST_FAULT").ok().as_deref() == Some(name)
 }
 
+/// How one push command ended, when the host answered.
+enum Pushed {
+    /// In place; with its signature stored, or why not.
+    Placed {
+        sent: u64,
+        signed: Result<(), String>,
+    },
+    /// The image (whole or rebuilt) had this sha256 instead: nothing placed.
+    Corrupt(String),
+    /// The delta could not be used, and why: nothing placed.
+    NoDelta(String),
+}
+
 /// A test-only hook: `ATTACHE_TEST_PAUSE=STEP` stops here for
 /// `ATTACHE_TEST_PAUSE_SECS` (30) seconds, so the e2e suite can cut the
 /// connection or reboot the host between two steps.
-#[allow(clippy::print_stderr)]
 async fn test_pause(step: &str) {
     if std::env::var("ATTACHE_TEST_PAUSE").ok().as_deref() != Some(step) {
         return;
     }
-    let secs = std::env::var("ATTACHE_TEST_PAUSE_SECS")
+    test_pause_said(step);
+    tokio::time::sleep(Duration::from_secs(test_pause_secs())).await;
+}
+
+fn test_pause_secs() -> u64 {
+    std::env::var("ATTACHE_TEST_PAUSE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(30);
+        .unwrap_or(30)
+}
+
+/// What the e2e suite waits for (a pause the host makes says it here).
+#[allow(clippy::print_stderr)]
+fn test_pause_said(step: &str) {
     eprintln!("attache-test: paused at {step}");
-    tokio::time::sleep(Duration::from_secs(secs)).await;
 }

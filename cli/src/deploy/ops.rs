@@ -75,12 +75,21 @@ for fd in /proc/[0-9]*/fd/*; do
 done
 true"#;
 
+/// Ends the output of the script a lock runs once taken (see [`lock_then`]),
+/// with its exit code.
+pub const READ_END: &str = "@read-end";
+
 /// Takes the per-host lock and holds it while our stdin stays open: the lock
 /// ends with the connection, so a killed attache never leaves it behind.
 /// The holder's record names the host-side process that holds it (`$$`,
 /// which becomes the `cat`), for `attache unlock`. flock is looked for
-/// before anything is written.
-pub fn lock(holder: &str) -> Script {
+/// before anything is written. Once taken, runs `then` (its output, then
+/// [`READ_END`] and its exit code): taking the lock and reading the host
+/// in one round-trip.
+pub fn lock_then(holder: &str, then: Option<&Script>) -> Script {
+    let then = then
+        .map(|t| format!("( {} ) </dev/null 2>&1; echo \"{READ_END} $?\"\n", t.text))
+        .unwrap_or_default();
     Script::new(
         "taking the deploy lock",
         format!(
@@ -90,7 +99,7 @@ exec 9>>/run/attache/lock
 if ! flock -n 9; then echo BUSY; exec 9>&-; {LOCK_HOLDERS}; exit 75; fi
 printf 'holder\t%s\nfrom\t%s\npid\t%s\nsince\t%s\n' {holder} "${{SSH_CLIENT%% *}}" $$ "$(date +%s)" > /run/attache/lock.holder
 echo LOCKED
-exec cat >/dev/null"#,
+{then}exec cat >/dev/null"#,
             holder = quote(holder)
         ),
     )
@@ -454,58 +463,9 @@ pub fn clear_then(then: &Script) -> Script {
     )
 }
 
-/// Streams stdin into `tmp` (which must work), then runs `then`.
-pub fn receive_then(tmp: &str, then: &Script) -> Script {
-    Script::new(
-        then.doing,
-        format!(
-            "( umask 077; exec cat > {} ) || exit 1\n{}",
-            quote(tmp),
-            then.text
-        ),
-    )
-}
-
 /// Streams stdin into `tmp`.
 pub fn receive(tmp: &str) -> Script {
     Script::new("uploading", format!("umask 077; exec cat > {}", quote(tmp)))
-}
-
-/// Changes one byte of an upload: the e2e suite's corrupted transfer.
-pub fn corrupt(path: &str) -> Script {
-    Script::new(
-        "corrupting the upload (test)",
-        format!(
-            "printf x | dd of={} bs=1 seek=4096 conv=notrunc 2>/dev/null",
-            quote(path)
-        ),
-    )
-}
-
-/// [`receive`] that takes the first MiB and then stops reading for a
-/// minute: the e2e suite's upload in progress, to interrupt.
-pub fn receive_stalled(tmp: &str) -> Script {
-    Script::new(
-        "uploading",
-        format!(
-            "umask 077; {{ head -c 1048576; sleep 60; cat; }} > {}",
-            quote(tmp)
-        ),
-    )
-}
-
-pub fn sha256(path: &str) -> Script {
-    Script::new(
-        "hashing the image on the host",
-        format!("[ -f {p} ] && sha256sum {p} || true", p = quote(path)),
-    )
-}
-
-pub fn parse_sha256(out: &str) -> Option<String> {
-    out.split_whitespace()
-        .next()
-        .filter(|s| s.len() == 64)
-        .map(str::to_owned)
 }
 
 pub fn remove(paths: &[String]) -> Script {
@@ -556,6 +516,144 @@ pub fn place(tmp: &str, target: &str, prefixes: &[String], manifest: Option<&str
             f = quote(target)
         ),
     )
+}
+
+/// How a push's command receives its image.
+pub enum Body<'a> {
+    /// The image itself.
+    Whole { size: u64 },
+    /// A delta (its script, then its pieces: [`delta::apply_script`])
+    /// uploaded to `file`, which rebuilds the image from `basis`; `check`:
+    /// the sha256 `basis` must have first, when the host did not vouch for it.
+    Delta {
+        file: &'a str,
+        size: u64,
+        basis: &'a str,
+        check: Option<&'a str>,
+    },
+}
+
+/// What [`push`] says on stderr when it refused, each followed by the
+/// reason: the image (whole or rebuilt) did not have its sha256; the delta
+/// could not be used; the image was placed but its signature not stored.
+pub const PUSH_CORRUPT: &str = "attache-push: sha256 ";
+pub const PUSH_NO_DELTA: &str = "attache-push: no delta: ";
+pub const PUSH_NO_SIGNATURE: &str = "attache-push: no signature: ";
+
+/// The e2e suite's faults in a push (see `deploy::test_fault`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PushFaults {
+    /// One byte of the image changes before it is hashed.
+    pub corrupt: bool,
+    /// The host stops reading after the first MiB for a minute.
+    pub stall: bool,
+    /// The host waits this long after receiving a delta, before using it.
+    pub pause: Option<u64>,
+}
+
+/// A whole push in one command. Its stdin carries the body, then the
+/// image's manifest (`manifest` bytes), then its signature (`signature`
+/// bytes). The image arrives (or is rebuilt from the delta) under `tmp`;
+/// only when its sha256 is `sha256` are it and its manifest moved into
+/// place and then its signature stored, so that a signature always
+/// describes the bytes at its name. Anything failing before the rename
+/// removes the partial files and places nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn push(
+    body: &Body,
+    tmp: &str,
+    target: &str,
+    sha256: &str,
+    prefixes: &[String],
+    manifest: u64,
+    signature: u64,
+    faults: PushFaults,
+) -> Script {
+    let mtmp = partial_path(&format!("{target}.json"));
+    let sig = delta::signature_path(target);
+    let mut s = format!(
+        "set -u\nt={t}; m={m}; d=\n\
+         drop() {{ rm -f \"$t\" \"$m\" ${{d:+\"$d\"}}; cat >/dev/null; }}\n",
+        t = quote(tmp),
+        m = quote(&mtmp),
+    );
+    let got_all = |file: &str, size: u64, what: &str| {
+        format!(
+            " && [ \"$(stat -c %s {file})\" = {size} ] || {{ drop; echo 'the connection ended before the {what} had arrived' >&2; exit 1; }}\n"
+        )
+    };
+    match body {
+        Body::Whole { size } if faults.stall => {
+            let first = (*size).min(1 << 20);
+            s += &format!(
+                "( umask 077; {{ head -c {first}; sleep 60; head -c {rest}; }} > \"$t\" ){}",
+                got_all("\"$t\"", *size, "image"),
+                rest = size - first,
+            );
+        }
+        Body::Whole { size } => {
+            s += &format!(
+                "( umask 077; exec head -c {size} > \"$t\" ){}",
+                got_all("\"$t\"", *size, "image")
+            );
+        }
+        Body::Delta {
+            file,
+            size,
+            basis,
+            check,
+        } => {
+            s += &format!(
+                "d={f}\n( umask 077; exec head -c {size} > \"$d\" ){}",
+                got_all("\"$d\"", *size, "delta"),
+                f = quote(file),
+            );
+            if let Some(secs) = faults.pause {
+                s += &format!("sleep {secs}\n");
+            }
+            if let Some(want) = check {
+                s += &format!(
+                    "[ \"$(sha256sum {b} | cut -d' ' -f1)\" = {want} ] || {{ drop; echo '{PUSH_NO_DELTA}'{n}' is not the image its signature describes (changed or damaged)' >&2; exit 67; }}\n",
+                    b = quote(basis),
+                    want = quote(want),
+                    n = quote(crate::names::basename(basis)),
+                );
+            }
+            s += &format!(
+                "out=$(sh \"$d\" 2>&1); rc=$?; rm -f \"$d\"; d=\n\
+                 [ $rc = 0 ] || {{ drop; printf '{PUSH_NO_DELTA}rebuilding the image from the delta failed: %s\\n' \"$out\" >&2; exit 67; }}\n"
+            );
+        }
+    }
+    if faults.corrupt {
+        s += "printf x | dd of=\"$t\" bs=1 seek=4096 conv=notrunc 2>/dev/null\n";
+    }
+    s += &format!(
+        "got=$(sha256sum \"$t\" | cut -d' ' -f1)\n\
+         [ \"$got\" = {want} ] || {{ drop; echo \"{PUSH_CORRUPT}$got\" >&2; exit 65; }}\n",
+        want = quote(sha256)
+    );
+    let manifest_at = (manifest > 0).then_some(mtmp.as_str());
+    if manifest > 0 {
+        s += &format!(
+            "( umask 077; exec head -c {manifest} > \"$m\" ){}",
+            got_all("\"$m\"", manifest, "manifest")
+        );
+    }
+    s += &format!(
+        "{{ {}; }} || {{ drop; exit 1; }}\n",
+        place(tmp, target, prefixes, manifest_at).text
+    );
+    if signature > 0 {
+        s += &format!(
+            "{{ mkdir -p {SIGS} && ( umask 022; exec head -c {signature} > {st} ) && [ \"$(stat -c %s {st})\" = {signature} ] && mv -f {st} {f}; }} || {{ rm -f {st}; echo '{PUSH_NO_SIGNATURE}it could not be written' >&2; exit 66; }}\n",
+            SIGS = delta::SIGNATURES,
+            st = quote(&format!("{sig}.tmp")),
+            f = quote(&sig),
+        );
+    }
+    s += "exit 0";
+    Script::new("uploading", s)
 }
 
 /// Deletes images with their prefix records, manifests and signatures.
@@ -864,6 +962,40 @@ pub fn journal_units(facts: &HostFacts, service: Option<&str>) -> Vec<String> {
 // ---- health ---------------------------------------------------------------
 
 /// `systemctl show` of the properties health needs, one block per unit.
+/// The host's clock (`/proc/uptime`, in hundredths of a second) and then
+/// the units' states: the first sample of a settle time, taken on the host
+/// as soon as the units started.
+pub fn sample(units: &[String]) -> Script {
+    Script::new(
+        "reading unit states",
+        format!(
+            "read up _ </proc/uptime; echo \"@uptime=$up\"; {}",
+            show(units).text
+        ),
+    )
+}
+
+/// The host's clock in a [`sample`], in hundredths of a second.
+pub fn parse_uptime(out: &str) -> Option<u64> {
+    let up = out.lines().find_map(|l| l.strip_prefix("@uptime="))?;
+    let (s, cs) = up.trim().split_once('.')?;
+    Some(s.parse::<u64>().ok()? * 100 + cs.parse::<u64>().ok()?)
+}
+
+/// Waits on the host until `settle` has passed since its clock read `at`
+/// (see [`sample`]): a settle time measured from when the units started,
+/// not from when attache heard of it.
+pub fn settle_until(at: u64, settle: Duration) -> Script {
+    let end = at + settle.as_millis() as u64 / 10;
+    Script::new(
+        "waiting for the settle time",
+        format!(
+            "read up _ </proc/uptime; now=${{up%.*}}${{up#*.}}; left=$(({end} - now)); \
+             [ \"$left\" -le 0 ] || sleep \"$((left / 100)).$(printf %02d $((left % 100)))\""
+        ),
+    )
+}
+
 pub fn show(units: &[String]) -> Script {
     Script::new(
         "reading unit states",

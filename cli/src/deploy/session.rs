@@ -59,6 +59,32 @@ impl HostSession {
 
     /// Takes the host's lock, or says who holds it.
     pub async fn lock(&mut self) -> Result<(), HostError> {
+        self.lock_then(None).await.map(drop)
+    }
+
+    /// Takes the host's lock and, in the same round-trip, clears the
+    /// partial uploads an interrupted deploy left and reads the host. A
+    /// revert an unconfirmed deploy left pending is only reported
+    /// (`revert_pending`): nothing else changes before the images are built.
+    pub async fn lock_and_read(&mut self) -> Result<ops::HostFacts, HostError> {
+        let first = ops::clear_then(&ops::facts(&[], false));
+        let (code, out) = self.lock_then(Some(&first)).await?.unwrap_or_default();
+        if code != 0 {
+            return Err(Cause::Step {
+                doing: first.doing.to_owned(),
+                output: super::health::tail(&out),
+            }
+            .at(&self.remote.name, Stage::Preflight));
+        }
+        Ok(ops::parse_facts(&out))
+    }
+
+    /// Takes the lock, then runs `then` while holding it: its exit code
+    /// and output.
+    async fn lock_then(
+        &mut self,
+        then: Option<&Script>,
+    ) -> Result<Option<(i32, String)>, HostError> {
         let holder = format!(
             "{}@{} pid {}",
             std::env::var("USER").unwrap_or_else(|_| "?".into()),
@@ -68,14 +94,27 @@ impl HostSession {
         let at = |c: Cause| c.at(&self.remote.name, Stage::Lock);
         let mut child = self
             .remote
-            .spawn_held(&ops::lock(&holder).text)
+            .spawn_held(&ops::lock_then(&holder, then).text)
             .await
             .map_err(|e| at(e.into()))?;
         let first = read_first_line(&mut child).await;
         match first.trim() {
             "LOCKED" => {
+                let read = match then {
+                    Some(_) => Some(read_to_end_mark(&mut child).await),
+                    None => None,
+                };
                 self.lock = Some(HostLock { child: Some(child) });
-                Ok(())
+                match read {
+                    // The connection ended before the script did.
+                    Some(None) => Err(at(Cause::Remote(crate::remote::RemoteError::Lost {
+                        host: self.remote.name.clone(),
+                        doing: "reading the host's state".into(),
+                        reason: "the connection ended".into(),
+                    }))),
+                    Some(Some(r)) => Ok(Some(r)),
+                    None => Ok(None),
+                }
             }
             "NOFLOCK" => Err(at(Cause::NoFlock)),
             _ => {
@@ -215,6 +254,25 @@ async fn read_first_line(child: &mut openssh::Child<Arc<openssh::Session>>) -> S
         }
     }
     String::from_utf8_lossy(&line).into_owned()
+}
+
+/// The output of the script a lock ran once taken, up to its end mark,
+/// with its exit code; `None` when the output ended before the mark.
+async fn read_to_end_mark(
+    child: &mut openssh::Child<Arc<openssh::Session>>,
+) -> Option<(i32, String)> {
+    use tokio::io::AsyncBufReadExt;
+    let out = child.stdout().as_mut()?;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let mut text = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(code) = line.strip_prefix(ops::READ_END) {
+            return Some((code.trim().parse().unwrap_or(1), text));
+        }
+        text.push_str(&line);
+        text.push('\n');
+    }
+    None
 }
 
 pub fn unix_now() -> u64 {

@@ -188,7 +188,9 @@ fn checks_pass_url_parts_as_arguments() {
     assert!(s.contains("curl is missing"), "{s}");
     assert_eq!(check_retries(&c), 2);
     assert_eq!(check_budget(&c), Duration::from_secs(24));
-    assert!(lock("me; rm -rf /").text.contains("'me; rm -rf /'"));
+    assert!(lock_then("me; rm -rf /", None)
+        .text
+        .contains("'me; rm -rf /'"));
     assert_eq!(quote("it's"), r"'it'\''s'");
 }
 
@@ -213,7 +215,7 @@ fn lock_holder_parsing() {
 /// flock is looked for before anything is written on the host.
 #[test]
 fn lock_needs_flock_before_it_writes() {
-    let s = lock("me").text;
+    let s = lock_then("me", None).text;
     let flock = s.find("command -v flock").unwrap();
     assert!(flock < s.find("mkdir").unwrap(), "{s}");
 }
@@ -251,15 +253,54 @@ fn scripts_pass_shellcheck() {
         profile: Some("default".into()),
     };
     let scripts = [
-        lock("me"),
+        lock_then("me", None),
         lock_holder(),
         unlock(42),
-        receive_stalled("/a"),
-        corrupt("/a"),
         facts(&["/a.raw".into()], true),
         clear_partials(),
         clear_then(&facts(&[], false)),
-        receive_then("/m", &place("/a", "/b.raw", &["b".into()], Some("/m"))),
+        push(
+            &Body::Whole { size: 10 },
+            "/a",
+            "/b.raw",
+            "ab",
+            &["b".into()],
+            3,
+            4,
+            PushFaults::default(),
+        ),
+        push(
+            &Body::Whole { size: 10 },
+            "/a",
+            "/b.raw",
+            "ab",
+            &[],
+            0,
+            0,
+            PushFaults {
+                corrupt: true,
+                stall: true,
+                pause: Some(1),
+            },
+        ),
+        push(
+            &Body::Delta {
+                file: "/d",
+                size: 10,
+                basis: "/c.raw",
+                check: Some("cd"),
+            },
+            "/a",
+            "/b.raw",
+            "ab",
+            &[],
+            3,
+            4,
+            PushFaults {
+                pause: Some(1),
+                ..PushFaults::default()
+            },
+        ),
         batch(&[
             Part::from(disarm()),
             Part {
@@ -268,7 +309,6 @@ fn scripts_pass_shellcheck() {
             },
         ]),
         receive("/a"),
-        sha256("/a"),
         place("/a", "/b.raw", &["b".into()], Some("/m")),
         prune(&["/b.raw".into()]),
         read_manifests(&["/b.raw".into()]),
@@ -281,8 +321,6 @@ fn scripts_pass_shellcheck() {
         }),
         delta::signatures(Some("/b.raw")),
         delta::signatures(None),
-        delta::store_signature("/b.raw"),
-        delta::apply("/d"),
         portablectl("x-1", &c),
         portablectl(
             "x-2",
@@ -295,6 +333,8 @@ fn scripts_pass_shellcheck() {
         disarm(),
         postpone(Duration::from_secs(60)),
         run_pending_revert(),
+        sample(&["a.service".into()]),
+        settle_until(100, Duration::from_secs(3)),
         record_previous("x", Some("/x.raw")),
         record_previous("x", None),
         stage(
@@ -541,4 +581,30 @@ fn a_batch_runs_each_part_on_its_own_and_skips_what_needed_a_failure() {
     );
     // Cut short: what did not report did not run.
     assert_eq!(parse_batch("@@attache-part\t0\nhalf", 2)[0].code, None);
+}
+
+/// The settle time runs on the host's clock from the first sample: the
+/// wait ends that long after the sample, however late it starts.
+#[test]
+fn the_settle_time_counts_from_the_sample() {
+    let sh = |text: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(text)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let at = parse_uptime(&sh(&sample(&[]).text)).unwrap();
+    let started = std::time::Instant::now();
+    sh(&settle_until(at, Duration::from_millis(600)).text);
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(450), "{waited:?}");
+    // Already past: no wait.
+    let started = std::time::Instant::now();
+    sh(&settle_until(at, Duration::ZERO).text);
+    assert!(started.elapsed() < Duration::from_millis(400));
+    assert_eq!(parse_uptime("@uptime=1058.34\n@unit=a"), Some(105_834));
+    assert_eq!(parse_uptime("@unit=a"), None);
 }
