@@ -82,6 +82,8 @@ pub enum Command {
     Man(ManArgs),
     #[command(hide = true)]
     PackSpec(PackSpecArgs),
+    #[command(hide = true)]
+    Agent(AgentArgs),
 }
 
 /// Build a portable image (NAME_VERSION.raw) from a Nix installable.
@@ -446,6 +448,11 @@ pub struct DeployArgs {
     /// Show the plan per host (upload or skip, attach or reattach); change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Pull hosts check for a newer published version at once (after their
+    /// setup), and the deploy waits for their outcome; push hosts are
+    /// deployed as without it.
+    #[arg(long)]
+    pub now: bool,
     /// Images kept per service on each host, newest first; the attached one
     /// and the one `attache rollback` would go back to are kept on top.
     #[arg(long, default_value_t = 2, value_name = "N")]
@@ -643,6 +650,19 @@ pub struct PackSpecArgs {
     /// Directory for the image ($out).
     #[arg(long, value_name = "DIR")]
     pub out_dir: PathBuf,
+}
+
+/// A pull host's agent, run by attache-pull.service: fetch and verify the
+/// published index, place newer images, switch through the deploy
+/// transaction, record the outcome in the state file.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/var/lib/attache/pull/config.json"
+    )]
+    pub config: PathBuf,
 }
 
 /// Print shell completions to stdout.

@@ -20,6 +20,7 @@ mod image;
 mod inventory;
 mod names;
 mod nix;
+mod pull;
 mod remote;
 mod spec;
 mod ui;

@@ -82,6 +82,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         let _in_runtime = rt.enter();
         Interrupt::listen().map_err(|e| Error::io("listening for Ctrl-C", e))?
     };
+    let mut pulled_error = None;
     let plans: Vec<HostPlan> = if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
         let wanted = args.form.sources(&args.targets, &args.nix)?;
@@ -95,6 +96,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
                 .iter()
                 .map(|w| plan_service(&built[&w.installable.to_string()], Vec::new()))
                 .collect(),
+            local: false,
         }]
     } else {
         let flags = args.form.installable_flags();
@@ -109,8 +111,18 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
         let hosts = inventory::load(&nix, &args.fleet.flake)
             .map_err(|e| inventory_error(e, &args.fleet.flake))?;
-        let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
+        let hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
             .map_err(|e| Error::Usage(e.to_string()))?;
+        // Pull hosts are set up, not pushed to: nothing is built for them.
+        let (pull, mut hosts): (Vec<Host>, Vec<Host>) =
+            hosts.into_iter().partition(|h| h.pull.is_some());
+        if !pull.is_empty() {
+            let pulled = super::deploy_pull::run(pull, args, ui, &rt, hosts.is_empty());
+            if hosts.is_empty() || pulled.is_err() && !args.keep_going {
+                return pulled;
+            }
+            pulled_error = pulled.err();
+        }
         inventory::share_builds(&nix, &args.fleet.flake, &mut hosts);
         let wanted: Vec<Source> = hosts
             .iter()
@@ -211,6 +223,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         None
     };
     let result = report(ui, &reports, args.dry_run, diffs.as_deref());
+    let result = result.and(pulled_error.map_or(Ok(()), Err));
     if result.is_err() {
         for hint in logs_hints(&reports, started, args) {
             ui.status("Logs", hint);
@@ -350,6 +363,7 @@ fn host_plan(
         elevation: elevation(h.sudo || args.fleet.ssh.sudo),
         profile: args.profile.clone().unwrap_or(h.profile),
         services,
+        local: false,
     })
 }
 

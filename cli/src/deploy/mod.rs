@@ -81,6 +81,8 @@ pub struct HostPlan {
     pub elevation: Elevation,
     pub profile: String,
     pub services: Vec<ServicePlan>,
+    /// The host is this machine (a pull host's agent): no SSH.
+    pub local: bool,
 }
 
 /// Knobs shared by every host of a run.
@@ -209,8 +211,11 @@ impl<E: Events> Run<'_, E> {
     async fn host(&self, r: &mut HostReport) -> Result<Outcome, HostError> {
         let p = self.plan;
         let t = self.stage(Stage::Connect);
-        let s =
-            HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await;
+        let s = if p.local {
+            Ok(HostSession::local(&p.name))
+        } else {
+            HostSession::connect(&p.name, &p.destination, &self.settings.ssh, p.elevation).await
+        };
         if let Ok(s) = &s {
             let _ = self.trips.set(s.remote.trips());
         }
