@@ -63,6 +63,7 @@ pub enum ColorChoice {
 pub enum Command {
     Build(BuildArgs),
     Deploy(DeployArgs),
+    Publish(PublishArgs),
     Status(StatusArgs),
     /// Reattach the image that was attached before the last deploy (with
     /// its settings), or put back the settings a settings-only deploy
@@ -468,6 +469,82 @@ pub struct DeployArgs {
     #[command(
         flatten,
         next_help_heading = "Installables of --to (read as build reads them)"
+    )]
+    pub form: InstallableForm,
+}
+
+/// Build images and publish them into a directory that pull hosts fetch
+/// from, served by any static HTTP server.
+///
+/// Builds the services of pull hosts (hosts with a `pull` section in the
+/// flake's `attache.hosts`; select them by name, by @tag, or with --on
+/// GLOB; none selects every pull host), or installables ad hoc: arguments
+/// with a `#` (`.#demo`), or any with -f FILE or --expr, are installables,
+/// read as `attache build` reads them; the others are hosts.
+///
+/// Writes into DIR each image (NAME_VERSION.raw) with its manifest
+/// (FILE.raw.json), then SHA256SUMS, one line per image, signed by
+/// `ssh-keygen -Y sign` with --key (SHA256SUMS.sig); pull hosts accept only
+/// an index signed by the key their `pull.publicKey` names, so --key's
+/// public half must be it. Every file is written under a temporary name
+/// and renamed, the index last, so that a reader never sees a half-written
+/// file or an index naming a missing one (not after Ctrl-C, nor on a full
+/// disk). Images DIR has already are not copied again; a version published
+/// before with other content is published as NAME_VERSION-SHA8.raw. Then
+/// each published service keeps its --keep newest versions (as systemd
+/// orders versions); the one just published always stays.
+///
+/// Examples:
+///
+///   attache publish --to /srv/attache --key ~/.ssh/attache-publish
+///
+///   attache publish @edge --to /srv/attache --key ~/.ssh/attache-publish --keep 5
+///
+///   attache publish ./examples/demo#demo --to /srv/attache --insecure-unsigned
+///
+///   attache publish --to /srv/attache --key K --dry-run --json
+#[derive(Debug, Args)]
+#[command(after_long_help = EXIT_CODES)]
+#[command(
+    mut_arg("ssh_config", |a| a.hide(true)),
+    mut_arg("accept_new_host_keys", |a| a.hide(true)),
+    mut_arg("sudo", |a| a.hide(true))
+)]
+pub struct PublishArgs {
+    /// Pull hosts (names or @tags) whose services to publish; or
+    /// installables (with `#`, or with -f/--expr) to publish ad hoc.
+    #[arg(value_name = "HOST|@TAG|INSTALLABLE")]
+    pub targets: Vec<String>,
+    /// The publish directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub to: PathBuf,
+    /// OpenSSH private key that signs SHA256SUMS (ssh-keygen may ask for its
+    /// passphrase); a public key signs through your ssh-agent.
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Publish without a signature: only hosts with `insecureUnsigned = true`
+    /// accept it.
+    #[arg(long, conflicts_with = "key")]
+    pub insecure_unsigned: bool,
+    /// Only hosts whose name matches this glob.
+    #[arg(long, value_name = "GLOB")]
+    pub on: Option<String>,
+    /// Versions kept in DIR per published service, newest first.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub keep: usize,
+    /// Build, and show what would be written and pruned; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    #[command(flatten)]
+    pub pack: PackArgs,
+    #[command(flatten)]
+    pub nix: NixArgs,
+    // Last: a help heading holds for every field after it.
+    #[command(
+        flatten,
+        next_help_heading = "Installables (publishing ad hoc, read as build reads them)"
     )]
     pub form: InstallableForm,
 }

@@ -20,6 +20,7 @@ mod image;
 mod inventory;
 mod names;
 mod nix;
+mod publish;
 mod pull;
 mod remote;
 mod spec;

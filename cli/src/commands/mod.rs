@@ -13,6 +13,7 @@ mod hosts;
 mod inspect;
 mod logs;
 mod pack_spec;
+mod publish;
 mod rollback;
 mod status;
 mod unlock;
@@ -46,6 +47,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
     match command {
         Command::Build(args) => build::run(&args, ui),
         Command::Deploy(args) => deploy::run(&args, ui),
+        Command::Publish(args) => publish::run(&args, ui),
         Command::Status(args) => status::run(&args, ui),
         Command::Rollback(args) => rollback::run(&args, ui),
         Command::Detach(args) => detach::run(&args, ui),
