@@ -145,12 +145,7 @@ impl Pull {
     }
 
     fn state(&self) -> serde_json::Value {
-        serde_json::from_str(
-            &self
-                .host
-                .ssh_ok("cat /var/lib/attache/pull/state.json"),
-        )
-        .unwrap()
+        serde_json::from_str(&self.host.ssh_ok("cat /var/lib/attache/pull/state.json")).unwrap()
     }
 
     fn page(&self) -> String {
@@ -255,7 +250,10 @@ fn story(guest: Guest) {
     std::fs::write(&img, bytes).unwrap();
     let last = p.now(3);
     assert_eq!(last["outcome"], "refused", "{last}");
-    assert!(last["why"].as_str().unwrap().contains("demo_9.0.raw"), "{last}");
+    assert!(
+        last["why"].as_str().unwrap().contains("demo_9.0.raw"),
+        "{last}"
+    );
     assert!(p.page().contains("attache demo 2.0"));
     let left = p.portables();
     assert!(!left.contains("9.0"), "{left}");

@@ -19,12 +19,13 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{index, Config, Last, PullOutcome, State, ALLOWED_SIGNERS, PULL_DIR, SIGNER, STATE};
+use super::{Config, Last, PullOutcome, State, ALLOWED_SIGNERS, PULL_DIR, SIGNER, STATE};
 use crate::deploy::{
     self, Event, Events, HostPlan, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
 };
 use crate::error::Error;
 use crate::names::{ImageFile, PORTABLES};
+use crate::publish::{index, version};
 use crate::remote::{Destination, Elevation, SshOptions};
 
 /// Runs one pull and records its outcome in the state file. Errors only
@@ -82,17 +83,18 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
     }
     let text = std::fs::read_to_string(&sums)
         .map_err(|_| refused("SHA256SUMS is not text: nothing was fetched".into()))?;
-    let entries = index::parse(&text).map_err(|e| refused(format!("{e}: nothing was fetched")))?;
+    let entries = index::parse(&text)
+        .map_err(|e| refused(format!("SHA256SUMS: {e}; nothing was fetched")))?;
 
     // Per service: the newest published version, and the newest one to try.
     let mut chosen = Vec::new();
     for svc in &cfg.services {
         let mut mine: Vec<(ImageFile, &index::Entry)> = entries
             .iter()
-            .filter_map(|e| ImageFile::parse(&e.file).map(|f| (f, e)))
-            .filter(|(f, _)| f.name() == svc.name)
+            .filter(|e| e.name == svc.name)
+            .map(|e| (ImageFile::new(&e.name, &e.version), e))
             .collect();
-        mine.sort_by(|(a, _), (b, _)| index::compare(a.version(), b.version()));
+        mine.sort_by(|(a, _), (b, _)| version::compare(a.version(), b.version()));
         let Some((newest, _)) = mine.last() else {
             continue;
         };

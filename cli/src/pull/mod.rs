@@ -4,8 +4,7 @@
 //! - `agent`: `attache agent`, run by `attache-pull.service` on the host:
 //!   fetch, verify, place, then `deploy::deploy_host` on this machine;
 //! - `setup`: what `attache deploy` writes to a pull host over SSH, and
-//!   `deploy --now`;
-//! - `index`: reading `SHA256SUMS` and ordering versions.
+//!   `deploy --now`.
 //!
 //! The data here is what the host keeps: its config (written by deploy) and
 //! its state (written by the agent, read by `status` and `deploy --now`).
@@ -17,7 +16,6 @@ use serde::{Deserialize, Serialize};
 use crate::inventory::Check;
 
 pub mod agent;
-pub mod index;
 pub mod setup;
 
 pub const PULL_DIR: &str = "/var/lib/attache/pull";
