@@ -17,9 +17,11 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  bad input: a wrong installable, a unit portabled would refuse, an unknown host
-  2  environment: nix missing, I/O error, a host that cannot be reached
-  3  deploy failed on at least one host (rolled back where possible), or a
-     deploy or build was interrupted (Ctrl-C, SIGTERM)";
+  2  environment: nix missing, I/O error, a host that cannot be reached;
+     deploy --now: a pull host's publish server that cannot be reached
+  3  deploy failed on at least one host (rolled back where possible; a pull
+     host's --now run rolled back or refused), or a deploy or build was
+     interrupted (Ctrl-C, SIGTERM)";
 
 /// Turn Nix into running systemd portable services.
 ///

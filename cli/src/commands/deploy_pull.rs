@@ -73,7 +73,7 @@ pub fn run(
                         Ok(rm) => rm,
                         Err(e) => {
                             r.error = Some(e.to_string());
-                            r.exit = ExitCode::Environment as u8;
+                            r.exit = ExitCode::DeployFailed as u8;
                             return r;
                         }
                     };
@@ -96,7 +96,7 @@ pub fn run(
                         }
                         Err(e) => {
                             r.error = Some(e);
-                            r.exit = ExitCode::Environment as u8;
+                            r.exit = ExitCode::DeployFailed as u8;
                         }
                     }
                 }
@@ -142,7 +142,11 @@ pub fn run(
     let failed: Vec<String> = reports
         .iter()
         .filter(|r| r.exit != 0)
-        .map(|r| r.host.clone())
+        .map(|r| match (&r.now, &r.error) {
+            (Some(last), _) => format!("{} ({})", r.host, last.outcome),
+            (None, Some(_)) => format!("{} (not set up)", r.host),
+            (None, None) => r.host.clone(),
+        })
         .collect();
     let summary = format!(
         "{} of {} pull hosts did not end well: {}",

@@ -168,7 +168,7 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
             for sr in &report.services {
                 let version = trying.get(&sr.name).cloned().unwrap_or_default();
                 if sr.outcome != Outcome::Unchanged {
-                    switched.push(format!("{} to {version}", sr.name));
+                    switched.push(format!("{} {version}", sr.name));
                     state.failed.remove(&sr.name);
                 }
                 state.attached.insert(sr.name.clone(), version);
@@ -200,7 +200,11 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
         _ => PullOutcome::Failed,
     };
     let why = match outcome {
-        PullOutcome::Switched => format!("switched {}", switched.join(", ")),
+        PullOutcome::Switched => format!(
+            "{} attached and passed {} checks",
+            switched.join(", "),
+            if switched.len() == 1 { "its" } else { "their" }
+        ),
         PullOutcome::Unchanged => "every service runs the newest version it may run".to_owned(),
         _ => report
             .error
