@@ -89,25 +89,12 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
     // Per service: the newest published version, and the newest one to try.
     let mut chosen = Vec::new();
     for svc in &cfg.services {
-        let mut mine: Vec<(ImageFile, &index::Entry)> = entries
-            .iter()
-            .filter(|e| e.name == svc.name)
-            .map(|e| (ImageFile::new(&e.name, &e.version), e))
-            .collect();
-        mine.sort_by(|(a, _), (b, _)| version::compare(a.version(), b.version()));
-        let Some((newest, _)) = mine.last() else {
-            continue;
-        };
-        state
-            .published
-            .insert(svc.name.clone(), newest.version().to_owned());
-        let failed = state.failed.get(&svc.name);
-        if let Some((f, e)) = mine
-            .iter()
-            .rev()
-            .find(|(f, _)| Some(&f.version().to_owned()) != failed)
-        {
-            chosen.push((svc, f.clone(), e.sha256.clone()));
+        let (newest, pick) = choose(&entries, &svc.name, state.failed.get(&svc.name));
+        if let Some(n) = newest {
+            state.published.insert(svc.name.clone(), n.version.clone());
+        }
+        if let Some(e) = pick {
+            chosen.push((svc, ImageFile::new(&e.name, &e.version), e.sha256.clone()));
         }
     }
     if chosen.is_empty() {
@@ -221,6 +208,23 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
         why,
         services: trying,
     })
+}
+
+/// `service`'s newest published entry, and the one to run: the newest
+/// whose version is not the one that failed its checks here.
+fn choose<'e>(
+    entries: &'e [index::Entry],
+    service: &str,
+    failed: Option<&String>,
+) -> (Option<&'e index::Entry>, Option<&'e index::Entry>) {
+    let mut mine: Vec<&index::Entry> = entries.iter().filter(|e| e.name == service).collect();
+    mine.sort_by(|a, b| version::compare(&a.version, &b.version));
+    let pick = mine
+        .iter()
+        .rev()
+        .find(|e| Some(&e.version) != failed)
+        .copied();
+    (mine.last().copied(), pick)
 }
 
 /// The push deploy's transaction, on this machine.
@@ -436,4 +440,30 @@ fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_version_not_known_to_fail() {
+        let sum = "0".repeat(64);
+        let entries: Vec<index::Entry> = [
+            "demo_1.0.raw",
+            "demo_10.0.raw",
+            "demo_2.0.raw",
+            "demo-admin_99.raw",
+        ]
+        .iter()
+        .map(|f| index::Entry::new(f, &sum).unwrap())
+        .collect();
+        let (newest, pick) = choose(&entries, "demo", None);
+        assert_eq!(newest.unwrap().version, "10.0");
+        assert_eq!(pick.unwrap().version, "10.0");
+        let (newest, pick) = choose(&entries, "demo", Some(&"10.0".to_owned()));
+        assert_eq!(newest.unwrap().version, "10.0");
+        assert_eq!(pick.unwrap().file, "demo_2.0.raw");
+        assert_eq!(choose(&entries, "shop", None), (None, None));
+    }
 }

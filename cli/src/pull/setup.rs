@@ -162,6 +162,55 @@ pub fn read_script(paths: &[String]) -> String {
     s
 }
 
+/// Receives the agent on stdin under a temporary name; renames it into
+/// place only once its sha256 matches and it runs on this host.
+fn receive_agent(sha256: &str) -> String {
+    let dir = Path::new(AGENT)
+        .parent()
+        .map_or("/".into(), |p| p.display().to_string());
+    format!(
+        "set -e; mkdir -p {dir}; rm -f {t}; cat > {t}; chmod 0755 {t}; [ \"$(sha256sum < {t} | cut -d' ' -f1)\" = {sha} ] || {{ rm -f {t}; echo 'the agent arrived damaged (its sha256 differs)' >&2; exit 1; }}; {t} --version >/dev/null || {{ rm -f {t}; echo 'the agent does not run on this host' >&2; exit 1; }}; mv -f {t} {a}",
+        dir = q(&dir),
+        t = q(&format!("{AGENT}.tmp")),
+        a = q(AGENT),
+        sha = q(sha256),
+    )
+}
+
+/// Writes stdin to `path` through a temporary file beside it.
+fn write_file(path: &str) -> String {
+    let dir = Path::new(path)
+        .parent()
+        .map_or("/".into(), |p| p.display().to_string());
+    format!(
+        "set -e; mkdir -p {d}; cat > {t}; mv -f {t} {p}",
+        d = q(&dir),
+        t = q(&format!("{path}.tmp")),
+        p = q(path)
+    )
+}
+
+fn enable(reload: bool) -> String {
+    let mut s = String::from("set -e\n");
+    if reload {
+        s += "systemctl daemon-reload\n";
+    }
+    s + &format!("systemctl enable --now {TIMER_UNIT}\n")
+}
+
+/// One pull now (the oneshot returns when the agent is done), then the
+/// state it wrote; a failed unit is said on stderr.
+fn start_now() -> String {
+    format!(
+        "systemctl start {SERVICE_UNIT} >&2 || echo 'attache-pull.service failed; see journalctl -u attache-pull.service' >&2; cat {}",
+        q(STATE)
+    )
+}
+
+fn read_state_script() -> String {
+    format!("cat {} 2>/dev/null || true", q(STATE))
+}
+
 /// What one pull host needs done.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Changes {
@@ -233,29 +282,14 @@ pub async fn set_up(
         return Ok(ch);
     }
     if ch.agent {
-        let tmp = format!("{AGENT}.tmp");
-        let receive = format!(
-            "set -e; mkdir -p {dir}; rm -f {t}; cat > {t}; chmod 0755 {t}; [ \"$(sha256sum < {t} | cut -d' ' -f1)\" = {sha} ] || {{ rm -f {t}; echo 'the agent arrived damaged (sha256 differs)' >&2; exit 1; }}; {t} --version >/dev/null || {{ rm -f {t}; echo 'the agent does not run on this host' >&2; exit 1; }}; mv -f {t} {a}",
-            dir = q(Path::new(AGENT).parent().map_or("/", |p| p.to_str().unwrap_or("/"))),
-            t = q(&tmp),
-            a = q(AGENT),
-            sha = q(&agent_sha),
-        );
-        remote.upload(agent, &receive, &|_| {}).await.map_err(err)?;
+        remote
+            .upload(agent, &receive_agent(&agent_sha), &|_| {})
+            .await
+            .map_err(err)?;
     }
     for (path, content) in files.iter().filter(|(p, _)| ch.files.contains(p)) {
-        let tmp = format!("{path}.tmp");
-        let dir = Path::new(path)
-            .parent()
-            .map_or("/".into(), |p| p.display().to_string());
-        let script = format!(
-            "set -e; mkdir -p {d}; cat > {t}; mv -f {t} {p}",
-            d = q(&dir),
-            t = q(&tmp),
-            p = q(path)
-        );
         let out = remote
-            .run_with_input(&script, "writing the pull setup", content)
+            .run_with_input(&write_file(path), "writing the pull setup", content)
             .await
             .map_err(err)?;
         if !out.success() {
@@ -263,13 +297,8 @@ pub async fn set_up(
         }
     }
     let units_changed = ch.files.iter().any(|f| f.starts_with("/etc/systemd"));
-    let mut s = String::from("set -e\n");
-    if units_changed {
-        s += "systemctl daemon-reload\n";
-    }
-    s += &format!("systemctl enable --now {TIMER_UNIT}\n");
     let out = remote
-        .run(&s, "enabling the pull timer")
+        .run(&enable(units_changed), "enabling the pull timer")
         .await
         .map_err(err)?;
     if !out.success() {
@@ -281,12 +310,8 @@ pub async fn set_up(
 /// `deploy --now`: one pull at once (the oneshot service returns when the
 /// agent is done), then the state it wrote.
 pub async fn pull_now(remote: &Remote) -> Result<State, String> {
-    let script = format!(
-        "systemctl start {SERVICE_UNIT} >&2 || echo 'attache-pull.service failed; see journalctl -u attache-pull.service' >&2; cat {}",
-        q(STATE)
-    );
     let out = remote
-        .run(&script, "running the pull agent")
+        .run(&start_now(), "running the pull agent")
         .await
         .map_err(|e| e.to_string())?;
     serde_json::from_str(&out.stdout).map_err(|_| {
@@ -300,10 +325,7 @@ pub async fn pull_now(remote: &Remote) -> Result<State, String> {
 /// `status`: the host's pull state, `None` when it is not a pull host yet.
 pub async fn read_state(remote: &Remote) -> Result<Option<State>, String> {
     let out = remote
-        .run(
-            &format!("cat {} 2>/dev/null || true", q(STATE)),
-            "reading the pull state",
-        )
+        .run(&read_state_script(), "reading the pull state")
         .await
         .map_err(|e| e.to_string())?;
     if out.stdout.trim().is_empty() {
@@ -323,6 +345,70 @@ mod tests {
         assert_eq!(tenth("15min"), "90s");
         assert_eq!(tenth("1h 30min"), "540s");
         assert_eq!(tenth("5s"), "1s");
+    }
+
+    #[test]
+    fn scripts_pass_shellcheck() {
+        if std::process::Command::new("shellcheck")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return;
+        }
+        for script in [
+            read_script(&[CONFIG.into(), "/etc/systemd/system/x y.service".into()]),
+            receive_agent(&"a".repeat(64)),
+            write_file(CONFIG),
+            enable(true),
+            start_now(),
+            read_state_script(),
+        ] {
+            let out = std::process::Command::new("shellcheck")
+                .args(["-s", "sh", "-"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .and_then(|mut c| {
+                    use std::io::Write;
+                    c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                    c.wait_with_output()
+                })
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{script}\n{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+
+    #[test]
+    fn files_say_what_the_contract_says() {
+        let cfg = Config {
+            host: "p1".into(),
+            url: "http://10.0.2.100".into(),
+            public_key: Some("ssh-ed25519 AAAA k".into()),
+            insecure_unsigned: false,
+            services: vec![],
+            settle: 3,
+            keep: 3,
+            profile: "default".into(),
+            rollback_after: 300,
+        };
+        let files = files(&cfg, "15min");
+        let get = |p: &str| {
+            String::from_utf8(files.iter().find(|(f, _)| f == p).unwrap().1.clone()).unwrap()
+        };
+        assert_eq!(
+            get(ALLOWED_SIGNERS),
+            "attache-publish namespaces=\"attache-publish\" ssh-ed25519 AAAA k\n"
+        );
+        let timer = get("/etc/systemd/system/attache-pull.timer");
+        assert!(timer.contains("OnUnitInactiveSec=15min\n"), "{timer}");
+        assert!(timer.contains("RandomizedDelaySec=90s\n"), "{timer}");
+        assert!(get("/etc/systemd/system/attache-pull.service")
+            .contains("Type=oneshot\nExecStart=/var/lib/attache/agent/attache agent --config /var/lib/attache/pull/config.json\n"));
     }
 
     #[test]
