@@ -1,9 +1,10 @@
 //! The lab itself: each guest boots with systemd as PID 1, runs the expected
-//! systemd, and attaches, runs and detaches a hand-made portable service.
+//! systemd, and attaches, runs and detaches a hand-made portable service; a
+//! guest fetches from a server on this machine.
 
-use attache_lab::{busybox_portable_image, Guest};
+use attache_lab::{busybox_portable_image, Guest, FETCH_URL};
 
-use crate::support::lab_host;
+use crate::support::{lab_host, sha256_file};
 
 const SMOKE_UNIT: &str = "[Unit]
 Description=lab smoke service
@@ -121,4 +122,55 @@ fn lab_faults_work() {
     let copied = host.run_dir().join("hostname");
     host.copy_from("/etc/hostname", &copied).unwrap();
     assert_eq!(std::fs::read_to_string(copied).unwrap().trim(), "faults");
+}
+
+/// A guest downloads through `systemd-pull` (the downloader pull hosts use)
+/// from a lab server on this machine's loopback, which counts what it sent;
+/// a stopped server is an origin that is down, and comes back.
+#[test]
+fn bookworm_fetches_from_a_lab_server() {
+    let host = lab_host(Guest::Bookworm, "fetch");
+    let dir = tempfile::tempdir().unwrap();
+    let image: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("demo_1.0.raw"), &image).unwrap();
+    let sum = sha256_file(&dir.path().join("demo_1.0.raw"));
+    std::fs::write(
+        dir.path().join("SHA256SUMS"),
+        format!("{sum}  demo_1.0.raw\n"),
+    )
+    .unwrap();
+    let mut server = host.serve(dir.path()).unwrap();
+
+    let pull = |what: &str, to: &str| {
+        host.ssh(&format!(
+            "/usr/lib/systemd/systemd-pull raw --direct {what} {FETCH_URL}/demo_1.0.raw {to}"
+        ))
+    };
+    let got = pull("--verify=checksum", "/var/lib/portables/.demo.tmp");
+    assert!(
+        got.status.success(),
+        "systemd-pull: {}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    let there = host.ssh_ok("sha256sum /var/lib/portables/.demo.tmp");
+    assert!(there.starts_with(&sum), "{there}");
+    let stats = server.stats();
+    assert_eq!(stats.get("/demo_1.0.raw").requests, 1, "{stats:?}");
+    assert_eq!(stats.get("/demo_1.0.raw").bytes, image.len() as u64);
+    assert_eq!(stats.get("/SHA256SUMS").requests, 1, "{stats:?}");
+
+    server.stop();
+    let down = pull("--verify=no", "/var/lib/portables/.down.tmp");
+    assert_eq!(down.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&down.stderr).contains("Transfer failed"),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+
+    server.resume().unwrap();
+    server.reset_stats();
+    let again = pull("--verify=no", "/var/lib/portables/.again.tmp");
+    assert!(again.status.success());
+    assert_eq!(server.stats().total().requests, 1);
 }

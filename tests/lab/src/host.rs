@@ -29,6 +29,7 @@ pub struct Host {
     boot_log: PathBuf,
     vm: Option<Vm>,
     port: u16,
+    http_port: u16,
     keep: bool,
     /// Reuse one SSH connection per user for the helpers (a new one costs
     /// about 1 s under TCG). Off for the template, which is saved.
@@ -69,6 +70,7 @@ impl Host {
             key: lab.key_path(),
             boot_log: template.snap_dir.join("boot.log"),
             port: vm.port,
+            http_port: vm.http_port,
             vm: Some(vm),
             run_dir,
             keep,
@@ -189,6 +191,12 @@ impl Host {
 
     pub fn guest(&self) -> Guest {
         self.guest
+    }
+
+    /// The loopback port on this machine the guest's `http://10.0.2.100/`
+    /// leads to (see [`crate::Server`]).
+    pub fn http_port(&self) -> u16 {
+        self.http_port
     }
 
     /// The loopback port forwarded to the guest's sshd.

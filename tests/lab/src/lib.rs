@@ -28,6 +28,7 @@
 mod host;
 mod image;
 mod portable;
+mod server;
 mod vm;
 
 use std::fmt;
@@ -38,6 +39,7 @@ use std::time::Instant;
 
 pub use host::{shell_quote, Host, USERS};
 pub use portable::busybox_portable_image;
+pub use server::{Served, Server, Stats, FETCH_URL};
 
 /// The password `sudopw` must give to sudo.
 pub const SUDO_PASSWORD: &str = "lab-password";

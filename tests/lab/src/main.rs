@@ -114,6 +114,10 @@ fn up(guest: Guest, names: &[&str]) -> Result<(), Box<dyn std::error::Error>> {
             h.name(),
             h.name()
         );
+        println!(
+            "    its http://10.0.2.100/ is 127.0.0.1:{} here",
+            h.http_port()
+        );
     }
     println!("Ctrl-C stops the hosts.");
     while !STOP.load(Ordering::SeqCst) {

@@ -100,7 +100,7 @@ pub(crate) fn signature(lab: &Lab) -> Result<String> {
 
 pub(crate) fn check_tools() -> Result<()> {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    for tool in [QEMU, "qemu-img", "ssh", "ssh-keygen", "zstd"] {
+    for tool in [QEMU, "qemu-img", "ssh", "ssh-keygen", "zstd", "socat"] {
         if !std::env::split_paths(&path).any(|d| d.join(tool).is_file()) {
             return Err(Error::new(format!(
                 "{tool} is not installed; run scripts/setup (as root) first"
@@ -110,10 +110,28 @@ pub(crate) fn check_tools() -> Result<()> {
     Ok(())
 }
 
+/// The address a guest fetches from: its port 80 leads to the host's
+/// [`Vm::http_port`] on this machine's loopback.
+pub(crate) const FETCH_ADDR: &str = "10.0.2.100";
+
+/// The HTTP port of the VM whose SSH port is `ssh_port`. QEMU holds the SSH
+/// port while the VM runs, so deriving one from the other keeps two running
+/// VMs from sharing an HTTP port. The result lies below the kernel's
+/// ephemeral range (32768-60999 by default), where no outgoing connection
+/// takes it.
+pub(crate) fn http_port_for(ssh_port: u16) -> u16 {
+    match ssh_port {
+        32768..=60999 => ssh_port - 31744,
+        _ => 1024 + ssh_port % 28232,
+    }
+}
+
 /// A running QEMU, owned by this process; stopped when dropped unless kept.
 pub(crate) struct Vm {
     child: Child,
     pub port: u16,
+    /// The loopback port the guest's `http://10.0.2.100/` reaches.
+    pub http_port: u16,
     run_dir: PathBuf,
     pub keep: bool,
 }
@@ -181,11 +199,17 @@ impl Vm {
         let mut last_err = String::new();
         for _attempt in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+            let http_port = http_port_for(port);
+            // socat connects anew for each guest connection, so the server
+            // behind it may come and go while the guest runs (the chardev
+            // form, `-tcp:…`, serves one connection only). The netdev is not
+            // part of the saved state: a restored guest gets it too.
             let mut cmd = Command::new(QEMU);
             cmd.args(&base)
                 .arg("-netdev")
                 .arg(format!(
-                    "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22"
+                    "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{port}-:22,\
+                     guestfwd=tcp:{FETCH_ADDR}:80-cmd:socat - TCP:127.0.0.1:{http_port}"
                 ))
                 .stdin(Stdio::null())
                 .stdout(fs::File::create(run_dir.join("qemu.log"))?)
@@ -199,6 +223,7 @@ impl Vm {
             let mut vm = Vm {
                 child,
                 port,
+                http_port,
                 run_dir: run_dir.to_path_buf(),
                 keep,
             };
