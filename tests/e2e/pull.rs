@@ -200,10 +200,32 @@ fn story(guest: Guest) {
     assert_eq!(last["outcome"], "switched", "{last}");
     assert!(p.page().contains("attache demo 1.0"));
 
-    // Publish 2.0: the host's own run (the timer's service) switches.
+    // Publish 2.0: the host's own run (the timer's service) switches. What
+    // it costs the origin: the index, its signature, the one new image.
     p.publish("./examples/demo#demo-v2");
+    p.server.borrow().reset_stats();
+    let started = std::time::Instant::now();
     p.host.ssh_ok("systemctl start attache-pull.service");
+    let wall = started.elapsed();
     assert!(p.page().contains("attache demo 2.0"));
+    let stats = p.server.borrow().stats();
+    let size = |f: &str| std::fs::metadata(p.publish_dir().join(f)).unwrap().len();
+    assert_eq!(stats.total().requests, 3, "{stats:?}");
+    assert_eq!(
+        stats.total().bytes,
+        size("SHA256SUMS") + size("SHA256SUMS.sig") + size("demo_2.0.raw"),
+        "{stats:?}"
+    );
+    let cpu = p
+        .host
+        .ssh_ok("systemctl show -p CPUUsageNSec --value attache-pull.service");
+    eprintln!(
+        "{guest}: an upgrade pull: {} requests, {} bytes from the origin; {:.1} s wall, {} ns CPU on the host",
+        stats.total().requests,
+        stats.total().bytes,
+        wall.as_secs_f64(),
+        cpu.trim()
+    );
     let st = p.state();
     assert_eq!(st["attached"]["demo"], "2.0", "{st}");
     assert_eq!(st["last"]["outcome"], "switched", "{st}");
@@ -224,9 +246,18 @@ fn story(guest: Guest) {
             .contains("demo_2.1.raw is not healthy"),
         "{pull}"
     );
-    // Not tried again until a newer one is published.
+    // Not tried again until a newer one is published; a run with nothing
+    // new fetches only the index and its signature.
+    p.server.borrow().reset_stats();
     let last = p.now(0);
     assert_eq!(last["outcome"], "unchanged", "{last}");
+    let stats = p.server.borrow().stats();
+    assert_eq!(stats.total().requests, 2, "{stats:?}");
+    eprintln!(
+        "{guest}: a pull with nothing new: {} requests, {} bytes from the origin",
+        stats.total().requests,
+        stats.total().bytes
+    );
 
     // A tampered SHA256SUMS: its signature no longer matches.
     let sums = p.publish_dir().join("SHA256SUMS");

@@ -74,11 +74,21 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
     let incoming = Path::new(PULL_DIR).join("incoming");
     let io = |what: &str, e: std::io::Error| (PullOutcome::Failed, format!("{what}: {e}"));
     std::fs::create_dir_all(&incoming).map_err(|e| io("creating the download directory", e))?;
+    clear_partial_downloads();
     let sums = incoming.join("SHA256SUMS");
     fetch(&format!("{}/SHA256SUMS", cfg.url), &sums)?;
     if !cfg.insecure_unsigned {
         let sig = incoming.join("SHA256SUMS.sig");
-        fetch(&format!("{}/SHA256SUMS.sig", cfg.url), &sig)?;
+        fetch(&format!("{}/SHA256SUMS.sig", cfg.url), &sig).map_err(|(o, why)| {
+            if why.contains("code 404") {
+                refused(format!(
+                    "{}/SHA256SUMS.sig is not published (404), and this host accepts only a SHA256SUMS signed by its publish key: nothing was fetched or switched",
+                    cfg.url
+                ))
+            } else {
+                (o, why)
+            }
+        })?;
         verify(&sums, &sig)?;
     }
     let text = std::fs::read_to_string(&sums)
@@ -336,6 +346,20 @@ fn place(cfg: &Config, file: &ImageFile, sha256: &str, dest: &Path) -> Result<()
     checked
 }
 
+/// Downloads an earlier run left when it was killed (the service stopped
+/// mid-download); portabled ignores them, but they take room.
+fn clear_partial_downloads() {
+    let Ok(dir) = std::fs::read_dir(PORTABLES) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".attache-pull") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 /// systemd's own downloader (the one sysupdate runs). It leaves a 404's
 /// body behind under the target name, so a failure removes the target.
 fn fetch(url: &str, dest: &Path) -> Result<(), Refusal> {
@@ -397,14 +421,18 @@ fn verify(sums: &Path, sig: &Path) -> Result<(), Refusal> {
     if out.status.success() {
         return Ok(());
     }
-    let says = String::from_utf8_lossy(&out.stderr);
-    let said = says
-        .lines()
-        .chain(String::from_utf8_lossy(&out.stdout).lines())
-        .map(str::trim)
-        .rfind(|l| !l.is_empty())
-        .unwrap_or("no reason given")
-        .to_owned();
+    // ssh-keygen says "Could not verify signature." on stdout, and why (if
+    // it says) on stderr.
+    let last = |b: &[u8]| {
+        String::from_utf8_lossy(b)
+            .lines()
+            .map(str::trim)
+            .rfind(|l| !l.is_empty())
+            .map(str::to_owned)
+    };
+    let said = last(&out.stderr)
+        .or_else(|| last(&out.stdout))
+        .unwrap_or_else(|| "no reason given".into());
     Err(refused(format!(
         "SHA256SUMS is not signed by this host's publish key ({said}): nothing was fetched or switched"
     )))
