@@ -74,6 +74,7 @@ impl Pull {
                     services = [ pkgs.demo ];
                     pull = {{ url = "{FETCH_URL}"; interval = "1h"; publicKey = "{public}"; }};
                     checks.demo = [ {{ type = "http"; url = "http://127.0.0.1:8080/"; retries = 5; timeout = 3; }} ];
+                    settings.demo."demo.service".Service.Environment = [ "PULL_E2E=1" ];
                   }};
                 }}"#
             ),
@@ -155,6 +156,11 @@ impl Pull {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    fn environment(&self) -> String {
+        self.host
+            .ssh_ok("systemctl show -p Environment --value demo.service")
+    }
+
     fn portables(&self) -> String {
         self.host.ssh_ok("ls -A /var/lib/portables")
     }
@@ -196,9 +202,27 @@ fn story(guest: Guest) {
     let setup = &again.json()["pull_hosts"][0]["setup"];
     assert_eq!(setup["agent"], false, "{setup}");
     assert_eq!(setup["files"], serde_json::json!([]), "{setup}");
-    let last = p.now(0);
-    assert_eq!(last["outcome"], "switched", "{last}");
+    let r = p.attache("deploy", &["--now", &name]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let host = &r.json()["pull_hosts"][0];
+    // The timer's own first run (a minute after setup) may have come first.
+    assert!(
+        matches!(
+            host["now"]["outcome"].as_str(),
+            Some("switched" | "unchanged")
+        ),
+        "{host}"
+    );
+    assert_eq!(p.state()["attached"]["demo"], "1.0");
     assert!(p.page().contains("attache demo 1.0"));
+    // Settings stay push-only: staged by deploy through the push
+    // transaction once the host has attached the service.
+    assert_eq!(
+        host["settings"],
+        serde_json::json!(["demo: demo.service: new settings"]),
+        "{host}"
+    );
+    assert!(p.environment().contains("PULL_E2E=1"));
 
     // Publish 2.0: the host's own run (the timer's service) switches. What
     // it costs the origin: the index, its signature, the one new image.
@@ -228,6 +252,8 @@ fn story(guest: Guest) {
     );
     let st = p.state();
     assert_eq!(st["attached"]["demo"], "2.0", "{st}");
+    // The agent left the settings as they were.
+    assert!(p.environment().contains("PULL_E2E=1"));
     assert_eq!(st["last"]["outcome"], "switched", "{st}");
 
     // A broken release: back to 2.0, remembered, and status says why.

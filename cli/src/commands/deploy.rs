@@ -117,7 +117,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         let (pull, mut hosts): (Vec<Host>, Vec<Host>) =
             hosts.into_iter().partition(|h| h.pull.is_some());
         if !pull.is_empty() {
-            let pulled = super::deploy_pull::run(pull, args, ui, &rt, hosts.is_empty());
+            let pulled = super::deploy_pull::run(pull, args, ui, &rt, &stop, hosts.is_empty());
             if hosts.is_empty() || pulled.is_err() && !args.keep_going {
                 return pulled;
             }

@@ -2,13 +2,20 @@
 //! config and key, the timer) instead of building and pushing images; with
 //! `--now`, run its agent once and report the outcome it recorded.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::json;
 
 use super::hosts::{self, elevation, ssh_options, Policy, Ran};
 use crate::cli::DeployArgs;
+use crate::deploy::{
+    self, Event, Events, HostPlan, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
+};
 use crate::error::{Error, ExitCode};
 use crate::inventory::Host;
-use crate::pull::{setup, Last};
+use crate::pull::{setup, Last, State};
 use crate::remote::Remote;
 use crate::ui::Ui;
 
@@ -17,6 +24,9 @@ struct PullReport {
     host: String,
     setup: Option<setup::Changes>,
     now: Option<Last>,
+    /// What changed in the host's settings and secrets, staged through the
+    /// push transaction (for the images it has attached).
+    settings: Vec<String>,
     error: Option<String>,
     #[serde(skip)]
     exit: u8,
@@ -29,18 +39,19 @@ pub fn run(
     args: &DeployArgs,
     ui: &Ui,
     rt: &tokio::runtime::Runtime,
+    stop: &Interrupt,
     alone: bool,
 ) -> Result<(), Error> {
-    for h in &pull {
-        if !h.settings.is_empty() || !h.secrets.is_empty() {
-            return Err(Error::Usage(format!(
-                "{}: a pull host's settings and secrets are not staged by this attache yet; remove settings/secrets from its inventory entry or make it a push host",
-                h.name
-            )));
-        }
-    }
     let agent = setup::agent_executable().map_err(Error::Usage)?;
     let ssh = ssh_options(&args.fleet.ssh);
+    let transaction = Arc::new(Settings {
+        ssh: ssh.clone(),
+        rollback: !args.no_rollback,
+        dry_run: args.dry_run,
+        keep: args.keep.max(1),
+        settle: Duration::from_secs(args.settle),
+        rollback_after: Duration::from_secs(args.rollback_after),
+    });
     let (dry_run, now) = (args.dry_run, args.now);
     let (settle, keep, rollback_after) = (args.settle, args.keep.max(1), args.rollback_after);
     let sudo = args.fleet.ssh.sudo;
@@ -55,11 +66,13 @@ pub fn run(
         |r: &PullReport| r.error.is_none(),
         |h: Host| {
             let (agent, ssh) = (agent.clone(), ssh.clone());
+            let (transaction, stop) = (transaction.clone(), stop.clone());
             async move {
                 let mut r = PullReport {
                     host: h.name.clone(),
                     setup: None,
                     now: None,
+                    settings: Vec::new(),
                     error: None,
                     exit: 0,
                 };
@@ -86,14 +99,24 @@ pub fn run(
                         r.exit = ExitCode::DeployFailed as u8;
                     }
                 }
+                let mut state = None;
                 if now && !dry_run && r.error.is_none() {
                     match setup::pull_now(&remote).await {
-                        Ok(state) => {
-                            if let Some(last) = state.last {
+                        Ok(st) => {
+                            if let Some(last) = &st.last {
                                 r.exit = last.outcome.exit_code() as u8;
-                                r.now = Some(last);
+                                r.now = Some(last.clone());
                             }
+                            state = Some(st);
                         }
+                        Err(e) => {
+                            r.error = Some(e);
+                            r.exit = ExitCode::DeployFailed as u8;
+                        }
+                    }
+                } else if r.error.is_none() {
+                    match setup::read_state(&remote).await {
+                        Ok(st) => state = st,
                         Err(e) => {
                             r.error = Some(e);
                             r.exit = ExitCode::DeployFailed as u8;
@@ -101,6 +124,9 @@ pub fn run(
                     }
                 }
                 remote.close().await;
+                if let Some(st) = state.filter(|_| r.error.is_none()) {
+                    stage_settings(&h, &st, transaction, sudo, stop, &mut r).await;
+                }
                 r
             }
         },
@@ -127,6 +153,9 @@ pub fn run(
         };
         human += &line;
         human.push('\n');
+        for change in &r.settings {
+            human += &format!("{}: {change}\n", r.host);
+        }
     }
     let worst = reports.iter().map(|r| r.exit).max().unwrap_or(0);
     if alone {
@@ -159,4 +188,91 @@ pub fn run(
         2 => Err(Error::Remote(summary)),
         _ => Err(Error::Deploy { summary }),
     }
+}
+
+/// Stages the host's settings and secrets exactly as a push deploy does
+/// (settings are push-only): the push transaction over SSH, with the images
+/// the host has attached as the images to run, so nothing is uploaded and
+/// only changed settings restart their units (checked, rolled back on
+/// failure). A service the host has not attached yet gets them at the
+/// first deploy after it has.
+async fn stage_settings(
+    h: &Host,
+    state: &State,
+    transaction: Arc<Settings>,
+    sudo: bool,
+    stop: Interrupt,
+    r: &mut PullReport,
+) {
+    let mut services = Vec::new();
+    for s in &h.services {
+        let Some(img) = state.images.get(&s.name) else {
+            if h.settings.contains_key(&s.name) || h.secrets.contains_key(&s.name) {
+                r.settings.push(format!(
+                    "the settings of {} wait until the host has attached it; deploy again then",
+                    s.name
+                ));
+            }
+            continue;
+        };
+        let units: Vec<String> = img.units.iter().map(|u| u.name.clone()).collect();
+        let settings = match ServiceSettings::load(
+            &s.name,
+            &units,
+            h.settings.get(&s.name),
+            h.secrets.get(&s.name),
+            h.unencrypted_secrets,
+        ) {
+            Ok(settings) => settings,
+            Err(e) => {
+                r.error = Some(e.to_string());
+                r.exit = ExitCode::BadInput as u8;
+                return;
+            }
+        };
+        services.push(ServicePlan {
+            name: s.name.clone(),
+            version: img.version.clone(),
+            local: PathBuf::new(),
+            sha256: img.sha256.clone(),
+            size: img.size,
+            units: img.units.clone(),
+            prefixes: img.prefixes.clone(),
+            checks: h.checks.get(&s.name).cloned().unwrap_or_default(),
+            manifest: None,
+            settings,
+        });
+    }
+    if services.is_empty() {
+        return;
+    }
+    let plan = HostPlan {
+        name: h.name.clone(),
+        destination: h.destination.clone(),
+        elevation: elevation(h.sudo || sudo),
+        profile: h.profile.clone(),
+        services,
+        local: false,
+    };
+    let report = deploy::deploy_host(plan, transaction, Quiet, stop).await;
+    for sr in &report.services {
+        for what in &sr.settings {
+            r.settings.push(format!("{}: {what}", sr.name));
+        }
+    }
+    if !matches!(report.outcome, Outcome::Healthy | Outcome::Planned) {
+        r.error = Some(format!(
+            "staging settings and secrets ended {}: {}",
+            report.outcome,
+            report.error.unwrap_or_default()
+        ));
+        r.exit = ExitCode::DeployFailed as u8;
+    }
+}
+
+/// The push transaction's stages are not shown for a pull host's settings.
+struct Quiet;
+
+impl Events for Quiet {
+    fn emit(&self, _host: &str, _event: Event<'_>) {}
 }

@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{Config, Last, PullOutcome, State, ALLOWED_SIGNERS, PULL_DIR, SIGNER, STATE};
+use super::{
+    AttachedImage, Config, Last, PullOutcome, State, ALLOWED_SIGNERS, PULL_DIR, SIGNER, STATE,
+};
 use crate::deploy::{
     self, Event, Events, HostPlan, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
 };
@@ -156,6 +158,19 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
         .iter()
         .map(|(s, f, _)| (s.name.clone(), f.version().to_owned()))
         .collect();
+    let described: BTreeMap<String, AttachedImage> = plans
+        .iter()
+        .map(|p| {
+            let image = AttachedImage {
+                version: p.version.clone(),
+                sha256: p.sha256.clone(),
+                size: p.size,
+                units: p.units.clone(),
+                prefixes: p.prefixes.clone(),
+            };
+            (p.name.clone(), image)
+        })
+        .collect();
     let report = switch(cfg, plans)?;
 
     let at = now();
@@ -169,6 +184,9 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
                     state.failed.remove(&sr.name);
                 }
                 state.attached.insert(sr.name.clone(), version);
+                if let Some(image) = described.get(&sr.name) {
+                    state.images.insert(sr.name.clone(), image.clone());
+                }
             }
             if switched.is_empty() {
                 PullOutcome::Unchanged
@@ -189,7 +207,10 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
                     Some(prev) => state
                         .attached
                         .insert(sr.name.clone(), prev.version().to_owned()),
-                    None => state.attached.remove(&sr.name),
+                    None => {
+                        state.images.remove(&sr.name);
+                        state.attached.remove(&sr.name)
+                    }
                 };
             }
             PullOutcome::RolledBack

@@ -85,6 +85,20 @@ pub struct State {
     pub failed: BTreeMap<String, String>,
     #[serde(default)]
     pub last: Option<Last>,
+    /// Service -> the image attached after the last run, as a push deploy
+    /// describes it: what `attache deploy` needs to stage the host's
+    /// settings and secrets through the push transaction.
+    #[serde(default)]
+    pub images: BTreeMap<String, AttachedImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachedImage {
+    pub version: String,
+    pub sha256: String,
+    pub size: u64,
+    pub units: Vec<crate::build::BuiltUnit>,
+    pub prefixes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

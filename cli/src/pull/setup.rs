@@ -36,7 +36,10 @@ pub fn config(host: &Host, pull: &Pull, settle: u64, keep: usize, rollback_after
     }
 }
 
-/// The files deploy writes, as `(path, content)`.
+/// The files deploy writes, as `(path, content)`. The timer counts from
+/// the agent's last run; `OnActiveSec` gives it a first run on a host set
+/// up long after boot, where `OnBootSec` has passed and the service has not
+/// run yet (the timer would otherwise wait for the next boot).
 pub fn files(cfg: &Config, interval: &str) -> Vec<(String, Vec<u8>)> {
     let mut v = vec![(
         CONFIG.to_owned(),
@@ -58,7 +61,7 @@ pub fn files(cfg: &Config, interval: &str) -> Vec<(String, Vec<u8>)> {
     v.push((
         format!("/etc/systemd/system/{TIMER_UNIT}"),
         format!(
-            "[Unit]\nDescription=attache: look for newer published images every {interval}\n\n[Timer]\nOnBootSec=1min\nOnUnitInactiveSec={interval}\nRandomizedDelaySec={}\n\n[Install]\nWantedBy=timers.target\n",
+            "[Unit]\nDescription=attache: look for newer published images every {interval}\n\n[Timer]\nOnBootSec=1min\nOnActiveSec=1min\nOnUnitInactiveSec={interval}\nRandomizedDelaySec={}\n\n[Install]\nWantedBy=timers.target\n",
             tenth(interval)
         )
         .into_bytes(),
