@@ -396,6 +396,12 @@ impl InstallableForm {
 /// check the units stay up and run the inventory's checks, and roll back to
 /// the previous image if anything fails. Old images are pruned to --keep.
 ///
+/// Pull hosts (a `pull` section in the inventory) get no image: deploy sets
+/// them up over SSH (the attache agent, its config and key, a timer) and
+/// stages their settings and secrets; from then on they fetch what `attache
+/// publish` wrote and switch by themselves. --now makes them check at once
+/// and waits for the outcome.
+///
 /// Ctrl-C (or SIGTERM) stops uploads and skips hosts not started; a host
 /// already activating finishes its checks and confirms or rolls back. A
 /// second Ctrl-C leaves at once: the host's own timer reverts it, at the
