@@ -20,8 +20,8 @@ Exit codes:
   2  environment: nix missing, I/O error, a host that cannot be reached;
      deploy --now: a pull host's publish server that cannot be reached
   3  deploy failed on at least one host (rolled back where possible; a pull
-     host's --now run rolled back or refused), or a deploy or build was
-     interrupted (Ctrl-C, SIGTERM)";
+     host's --now run rolled back or refused), or a deploy, build or publish
+     was interrupted (Ctrl-C, SIGTERM)";
 
 /// Turn Nix into running systemd portable services.
 ///
@@ -914,11 +914,11 @@ mod tests {
         assert!(Cli::try_parse_from(["attache", "build", "--option", "cores"]).is_err());
     }
 
-    /// Both commands that build list the Nix flags under their own heading.
+    /// The commands that build list the Nix flags under their own heading.
     #[test]
     fn help_shows_nix_options_in_their_own_heading() {
         let mut cmd = Cli::command();
-        for sub in ["build", "deploy"] {
+        for sub in ["build", "deploy", "publish"] {
             let help = cmd
                 .find_subcommand_mut(sub)
                 .unwrap()

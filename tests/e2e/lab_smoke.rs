@@ -169,6 +169,15 @@ fn bookworm_fetches_from_a_lab_server() {
     );
 
     server.resume().unwrap();
+    server.cut_after(Some(1000));
+    let cut = pull("--verify=no", "/var/lib/portables/.cut.tmp");
+    assert_eq!(cut.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&cut.stderr).contains("partial file"),
+        "{}",
+        String::from_utf8_lossy(&cut.stderr)
+    );
+    server.cut_after(None);
     server.reset_stats();
     let again = pull("--verify=no", "/var/lib/portables/.again.tmp");
     assert!(again.status.success());

@@ -11,6 +11,7 @@ mod faults;
 mod lab_smoke;
 mod nix_build;
 mod observe;
+mod publish;
 mod pull;
 mod readme;
 mod settings;

@@ -23,6 +23,7 @@ pub fn run(args: &PublishArgs, ui: &Ui) -> Result<(), Error> {
                 .into(),
         ));
     }
+    check_dir(&args.to)?;
     let signing = signing(args)?;
     let rt = hosts::runtime()?;
     let stop = {
@@ -59,6 +60,18 @@ pub fn run(args: &PublishArgs, ui: &Ui) -> Result<(), Error> {
     Ok(())
 }
 
+/// `--to` must name a directory, or where one will be (clap refuses an
+/// empty one). Said before anything is built.
+fn check_dir(to: &std::path::Path) -> Result<(), Error> {
+    if to.exists() && !to.is_dir() {
+        return Err(Error::Usage(format!(
+            "{} is not a directory: --to names the publish directory (created if missing)",
+            to.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Installables, not hosts: anything with `#`, or any argument at all
 /// under -f or --expr (which name what to build).
 fn ad_hoc(args: &PublishArgs) -> bool {
@@ -70,10 +83,7 @@ fn ad_hoc(args: &PublishArgs) -> bool {
 fn signing(args: &PublishArgs) -> Result<Signing, Error> {
     match (&args.key, args.insecure_unsigned) {
         (Some(key), _) => {
-            let public = sign::public_key(key).map_err(|e| match e {
-                sign::SignError::Run(io) => Error::io("running ssh-keygen -y (OpenSSH's client: apt install openssh-client)", io),
-                other => Error::Usage(other.to_string()),
-            })?;
+            let public = sign::public_key(key).map_err(|e| error(e.into()))?;
             Ok(Signing::Key {
                 key: key.clone(),
                 public,
@@ -141,22 +151,24 @@ fn sources_of_pull_hosts(
             .collect::<Vec<_>>()
             .join(", ")
     };
+    // With no selector, push hosts were never asked for.
+    let named = !args.targets.is_empty() || args.on.is_some();
     if pull.is_empty() {
-        return Err(Error::Usage(
-            if args.targets.is_empty() && args.on.is_none() {
-                format!("{flake} has no pull hosts: give a host a pull section (pull = {{ url = \"http://…\"; publicKey = \"ssh-ed25519 …\"; }}), or publish installables ad hoc (attache publish .#demo --to DIR)")
-            } else {
-                format!(
-                "no pull host is selected ({} are pushed to by attache deploy): select hosts with a pull section",
-                names(&push)
+        return Err(Error::Usage(if !named {
+            format!("{flake} has no pull hosts: give a host a pull section (pull = {{ url = \"http://…\"; publicKey = \"ssh-ed25519 …\"; }}), or publish installables ad hoc (attache publish .#demo --to DIR)")
+        } else {
+            format!(
+                "no pull host is selected ({} {} pushed to by attache deploy): select hosts with a pull section",
+                names(&push),
+                if push.len() == 1 { "is" } else { "are" }
             )
-            },
-        ));
+        }));
     }
-    if !push.is_empty() {
+    if named && !push.is_empty() {
         ui.warn(format!(
-            "skipping {}: not pull hosts (attache deploy pushes to them)",
-            names(&push)
+            "skipping {}: attache deploy pushes to {}, publish is for pull hosts",
+            names(&push),
+            if push.len() == 1 { "it" } else { "them" }
         ));
     }
     let trust: Vec<Trust> = pull
@@ -167,12 +179,40 @@ fn sources_of_pull_hosts(
         })
         .collect();
     publish::check_trust(&trust, signing).map_err(Error::Usage)?;
+    let urls: Vec<(&str, &str)> = pull
+        .iter()
+        .filter_map(|h| Some((h.name.as_str(), h.pull.as_ref()?.url.as_str())))
+        .collect();
+    if let Some(w) = several_places(&urls) {
+        ui.warn(w);
+    }
     inventory::share_builds(&nix, flake, &mut pull);
     Ok(pull
         .iter()
         .flat_map(|h| h.services.iter())
         .map(|s| args.nix.source(s.installable.clone()))
         .collect())
+}
+
+/// The selected pull hosts fetch from more than one URL (host, url): one
+/// directory may be served at each (an origin and a CDN), or they need a
+/// publish each. Worth saying either way, since --to is one directory.
+fn several_places(urls: &[(&str, &str)]) -> Option<String> {
+    let mut by_url: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for (host, url) in urls {
+        by_url.entry(url).or_default().push(host);
+    }
+    (by_url.len() > 1).then(|| {
+        let places: Vec<String> = by_url
+            .iter()
+            .map(|(url, hosts)| format!("{} from {url}", hosts.join(", ")))
+            .collect();
+        format!(
+            "the selected pull hosts fetch from {} URLs ({}), and this publish writes one directory: unless it is served at each, publish each URL's hosts to its own (select them by name, @tag or --on)",
+            by_url.len(),
+            places.join("; ")
+        )
+    })
 }
 
 fn image(b: &Built) -> Image {
@@ -213,7 +253,7 @@ fn render(r: &Report) -> String {
             "{}  sha256 {}  {}  {how}\n",
             p.file,
             &p.sha256.get(..12).unwrap_or(&p.sha256),
-            publish::human_bytes(p.bytes)
+            crate::ui::size(p.bytes)
         );
     }
     for f in &r.pruned {
@@ -226,10 +266,117 @@ fn render(r: &Report) -> String {
         (_, false) => "unchanged",
     };
     out += &format!(
-        "{}/SHA256SUMS: {} images, {}, {index}\n",
+        "{}/SHA256SUMS: {} image{}, {}, {index}\n",
         r.dir.display(),
         r.indexed,
+        if r.indexed == 1 { "" } else { "s" },
         if r.signed { "signed" } else { "unsigned" }
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ui::capture::{self, settings};
+    use crate::ui::Verbosity;
+    use clap::Parser;
+
+    fn args(argv: &[&str]) -> PublishArgs {
+        let cli = crate::cli::Cli::try_parse_from([&["attache", "publish"], argv].concat())
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let crate::cli::Command::Publish(a) = cli.command else {
+            panic!("not publish")
+        };
+        a
+    }
+
+    /// `#`, -f or --expr make installables; anything else names hosts.
+    #[test]
+    fn hosts_or_installables() {
+        for hosts in [&["--to", "d"][..], &["@edge", "p1", "--to", "d"]] {
+            assert!(!ad_hoc(&args(hosts)), "{hosts:?}");
+        }
+        for installables in [
+            &[".#demo", "--to", "d"][..],
+            &["-f", "default.nix", "demo", "--to", "d"],
+            &["--impure", "--expr", "(import ./. {}).demo", "--to", "d"],
+        ] {
+            assert!(ad_hoc(&args(installables)), "{installables:?}");
+        }
+        let e = sources_ad_hoc(&args(&[".#demo", "h1", "--to", "d"])).unwrap_err();
+        assert!(e.to_string().starts_with("h1 is no installable"), "{e}");
+        let e = sources_ad_hoc(&args(&[".#demo", "--on", "p*", "--to", "d"])).unwrap_err();
+        assert!(
+            e.to_string().starts_with("--on selects inventory hosts"),
+            "{e}"
+        );
+        let srcs = sources_ad_hoc(&args(&["-f", "default.nix", "demo", "--to", "d"])).unwrap();
+        assert_eq!(srcs[0].installable.to_string(), "-f default.nix demo");
+    }
+
+    #[test]
+    fn hosts_fetching_from_several_urls_are_pointed_out() {
+        assert_eq!(
+            several_places(&[("p1", "http://a/x"), ("p2", "http://a/x")]),
+            None
+        );
+        assert_eq!(
+            several_places(&[("p1", "http://a/x"), ("p2", "http://b"), ("p3", "http://a/x")]).unwrap(),
+            "the selected pull hosts fetch from 2 URLs (p1, p3 from http://a/x; p2 from http://b), and this publish writes one directory: unless it is served at each, publish each URL's hosts to its own (select them by name, @tag or --on)"
+        );
+    }
+
+    /// Refused before any nix runs, and nothing written.
+    #[test]
+    fn refusals_come_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let to = dir.path().join("www");
+        let to = to.to_str().unwrap();
+        let (ui, _, _) = capture::ui(settings(Verbosity::Quiet));
+        let refused = |argv: &[&str]| {
+            let e = run(&args(argv), &ui).unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::ExitCode::BadInput, "{e}");
+            e.to_string()
+        };
+        let e = refused(&[".#demo", "--to", to]);
+        assert!(
+            e.starts_with("publish signs SHA256SUMS: give --key FILE"),
+            "{e}"
+        );
+        let e = refused(&[".#demo", "--to", to, "--key", "/nonexistent/key"]);
+        assert!(
+            e.starts_with("ssh-keygen cannot read the key /nonexistent/key: "),
+            "{e}"
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let e = refused(&[
+            ".#demo",
+            "--to",
+            file.to_str().unwrap(),
+            "--insecure-unsigned",
+        ]);
+        assert!(
+            e.ends_with(
+                "file is not a directory: --to names the publish directory (created if missing)"
+            ),
+            "{e}"
+        );
+        let e = refused(&[".#demo", "--to", to, "--insecure-unsigned", "--sudo"]);
+        assert!(e.starts_with("publish reaches no host over SSH"), "{e}");
+        let e = refused(&["p1", "--name", "x", "--to", to, "--insecure-unsigned"]);
+        assert!(e.starts_with("--name only with installables"), "{e}");
+        assert!(!dir.path().join("www").exists());
+        assert!(crate::cli::Cli::try_parse_from([
+            "attache",
+            "publish",
+            "--to",
+            to,
+            "--key",
+            "k",
+            "--insecure-unsigned"
+        ])
+        .is_err());
+    }
 }

@@ -70,6 +70,7 @@ pub use layout::check_layout;
 pub use manifest::ManifestUnit;
 pub use manifest::{read as read_manifest, Manifest, StorePath, MANIFEST_PATH};
 // For benches/packbench.rs, which includes this module.
+pub(crate) use pack::hash_file;
 #[allow(unused_imports)]
 pub(crate) use pack::pack_with_stats;
 pub use pack::{pack, Image, PackEvent, PackOptions};

@@ -35,6 +35,8 @@ impl Entry {
 /// Why an index cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IndexError {
+    #[error("it is not text (UTF-8)")]
+    NotText,
     #[error("line {line} is not `<sha256>  <NAME_VERSION.raw>`: '{text}'")]
     Malformed { line: usize, text: String },
     #[error(

@@ -77,6 +77,10 @@ pub enum PublishError {
         "two images to publish are both named {file} but differ: give one of them another version"
     )]
     Twice { file: String },
+    #[error("{path} is in the way: it is not a regular file (a directory?); move it away and publish again")]
+    InTheWay { path: String },
+    #[error("{file:?} cannot be published: it is not a plain NAME_VERSION.raw file name")]
+    BadName { file: String },
     #[error(transparent)]
     Sign(#[from] SignError),
     #[error("the signature made with {key} does not verify with the public key taken for it ({public}): if {key}.pub is there, it is not {key}'s public half; fix or remove it")]
@@ -182,11 +186,20 @@ pub fn plan(
                     Some(_) => return Err(changed(&tagged, "its name says")),
                 }
             }
+            // No index names it, so no host was sent to it: what a publish
+            // stopped before its index leaves (the user may have rebuilt
+            // that version since).
+            Some(_) if !index.contains_key(&plain) => {
+                notes.push(format!(
+                    "{plain} was in the directory but not in {INDEX} (a publish stopped before its index leaves it so): replacing it"
+                ));
+                (plain.clone(), true)
+            }
             Some(_) => return Err(changed(&plain, "SHA256SUMS lists")),
         };
         index.insert(
             target.clone(),
-            Entry::new(&target, &img.sha256).ok_or_else(|| PublishError::Twice {
+            Entry::new(&target, &img.sha256).ok_or_else(|| PublishError::BadName {
                 file: target.clone(),
             })?,
         );
@@ -208,11 +221,23 @@ pub fn plan(
         versions.sort_by(|a, b| {
             version::compare(&b.version, &a.version).then_with(|| b.file.cmp(&a.file))
         });
-        if let Some(newest) = versions.first().filter(|e| !just.contains(e.file.as_str())) {
-            notes.push(format!(
+        // Every pull host reading the directory takes the newest version.
+        let wrote: Vec<&str> = versions
+            .iter()
+            .filter(|e| just.contains(e.file.as_str()))
+            .map(|e| e.file.as_str())
+            .collect();
+        match versions.first() {
+            Some(newest) if !just.contains(newest.file.as_str()) => notes.push(format!(
                 "{svc}: {} is published and newer than what this publish wrote; pull hosts take the newest version",
                 newest.file
-            ));
+            )),
+            Some(newest) if wrote.len() > 1 => notes.push(format!(
+                "{svc}: this publish wrote {}, and every pull host reading this directory takes the newest, {}: give hosts that must run another version a directory (pull.url) of their own",
+                wrote.join(", "),
+                newest.file
+            )),
+            _ => {}
         }
         prune.extend(
             versions
@@ -259,8 +284,11 @@ pub fn publish(
         Some(lock)
     };
     let index_path = dir.join(INDEX);
-    let old_text = match std::fs::read_to_string(&index_path) {
-        Ok(t) => Some(t),
+    let old_text = match std::fs::read(&index_path) {
+        Ok(bytes) => Some(String::from_utf8(bytes).map_err(|_| PublishError::Index {
+            path: index_path.display().to_string(),
+            why: IndexError::NotText,
+        })?),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(io(format!("reading {}", index_path.display()))(e)),
     };
@@ -284,7 +312,8 @@ pub fn publish(
         ui.warn(note);
     }
     let text = index::render(&plan.index);
-    let mut report = Report {
+    let unchanged = index_unchanged(dir, &text, signing, old_text.as_deref())?;
+    let report = Report {
         dir: dir.to_owned(),
         dry_run: opts.dry_run,
         signed: matches!(signing, Signing::Key { .. }),
@@ -305,7 +334,7 @@ pub fn publish(
             })
             .collect(),
         pruned: plan.prune.clone(),
-        index_changed: old_text.as_deref() != Some(text.as_str()),
+        index_changed: !unchanged,
         indexed: plan.index.len(),
     };
     if opts.dry_run {
@@ -318,24 +347,42 @@ pub fn publish(
         }
         return Ok(report);
     }
+    // Signed first: a wrong passphrase ends the publish before anything
+    // is copied, and the prompt comes before the long part.
+    let next = if unchanged {
+        ui.status("Unchanged", INDEX);
+        None
+    } else {
+        Some(prepare_index(dir, &text, signing, old_text.as_deref(), ui)?)
+    };
     for p in &plan.places {
         if stop() {
             return Err(interrupted("before every image was in place"));
         }
         let img = &images[p.image];
-        if let Some(m) = &img.manifest {
-            write_if_changed(dir, &format!("{}.json", p.file), m)?;
-        }
+        let json = format!("{}.json", p.file);
+        // In place after its image: a failed copy takes it along.
+        let manifest = match &img.manifest {
+            Some(m) => prepare_if_changed(dir, &json, m)?,
+            None => None,
+        };
         if p.copy {
             copy_in(dir, img, &p.file, stop, ui)?;
         } else {
             ui.status("Unchanged", format!("{} (already in {shown})", p.file));
         }
+        if let Some((temp, f)) = manifest {
+            temp.place(f, &dir.join(&json))?;
+        }
     }
+    test_pause("publish-index", stop);
     if stop() {
         return Err(interrupted("before SHA256SUMS was written"));
     }
-    report.index_changed |= write_index(dir, &text, signing, old_text.as_deref(), ui)?;
+    sync_dir(dir)?;
+    if let Some(next) = next {
+        next.place(dir, ui)?;
+    }
     sync_dir(dir)?;
     // The index no longer names these: nobody is sent to them any more.
     for f in &plan.prune {
@@ -351,6 +398,25 @@ pub fn publish(
     }
     sync_dir(dir)?;
     Ok(report)
+}
+
+/// A test-only hook, as deploy's: `ATTACHE_TEST_PAUSE=STEP` stops here for
+/// `ATTACHE_TEST_PAUSE_SECS` (30) seconds, or until Ctrl-C, so that the e2e
+/// suite can interrupt a publish at a known step.
+#[allow(clippy::print_stderr)]
+fn test_pause(step: &str, stop: &dyn Fn() -> bool) {
+    if std::env::var("ATTACHE_TEST_PAUSE").ok().as_deref() != Some(step) {
+        return;
+    }
+    let secs = std::env::var("ATTACHE_TEST_PAUSE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    eprintln!("attache-test: paused at {step}");
+    let until = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < until && !stop() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The directory's lock, waited for (Ctrl-C still stops the wait).
@@ -463,24 +529,25 @@ fn sync_dir(dir: &Path) -> Result<(), PublishError> {
         .map_err(io(format!("syncing {}", dir.display())))
 }
 
-/// The sha256 of a file, `None` when there is none.
+/// The sha256 of an image file in the directory, `None` when there is
+/// none. Anything else under its name (a directory; a FIFO, whose read
+/// would never end) is in the way.
 fn sha256_in(path: &Path) -> Result<Option<String>, PublishError> {
-    let mut f = match File::open(path) {
-        Ok(f) => f,
+    let what = || format!("reading {}", path.display());
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
+        Err(e) => return Err(io(what())(e)),
     };
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(io(format!("reading {}", path.display())))?;
-        if n == 0 {
-            return Ok(Some(hex::encode(h.finalize())));
-        }
-        h.update(&buf[..n]);
+    if !meta.is_file() {
+        return Err(PublishError::InTheWay {
+            path: path.display().to_string(),
+        });
     }
+    let f = File::open(path).map_err(io(what()))?;
+    crate::image::hash_file(&f, meta.len())
+        .map(Some)
+        .map_err(io(what()))
 }
 
 /// Copies an image in, checking on the way that it is still what was built.
@@ -492,7 +559,7 @@ fn copy_in(
     ui: &Ui,
 ) -> Result<(), PublishError> {
     let to = dir.join(file);
-    ui.status("Copying", format!("{file} ({})", human_bytes(img.size)));
+    ui.status("Copying", format!("{file} ({})", crate::ui::size(img.size)));
     let what = format!("copying {} to {}", img.path.display(), to.display());
     let mut from = File::open(&img.path).map_err(io(&what))?;
     let (temp, mut out) = Temp::create(dir, file)?;
@@ -512,6 +579,9 @@ fn copy_in(
         }
         h.update(&buf[..n]);
         out.write_all(&buf[..n]).map_err(io(&what))?;
+        if done == 0 {
+            test_pause("publish-copy", stop);
+        }
         done += n as u64;
         if let Some(b) = &bar {
             b.set_position(done);
@@ -531,65 +601,115 @@ fn copy_in(
     temp.place(out, &to)
 }
 
-/// Writes `bytes` as `file` unless it holds them already.
-fn write_if_changed(dir: &Path, file: &str, bytes: &[u8]) -> Result<(), PublishError> {
+/// `bytes` written as the temporary of `file`, unless `file` holds them
+/// already.
+fn prepare_if_changed(
+    dir: &Path,
+    file: &str,
+    bytes: &[u8],
+) -> Result<Option<(Temp, File)>, PublishError> {
     let to = dir.join(file);
-    if std::fs::read(&to).is_ok_and(|b| b == bytes) {
-        return Ok(());
+    match std::fs::metadata(&to) {
+        // Read only when it can hold them (and cannot block, as a FIFO's read).
+        Ok(m) if m.is_file() => {
+            if m.len() == bytes.len() as u64 && std::fs::read(&to).is_ok_and(|b| b == bytes) {
+                return Ok(None);
+            }
+        }
+        Ok(_) => {
+            return Err(PublishError::InTheWay {
+                path: to.display().to_string(),
+            })
+        }
+        Err(_) => {}
     }
     let (temp, mut f) = Temp::create(dir, file)?;
     f.write_all(bytes)
         .map_err(io(format!("writing {}", to.display())))?;
-    temp.place(f, &to)
+    Ok(Some((temp, f)))
 }
 
-/// Writes the index and its signature unless both are as wanted already;
-/// the signature goes in place before the index, so that a reader between
-/// the two renames sees a pair that does not verify (and tries later)
-/// rather than a new index with no signature. True when anything changed.
-fn write_index(
+/// The index and its signature as they will be placed, written and
+/// signed under temporary names.
+struct NextIndex {
+    index: (Temp, File),
+    /// The new signature; `None` for an unsigned index (then an old
+    /// signature is removed).
+    sig: Option<Temp>,
+    /// The index's text is what the directory has; only the signature changes.
+    same_text: bool,
+}
+
+impl NextIndex {
+    /// The signature goes in place before the index, so that a reader
+    /// between the two renames sees a pair that does not verify (and tries
+    /// later) rather than a new index with no signature.
+    fn place(self, dir: &Path, ui: &Ui) -> Result<(), PublishError> {
+        let sig_path = dir.join(SIGNATURE);
+        match self.sig {
+            Some(sig) => {
+                let f =
+                    File::open(&sig.path).map_err(io(format!("reading {}", sig.path.display())))?;
+                sig.place(f, &sig_path)?;
+            }
+            // An old signature must not stay beside an index it does not sign.
+            None => match std::fs::remove_file(&sig_path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(format!("removing {}", sig_path.display()))(e))
+                }
+                _ => {}
+            },
+        }
+        if !self.same_text {
+            ui.status("Writing", INDEX);
+            let (temp, f) = self.index;
+            temp.place(f, &dir.join(INDEX))?;
+        }
+        sync_dir(dir)
+    }
+}
+
+/// Whether the directory has the index `text` already (its text is `old`),
+/// with a good signature when signing, or none when not.
+fn index_unchanged(
+    dir: &Path,
+    text: &str,
+    signing: &Signing,
+    old: Option<&str>,
+) -> Result<bool, PublishError> {
+    if old != Some(text) {
+        return Ok(false);
+    }
+    let sig_path = dir.join(SIGNATURE);
+    Ok(match signing {
+        Signing::Unsigned => !sig_path.exists(),
+        Signing::Key { public, .. } => {
+            sig_path.is_file() && sign::verify(public, &dir.join(INDEX), &sig_path)?
+        }
+    })
+}
+
+/// Writes and signs the next index under temporary names (the directory
+/// lacks it: see [`index_unchanged`]).
+fn prepare_index(
     dir: &Path,
     text: &str,
     signing: &Signing,
     old: Option<&str>,
     ui: &Ui,
-) -> Result<bool, PublishError> {
+) -> Result<NextIndex, PublishError> {
     let index_path = dir.join(INDEX);
-    let sig_path = dir.join(SIGNATURE);
     let same_text = old == Some(text);
-    match signing {
-        Signing::Unsigned => {
-            if same_text && !sig_path.exists() {
-                ui.status("Unchanged", INDEX);
-                return Ok(false);
-            }
-            let (temp, mut f) = Temp::create(dir, INDEX)?;
-            f.write_all(text.as_bytes())
-                .map_err(io(format!("writing {}", index_path.display())))?;
-            // An old signature must not stay beside an index it does not sign.
-            match std::fs::remove_file(&sig_path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io(format!("removing {}", sig_path.display()))(e))
-                }
-                _ => {}
-            }
-            ui.status("Writing", format!("{INDEX} (unsigned)"));
-            temp.place(f, &index_path)?;
-            Ok(true)
-        }
+    let (temp, mut f) = Temp::create(dir, INDEX)?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(format!("writing {}", index_path.display())))?;
+    let sig = match signing {
+        Signing::Unsigned => None,
         Signing::Key { key, public } => {
-            if same_text && sig_path.is_file() && sign::verify(public, &index_path, &sig_path)? {
-                ui.status("Unchanged", format!("{INDEX} and {SIGNATURE}"));
-                return Ok(false);
-            }
-            let (temp, mut f) = Temp::create(dir, INDEX)?;
-            f.write_all(text.as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(io(format!("writing {}", index_path.display())))?;
             ui.status("Signing", format!("{INDEX} with {}", key.display()));
-            let made = sign::sign(key, &temp.path)?;
             let sig = Temp {
-                path: made,
+                path: sign::sign(key, &temp.path)?,
                 placed: false,
             };
             if !sign::verify(public, &temp.path, &sig.path)? {
@@ -598,31 +718,14 @@ fn write_index(
                     public: public.short(),
                 });
             }
-            let sig_file =
-                File::open(&sig.path).map_err(io(format!("reading {}", sig.path.display())))?;
-            sig.place(sig_file, &sig_path)?;
-            if !same_text {
-                ui.status("Writing", INDEX);
-                temp.place(f, &index_path)?;
-            }
-            Ok(true)
+            Some(sig)
         }
-    }
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
+    };
+    Ok(NextIndex {
+        index: (temp, f),
+        sig,
+        same_text,
+    })
 }
 
 /// A pull host as far as publishing cares: which key it trusts.

@@ -2,6 +2,7 @@
 //! checking a signature as a pull host does (`ssh-keygen -Y verify`): OpenSSH
 //! is on every machine that runs sshd, gpg is not.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -13,7 +14,7 @@ pub enum SignError {
     /// ssh-keygen could not be started (missing when NotFound).
     #[error("running ssh-keygen (OpenSSH's client: apt install openssh-client): {0}")]
     Run(std::io::Error),
-    #[error("{key} is not an OpenSSH key ssh-keygen can read: {says}")]
+    #[error("ssh-keygen cannot read the key {key}: {says}")]
     BadKey { key: String, says: String },
     #[error("ssh-keygen could not sign with {key}: {says}")]
     Sign { key: String, says: String },
@@ -35,7 +36,12 @@ impl PublicKey {
         let (kind, data) = (words.next()?, words.next()?);
         let known =
             kind.starts_with("ssh-") || kind.starts_with("ecdsa-") || kind.starts_with("sk-");
-        (known && data.starts_with("AAAA")).then(|| PublicKey {
+        // Key data is base64: anything else is no key (and `short` cuts it
+        // by bytes).
+        let base64 = data
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+        (known && base64 && data.starts_with("AAAA")).then(|| PublicKey {
             kind: kind.to_owned(),
             data: data.to_owned(),
         })
@@ -53,6 +59,15 @@ impl PublicKey {
     }
 }
 
+/// `PATH` with `suffix` appended, as ssh-keygen names `KEY.pub` and
+/// `FILE.sig`: byte for byte (`display()` would change a name that is not
+/// UTF-8, and then the file would not be found).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 fn ssh_keygen() -> Command {
     Command::new("ssh-keygen")
 }
@@ -65,6 +80,17 @@ fn says(stderr: &[u8]) -> String {
     } else {
         s.lines().collect::<Vec<_>>().join("; ")
     }
+}
+
+/// What ssh-keygen said, and what to do when it wanted a passphrase that
+/// nobody can type here (deriving the public half asks for it too).
+fn says_with_hint(stderr: &[u8]) -> String {
+    let mut says = says(stderr);
+    if says.contains("passphrase") && !std::io::stdin().is_terminal() {
+        says +=
+            " (nobody can type a passphrase here: add the key to ssh-agent and pass --key KEY.pub)";
+    }
+    says
 }
 
 /// The public half of `key`: the key itself when it is a public key (then
@@ -80,7 +106,7 @@ pub fn public_key(key: &Path) -> Result<PublicKey, SignError> {
     if let Some(public) = PublicKey::parse(&text) {
         return Ok(public);
     }
-    let pub_file = PathBuf::from(format!("{}.pub", key.display()));
+    let pub_file = with_suffix(key, ".pub");
     if let Some(public) = std::fs::read_to_string(&pub_file)
         .ok()
         .and_then(|t| PublicKey::parse(&t))
@@ -98,14 +124,14 @@ pub fn public_key(key: &Path) -> Result<PublicKey, SignError> {
     let line = String::from_utf8_lossy(&out.stdout);
     match PublicKey::parse(&line) {
         Some(p) if out.status.success() => Ok(p),
-        _ => Err(bad(says(&out.stderr))),
+        _ => Err(bad(says_with_hint(&out.stderr))),
     }
 }
 
 /// Signs `file` with `key`; the signature is `FILE.sig` (armored), removed
 /// again if ssh-keygen fails. Its stdin is the user's, for the passphrase.
 pub fn sign(key: &Path, file: &Path) -> Result<PathBuf, SignError> {
-    let sig = PathBuf::from(format!("{}.sig", file.display()));
+    let sig = with_suffix(file, ".sig");
     // ssh-keygen asks before it writes over a signature.
     let _ = std::fs::remove_file(&sig);
     let out = ssh_keygen()
@@ -123,7 +149,7 @@ pub fn sign(key: &Path, file: &Path) -> Result<PathBuf, SignError> {
     let _ = std::fs::remove_file(&sig);
     Err(SignError::Sign {
         key: key.display().to_string(),
-        says: says(&out.stderr),
+        says: says_with_hint(&out.stderr),
     })
 }
 
@@ -165,6 +191,18 @@ mod tests {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIPq0uSD4i5bJSC3pPZ6GUFMRz0QkkS3H6rO8QdV2lZ4X";
 
     #[test]
+    fn suffixes_keep_names_that_are_not_utf8() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = Path::new(std::ffi::OsStr::from_bytes(b"/srv/caf\xe9"));
+        assert_eq!(
+            with_suffix(&dir.join(".SHA256SUMS.tmp"), ".sig")
+                .as_os_str()
+                .as_bytes(),
+            b"/srv/caf\xe9/.SHA256SUMS.tmp.sig"
+        );
+    }
+
+    #[test]
     fn keys_compare_without_their_comment() {
         let a = PublicKey::parse(&format!("{ED} alice@laptop\n")).unwrap();
         let b = PublicKey::parse(ED).unwrap();
@@ -181,6 +219,8 @@ mod tests {
             "ssh-ed25519",
             "-----BEGIN OPENSSH PRIVATE KEY-----",
             "rsa AAAA",
+            // Not base64; `short` once cut the euro sign in half (a panic).
+            "ssh-ed25519 AAAA€xxxxxxxxxx",
         ] {
             assert_eq!(PublicKey::parse(bad), None, "{bad}");
         }

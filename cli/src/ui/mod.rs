@@ -20,7 +20,7 @@ mod deploy;
 mod results;
 
 pub use deploy::{deploy_errors, deploy_summary, DeployView};
-pub use results::{closure_diff, diff_heading, fleet_status, host_status, inspection};
+pub use results::{closure_diff, diff_heading, fleet_status, host_status, inspection, size};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Verbosity {

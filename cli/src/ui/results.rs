@@ -186,7 +186,7 @@ pub fn inspection(path: &Path, i: &Inspection) -> String {
 
 /// A size as `nix store diff-closures` prints it: KiB with one decimal,
 /// MiB from 1 MiB on.
-fn size(bytes: u64) -> String {
+pub fn size(bytes: u64) -> String {
     let b = bytes as f64;
     if bytes >= 1 << 20 {
         format!("{:.1} MiB", b / f64::from(1u32 << 20))

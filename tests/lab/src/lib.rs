@@ -18,6 +18,8 @@
 //! * The first host of a guest type is cold-booted once and saved (QMP
 //!   `migrate` to a state file); every host starts from that state on its own
 //!   overlay disk in a few seconds, then gets the right clock and hostname.
+//! * A guest's `http://10.0.2.100/` ([`FETCH_URL`]) leads to its host's
+//!   loopback port on this machine, where a [`Server`] serves a directory.
 //! * Hosts stop when their [`Host`] is dropped, and QEMU is tied to the test
 //!   process (`PR_SET_PDEATHSIG`), so a panic, Ctrl-C or kill leaks nothing;
 //!   the next [`Lab::new`] also sweeps what a dead process left behind.

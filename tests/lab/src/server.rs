@@ -23,7 +23,9 @@ use crate::{Context, Error, Host, Result};
 pub const FETCH_URL: &str = "http://10.0.2.100";
 
 /// What one path was served: requests of any kind (404s included) and the
-/// body bytes written (a transfer the client cut counts what was written).
+/// body bytes sent. Counted before they are written, so that a client that
+/// has its whole answer finds it counted (a transfer the client cut may
+/// count up to one 64 KiB chunk it did not take).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Served {
     pub requests: u64,
@@ -56,6 +58,8 @@ impl Stats {
 
 struct Shared {
     dir: PathBuf,
+    /// Fault: close each 200 response after this many body bytes.
+    cut_after: Mutex<Option<u64>>,
     stats: Mutex<Stats>,
     /// Open connections by number, shut down when the server stops.
     conns: Mutex<(u64, BTreeMap<u64, TcpStream>)>,
@@ -90,6 +94,7 @@ impl Server {
             ports: ports.to_vec(),
             shared: Arc::new(Shared {
                 dir: dir.into(),
+                cut_after: Mutex::default(),
                 stats: Mutex::default(),
                 conns: Mutex::default(),
             }),
@@ -127,6 +132,13 @@ impl Server {
 
     pub fn reset_stats(&self) {
         *lock(&self.shared.stats) = Stats::default();
+    }
+
+    /// Fault: from now on, every file's response announces its full length
+    /// but closes the connection after `bytes` of its body (an interrupted
+    /// download); `None` serves whole files again.
+    pub fn cut_after(&self, bytes: Option<u64>) {
+        *lock(&self.shared.cut_after) = bytes;
     }
 
     /// Stops listening and cuts open connections: to a guest, the origin
@@ -272,24 +284,31 @@ fn handle(mut conn: &TcpStream, shared: &Shared) -> io::Result<()> {
         return respond(conn, "404 Not Found", body, method == "GET");
     };
     let len = file.metadata()?.len();
+    count(false, 0);
     write!(
         conn,
         "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nContent-Type: application/octet-stream\r\n\
          Connection: close\r\n\r\n"
     )?;
-    count(false, 0);
     if method == "HEAD" {
         return Ok(());
     }
+    let mut left = lock(&shared.cut_after).unwrap_or(u64::MAX);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = file.read(&mut buf)?;
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let n = file.read(&mut buf[..want])?;
         if n == 0 {
             return Ok(());
         }
+        left -= n as u64;
+        // Before the write: the client may be done as soon as it has them.
+        lock(&shared.stats)
+            .paths
+            .entry(path.clone())
+            .or_default()
+            .bytes += n as u64;
         conn.write_all(&buf[..n])?;
-        let mut stats = lock(&shared.stats);
-        stats.paths.entry(path.clone()).or_default().bytes += n as u64;
     }
 }
 
@@ -396,6 +415,15 @@ mod tests {
         assert_eq!(stats.get("/nope").not_found, 1);
         assert_eq!(stats.get("/nope").bytes, 10);
         assert_eq!(stats.total().requests, 8, "{stats:#?}");
+
+        server.cut_after(Some(4));
+        let r = get(port, "GET /SHA256SUMS HTTP/1.1\r\n\r\n").unwrap();
+        assert!(
+            r.contains("Content-Length: 11\r\n") && r.ends_with("\r\n\r\nabc "),
+            "{r}"
+        );
+        assert_eq!(server.stats().get("/SHA256SUMS").bytes, 15);
+        server.cut_after(None);
 
         server.stop();
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());

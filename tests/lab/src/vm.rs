@@ -601,6 +601,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn http_ports_are_distinct_and_below_the_ephemeral_range() {
+        assert_eq!(http_port_for(32768), 1024);
+        assert_eq!(http_port_for(60999), 29255);
+        assert_ne!(http_port_for(40000), http_port_for(40001));
+        assert!((1024..32768).contains(&http_port_for(22)));
+        assert!((1024..32768).contains(&http_port_for(65535)));
+    }
+
+    #[test]
     fn own_start_time_is_readable() {
         assert!(start_time(std::process::id()).is_some());
         assert!(is_running(std::process::id()));
