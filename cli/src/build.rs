@@ -397,17 +397,33 @@ fn take_image(
         ));
     }
     ui.status("Checking", image.display());
-    let found = image::inspect(image)?;
-    if !found.problems.is_empty() {
-        return Err(Error::Refused(found.problems));
-    }
+    let mut built = prebuilt(image)?;
     let file_name = image
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let path = out_dir.join(&file_name);
-    let built = Built {
-        path: path.clone(),
+    built.path = path.clone();
+    built.store_path = out;
+    if dry_run {
+        ui.status("Would copy", &file_name);
+        return Ok(built);
+    }
+    ui.status("Copying", &file_name);
+    copy_image(image, out_dir, &path)?;
+    Ok(built)
+}
+
+/// An image built already, checked as `inspect` checks it: its name,
+/// version, units, prefixes and manifest, as a build would give them. Also
+/// how a pull host reads an image it fetched.
+pub fn prebuilt(image: &Path) -> Result<Built, Error> {
+    let found = image::inspect(image)?;
+    if !found.problems.is_empty() {
+        return Err(Error::Refused(found.problems));
+    }
+    Ok(Built {
+        path: image.to_owned(),
         prefixes: portable_prefixes(
             found
                 .os_release
@@ -420,7 +436,7 @@ fn take_image(
         sha256: found.sha256,
         size: found.size,
         cached: false,
-        store_path: out,
+        store_path: image.to_owned(),
         manifest: image::read_manifest(image)?,
         units: found
             .units
@@ -430,14 +446,7 @@ fn take_image(
                 install: u.install,
             })
             .collect(),
-    };
-    if dry_run {
-        ui.status("Would copy", &file_name);
-        return Ok(built);
-    }
-    ui.status("Copying", &file_name);
-    copy_image(image, out_dir, &path)?;
-    Ok(built)
+    })
 }
 
 fn copy_image(from: &Path, out_dir: &Path, to: &Path) -> Result<(), Error> {

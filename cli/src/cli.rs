@@ -17,9 +17,11 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success
   1  bad input: a wrong installable, a unit portabled would refuse, an unknown host
-  2  environment: nix missing, I/O error, a host that cannot be reached
-  3  deploy failed on at least one host (rolled back where possible), or a
-     deploy, build or publish was interrupted (Ctrl-C, SIGTERM)";
+  2  environment: nix missing, I/O error, a host that cannot be reached;
+     deploy --now: a pull host's publish server that cannot be reached
+  3  deploy failed on at least one host (rolled back where possible; a pull
+     host's --now run rolled back or refused), or a deploy, build or publish
+     was interrupted (Ctrl-C, SIGTERM)";
 
 /// Turn Nix into running systemd portable services.
 ///
@@ -83,6 +85,8 @@ pub enum Command {
     Man(ManArgs),
     #[command(hide = true)]
     PackSpec(PackSpecArgs),
+    #[command(hide = true)]
+    Agent(AgentArgs),
 }
 
 /// Build a portable image (NAME_VERSION.raw) from a Nix installable.
@@ -392,6 +396,12 @@ impl InstallableForm {
 /// check the units stay up and run the inventory's checks, and roll back to
 /// the previous image if anything fails. Old images are pruned to --keep.
 ///
+/// Pull hosts (a `pull` section in the inventory) get no image: deploy sets
+/// them up over SSH (the attache agent, its config and key, a timer) and
+/// stages their settings and secrets; from then on they fetch what `attache
+/// publish` wrote and switch by themselves. --now makes them check at once
+/// and waits for the outcome.
+///
 /// Ctrl-C (or SIGTERM) stops uploads and skips hosts not started; a host
 /// already activating finishes its checks and confirms or rolls back. A
 /// second Ctrl-C leaves at once: the host's own timer reverts it, at the
@@ -447,6 +457,11 @@ pub struct DeployArgs {
     /// Show the plan per host (upload or skip, attach or reattach); change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Pull hosts check for a newer published version at once (after their
+    /// setup), and the deploy waits for their outcome; push hosts are
+    /// deployed as without it.
+    #[arg(long)]
+    pub now: bool,
     /// Images kept per service on each host, newest first; the attached one
     /// and the one `attache rollback` would go back to are kept on top.
     #[arg(long, default_value_t = 2, value_name = "N")]
@@ -720,6 +735,19 @@ pub struct PackSpecArgs {
     /// Directory for the image ($out).
     #[arg(long, value_name = "DIR")]
     pub out_dir: PathBuf,
+}
+
+/// A pull host's agent, run by attache-pull.service: fetch and verify the
+/// published index, place newer images, switch through the deploy
+/// transaction, record the outcome in the state file.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/var/lib/attache/pull/config.json"
+    )]
+    pub config: PathBuf,
 }
 
 /// Print shell completions to stdout.

@@ -8,8 +8,9 @@ use serde::Deserialize;
 use crate::nix::{Installable, Nix, NixError};
 use crate::remote::Destination;
 
-/// A health check from the inventory, run on the host.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A health check from the inventory, run on the host (and, for a pull
+/// host, written into its agent's config as it is).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Check {
     Http {

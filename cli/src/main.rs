@@ -23,6 +23,7 @@ mod inventory;
 mod names;
 mod nix;
 mod publish;
+mod pull;
 mod remote;
 mod spec;
 mod ui;

@@ -6,13 +6,18 @@
 //! with strict host keys unless the user opts in. Every remote step is a
 //! shell script whose arguments are quoted here, run as root directly or
 //! through `sudo -n`.
+//!
+//! The same vocabulary runs on this machine too ([`Remote::local`]): a pull
+//! host's agent switches its own services through the very transaction a
+//! push deploy runs over SSH.
 
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openssh::{ControlPersist, KnownHosts, Session, SessionBuilder, Stdio};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Where to connect, as the user wrote it (a name from `~/.ssh/config`, or
 /// `user@host`), with optional overrides from the inventory.
@@ -152,13 +157,85 @@ impl RemoteOutput {
 /// A live connection to one host.
 pub struct Remote {
     pub name: String,
-    session: Arc<Session>,
+    transport: Transport,
     elevation: Elevation,
     login_user: String,
     /// Commands run on the host so far: each is one round-trip over the
     /// multiplexed connection, what a deploy's speed mostly is.
     trips: Arc<std::sync::atomic::AtomicU32>,
-    _control_dir: tempfile::TempDir,
+}
+
+/// How scripts reach the host.
+enum Transport {
+    Ssh {
+        session: Arc<Session>,
+        _control_dir: tempfile::TempDir,
+    },
+    /// This machine, as root already: `attache agent` on a pull host.
+    Local,
+}
+
+/// A script started on the host and still running: over SSH, or here.
+pub enum Child {
+    Ssh(openssh::Child<Arc<Session>>),
+    Local(tokio::process::Child),
+}
+
+impl Child {
+    /// Its stdin, taken: dropping it closes the script's stdin.
+    pub fn take_stdin(&mut self) -> Option<Pin<Box<dyn AsyncWrite + Send>>> {
+        match self {
+            Child::Ssh(c) => c
+                .stdin()
+                .take()
+                .map(|w| Box::pin(w) as Pin<Box<dyn AsyncWrite + Send>>),
+            Child::Local(c) => c
+                .stdin
+                .take()
+                .map(|w| Box::pin(w) as Pin<Box<dyn AsyncWrite + Send>>),
+        }
+    }
+
+    pub fn stdout(&mut self) -> Option<&mut (dyn AsyncRead + Send + Unpin)> {
+        match self {
+            Child::Ssh(c) => c
+                .stdout()
+                .as_mut()
+                .map(|r| r as &mut (dyn AsyncRead + Send + Unpin)),
+            Child::Local(c) => c
+                .stdout
+                .as_mut()
+                .map(|r| r as &mut (dyn AsyncRead + Send + Unpin)),
+        }
+    }
+
+    pub fn take_stdout(&mut self) -> Option<Pin<Box<dyn AsyncRead + Send>>> {
+        match self {
+            Child::Ssh(c) => c.stdout().take().map(|r| Box::pin(r) as _),
+            Child::Local(c) => c.stdout.take().map(|r| Box::pin(r) as _),
+        }
+    }
+
+    pub fn take_stderr(&mut self) -> Option<Pin<Box<dyn AsyncRead + Send>>> {
+        match self {
+            Child::Ssh(c) => c.stderr().take().map(|r| Box::pin(r) as _),
+            Child::Local(c) => c.stderr.take().map(|r| Box::pin(r) as _),
+        }
+    }
+
+    pub async fn wait(self) -> Result<std::process::ExitStatus, String> {
+        match self {
+            Child::Ssh(c) => c.wait().await.map_err(|e| e.to_string()),
+            Child::Local(mut c) => c.wait().await.map_err(|e| e.to_string()),
+        }
+    }
+
+    pub async fn wait_with_output(self) -> Result<std::process::Output, String> {
+        match self {
+            Child::Ssh(c) => c.wait_with_output().await.map_err(|e| e.to_string()),
+            Child::Local(c) => c.wait_with_output().await.map_err(|e| e.to_string()),
+        }
+    }
 }
 
 impl Remote {
@@ -213,11 +290,13 @@ impl Remote {
         };
         let mut remote = Remote {
             name: name.to_owned(),
-            session: Arc::new(session),
+            transport: Transport::Ssh {
+                session: Arc::new(session),
+                _control_dir: control_dir,
+            },
             elevation: Elevation::None,
             login_user: String::new(),
             trips: Arc::default(),
-            _control_dir: control_dir,
         };
         // Ask the host who we are instead of guessing from the user name.
         let who = remote.run_plain("id -un; id -u", "connecting").await?;
@@ -254,18 +333,38 @@ impl Remote {
         Ok(remote)
     }
 
+    /// This machine as the host, for a process that runs as root: the agent
+    /// of a pull host. No connection, no sudo; the same scripts.
+    pub fn local(name: &str) -> Remote {
+        Remote {
+            name: name.to_owned(),
+            transport: Transport::Local,
+            elevation: Elevation::None,
+            login_user: "root".into(),
+            trips: Arc::default(),
+        }
+    }
+
     /// Runs `script` with `sh -c` as the login user.
     async fn run_plain(&self, script: &str, doing: &str) -> Result<RemoteOutput, RemoteError> {
         self.count();
-        let out = self
-            .session
-            .command("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| self.lost(doing, &e))?;
+        let out = match &self.transport {
+            Transport::Ssh { session, .. } => session
+                .command("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(Stdio::null())
+                .output()
+                .await
+                .map_err(|e| self.lost(doing, &e))?,
+            Transport::Local => tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(std::process::Stdio::null())
+                .output()
+                .await
+                .map_err(|e| self.lost(doing, &e))?,
+        };
         Ok(RemoteOutput {
             code: out.status.code(),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -289,20 +388,50 @@ impl Remote {
 
     /// Starts `script` as root and keeps it running while the returned
     /// child lives: used for the per-host lock, which must end with us.
-    pub async fn spawn_held(
-        &self,
-        script: &str,
-    ) -> Result<openssh::Child<Arc<Session>>, RemoteError> {
+    pub async fn spawn_held(&self, script: &str) -> Result<Child, RemoteError> {
+        self.spawn(script, true, "taking the deploy lock").await
+    }
+
+    /// Starts `script` as root with a pipe to its stdin and its stderr read
+    /// back (and its stdout when `stdout`): one round-trip.
+    async fn spawn(&self, script: &str, stdout: bool, doing: &str) -> Result<Child, RemoteError> {
         self.count();
-        Session::to_command(self.session.clone(), "sh")
-            .arg("-c")
-            .arg(self.as_root(script))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .await
-            .map_err(|e| self.lost("taking the deploy lock", &e))
+        let script = self.as_root(script);
+        match &self.transport {
+            Transport::Ssh { session, .. } => session
+                .clone()
+                .arc_command("sh")
+                .arg("-c")
+                .arg(script)
+                .stdin(Stdio::piped())
+                .stdout(if stdout {
+                    Stdio::piped()
+                } else {
+                    Stdio::null()
+                })
+                .stderr(Stdio::piped())
+                .spawn()
+                .await
+                .map(Child::Ssh)
+                .map_err(|e| self.lost(doing, &e)),
+            Transport::Local => {
+                let piped = std::process::Stdio::piped;
+                tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(script)
+                    .stdin(piped())
+                    .stdout(if stdout {
+                        piped()
+                    } else {
+                        std::process::Stdio::null()
+                    })
+                    .stderr(piped())
+                    .kill_on_drop(false)
+                    .spawn()
+                    .map(Child::Local)
+                    .map_err(|e| self.lost(doing, &e))
+            }
+        }
     }
 
     /// Streams `local` into the stdin of `script` (run as root), calling
@@ -325,7 +454,7 @@ impl Remote {
         script: &str,
         progress: &(dyn Fn(u64) + Send + Sync),
     ) -> Result<u64, RemoteError> {
-        let mut child = self.spawn_fed(script, Stdio::null(), "uploading").await?;
+        let mut child = self.spawn(script, false, "uploading").await?;
         let local_io = |source| RemoteError::LocalIo {
             host: self.name.clone(),
             path: local.display().to_string(),
@@ -333,8 +462,7 @@ impl Remote {
         };
         let mut file = tokio::fs::File::open(local).await.map_err(local_io)?;
         let mut stdin = child
-            .stdin()
-            .take()
+            .take_stdin()
             .ok_or_else(|| self.lost("uploading", "no stdin"))?;
         let mut buf = vec![0u8; 256 * 1024];
         let mut sent = 0u64;
@@ -393,10 +521,9 @@ impl Remote {
         doing: &str,
         input: &[u8],
     ) -> Result<RemoteOutput, RemoteError> {
-        let mut child = self.spawn_fed(script, Stdio::piped(), doing).await?;
+        let mut child = self.spawn(script, true, doing).await?;
         let mut stdin = child
-            .stdin()
-            .take()
+            .take_stdin()
             .ok_or_else(|| self.lost(doing, "no stdin"))?;
         let io_lost = |e: std::io::Error| self.lost(doing, e);
         stdin.write_all(input).await.map_err(io_lost)?;
@@ -411,28 +538,6 @@ impl Remote {
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         })
-    }
-
-    /// Starts `script` as root with a pipe to its stdin (the caller feeds
-    /// it) and its stderr read back: one round-trip.
-    async fn spawn_fed(
-        &self,
-        script: &str,
-        stdout: Stdio,
-        doing: &str,
-    ) -> Result<openssh::Child<Arc<Session>>, RemoteError> {
-        self.count();
-        self.session
-            .clone()
-            .arc_command("sh")
-            .arg("-c")
-            .arg(self.as_root(script))
-            .stdin(Stdio::piped())
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .await
-            .map_err(|e| self.lost(doing, &e))
     }
 
     fn count(&self) {
@@ -454,8 +559,10 @@ impl Remote {
     }
 
     pub async fn close(self) {
-        if let Ok(s) = Arc::try_unwrap(self.session) {
-            let _ = s.close().await;
+        if let Transport::Ssh { session, .. } = self.transport {
+            if let Ok(s) = Arc::try_unwrap(session) {
+                let _ = s.close().await;
+            }
         }
     }
 }

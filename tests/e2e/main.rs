@@ -12,6 +12,7 @@ mod lab_smoke;
 mod nix_build;
 mod observe;
 mod publish;
+mod pull;
 mod readme;
 mod settings;
 mod support;

@@ -16,7 +16,7 @@ fn tmp() -> tempfile::TempDir {
 
 /// attache built statically, once per test run, next to the test's own
 /// build (`TARGET/static-e2e`).
-fn static_attache() -> &'static Path {
+pub(crate) fn static_attache() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let target_dir = attache_bin()

@@ -91,10 +91,8 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         rollback_after: Duration::from_secs(args.rollback_after),
     });
     let early = Early::new(&rt, &settings, args);
-    let plans = plan_hosts(args, &pack, ui, &stop, &early).and_then(|plans| {
-        if plans.is_empty() {
-            return Err(Error::Usage("no hosts selected".into()));
-        }
+    let mut pulled = None;
+    let plans = plan_hosts(args, &pack, ui, &stop, &early, &mut pulled).and_then(|plans| {
         for p in &plans {
             deploy::check_timer(p, &settings)
                 .map_err(|e| Error::Usage(format!("{}: {e}", p.name)))?;
@@ -109,6 +107,11 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
             return Err(e);
         }
     };
+    if plans.is_empty() {
+        // Only pull hosts (set up above), or their setup failed.
+        return pulled.unwrap_or_else(|| Err(Error::Usage("no hosts selected".into())));
+    }
+    let pulled_error = pulled.and_then(Result::err);
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -191,6 +194,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         None
     };
     let result = report(ui, &reports, args.dry_run, diffs.as_deref());
+    let result = result.and(pulled_error.map_or(Ok(()), Err));
     if result.is_err() {
         for hint in logs_hints(&reports, started, args) {
             ui.status("Logs", hint);
@@ -200,13 +204,15 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
 }
 
 /// Builds what the hosts run and plans each host; the hosts that start
-/// first are opened (`early`) while the images build.
+/// first are opened (`early`) while the images build. Pull hosts are set
+/// up, not planned: their outcome goes to `pulled`.
 fn plan_hosts(
     args: &DeployArgs,
     pack: &PackChoice,
     ui: &Ui,
     stop: &Interrupt,
     early: &Early,
+    pulled: &mut Option<Result<(), Error>>,
 ) -> Result<Vec<HostPlan>, Error> {
     if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
@@ -223,6 +229,7 @@ fn plan_hosts(
                 .iter()
                 .map(|w| plan_service(&built[&w.installable.to_string()], Vec::new()))
                 .collect(),
+            local: false,
         }]);
     }
     let flags = args.form.installable_flags();
@@ -237,8 +244,19 @@ fn plan_hosts(
     ui.status("Reading", format!("{}#attache.hosts", args.fleet.flake));
     let hosts = inventory::load(&nix, &args.fleet.flake)
         .map_err(|e| inventory_error(e, &args.fleet.flake))?;
-    let mut hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
+    let hosts = inventory::select(hosts, &args.targets, args.on.as_deref())
         .map_err(|e| Error::Usage(e.to_string()))?;
+    // Pull hosts are set up, not pushed to: nothing is built for them.
+    let (pull, mut hosts): (Vec<Host>, Vec<Host>) =
+        hosts.into_iter().partition(|h| h.pull.is_some());
+    if !pull.is_empty() {
+        let result = super::deploy_pull::run(pull, args, ui, early.rt, stop, hosts.is_empty());
+        let failed = result.is_err() && !args.keep_going;
+        *pulled = Some(result);
+        if hosts.is_empty() || failed {
+            return Ok(Vec::new());
+        }
+    }
     early.open(hosts.iter().map(|h| {
         let elevation = elevation(h.sudo || args.fleet.ssh.sudo);
         (h.name.as_str(), &h.destination, elevation)
@@ -440,6 +458,7 @@ fn host_plan(
         elevation: elevation(h.sudo || args.fleet.ssh.sudo),
         profile: args.profile.clone().unwrap_or(h.profile),
         services,
+        local: false,
     })
 }
 

@@ -258,7 +258,7 @@ async fn follow(
                     return Err(e.to_string());
                 }
             };
-            let stdout = child.stdout().take();
+            let stdout = child.take_stdout();
             let mut stop = stop;
             let stopped = *stop.borrow();
             if let (Some(stdout), false) = (stdout, stopped) {
@@ -279,8 +279,8 @@ async fn follow(
             }
             let by_itself = !*stop.borrow();
             // Closing stdin ends the remote `cat`, which ends journalctl.
-            drop(child.stdin().take());
-            let stderr = child.stderr().take();
+            drop(child.take_stdin());
+            let stderr = child.take_stderr();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), child.wait()).await;
             s.close().await;
             if !by_itself {

@@ -3,8 +3,10 @@
 //! UI; it parses nothing and owns no stage logic. The clap types of `cli`
 //! stop here: nothing below a command takes them.
 
+mod agent;
 mod build;
 mod deploy;
+mod deploy_pull;
 mod detach;
 mod diff;
 mod hosts;
@@ -54,6 +56,7 @@ pub fn run(command: Command, ui: &Ui) -> Result<(), Error> {
         Command::Diff(args) => diff::run(&args, ui),
         Command::Logs(args) => logs::run(&args, ui),
         Command::PackSpec(args) => pack_spec::run(&args, ui),
+        Command::Agent(args) => agent::run(&args, ui),
         Command::Completions(args) => {
             let mut buf = Vec::new();
             clap_complete::generate(args.shell, &mut Cli::command(), "attache", &mut buf);

@@ -7,6 +7,7 @@ use super::hosts::{self, ssh_options, Policy, Ran};
 use crate::cli::StatusArgs;
 use crate::deploy::{self, HostSession};
 use crate::error::Error;
+use crate::pull::{self, setup};
 use crate::remote::{Destination, Elevation, SshOptions};
 use crate::ui::{self, Ui};
 
@@ -23,12 +24,20 @@ pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
             async move { host_status(&name, &dest, &opts, elev).await }
         },
     ));
+    let mut pulls: Vec<(&str, pull::State)> = Vec::new();
     let results: Vec<(&str, Result<Vec<deploy::ServiceStatus>, String>)> = hosts
         .iter()
         .zip(results)
         .map(|((name, _, _), r)| {
             let r = match r {
-                Ran::Done(r) => r.map_err(|e| e.to_string()),
+                Ran::Done(r) => r
+                    .map(|(services, state)| {
+                        if let Some(st) = state {
+                            pulls.push((name.as_str(), st));
+                        }
+                        services
+                    })
+                    .map_err(|e| e.to_string()),
                 Ran::Skipped(why) => Err(format!("{name}: {why}")),
             };
             (name.as_str(), r)
@@ -38,16 +47,23 @@ pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
         .iter()
         .map(|(n, r)| (*n, r.as_deref().map_err(String::as_str)))
         .collect();
-    let human = if args.wide {
+    let mut human: String = if args.wide {
         view.iter().map(|(n, r)| ui::host_status(n, *r)).collect()
     } else {
         ui::fleet_status(&view)
     };
+    human += &pull_table(&pulls);
     let json_hosts: Vec<serde_json::Value> = results
         .iter()
-        .map(|(name, r)| match r {
-            Ok(services) => json!({"host": name, "services": services}),
-            Err(e) => json!({"host": name, "error": e}),
+        .map(|(name, r)| {
+            let mut v = match r {
+                Ok(services) => json!({"host": name, "services": services}),
+                Err(e) => json!({"host": name, "error": e}),
+            };
+            if let Some((_, st)) = pulls.iter().find(|(n, _)| n == name) {
+                v["pull"] = json!(st);
+            }
+            v
         })
         .collect();
     let failed: Vec<&String> = results
@@ -65,14 +81,78 @@ pub fn run(args: &StatusArgs, ui: &Ui) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a host attaches, and its pull state when it is a pull host.
 async fn host_status(
     name: &str,
     dest: &Destination,
     opts: &SshOptions,
     elev: Elevation,
-) -> Result<Vec<deploy::ServiceStatus>, deploy::HostError> {
-    let s = HostSession::connect(name, dest, opts, elev).await?;
-    let r = deploy::host_status(&s).await;
+) -> Result<(Vec<deploy::ServiceStatus>, Option<pull::State>), String> {
+    let s = HostSession::connect(name, dest, opts, elev)
+        .await
+        .map_err(|e| e.to_string())?;
+    let r = deploy::host_status(&s).await.map_err(|e| e.to_string());
+    let state = match &r {
+        Ok(_) => setup::read_state(&s.remote).await,
+        Err(_) => Ok(None),
+    };
     s.close().await;
-    r
+    Ok((r?, state.map_err(|e| format!("{name}: {e}"))?))
+}
+
+/// Per pull host and service: published, fetched and attached versions,
+/// then the last outcome, when and why.
+fn pull_table(pulls: &[(&str, pull::State)]) -> String {
+    if pulls.is_empty() {
+        return String::new();
+    }
+    let v = |m: &std::collections::BTreeMap<String, String>, k: &str| {
+        m.get(k).cloned().unwrap_or_else(|| "-".into())
+    };
+    let mut rows = vec![[
+        "PULL HOST".to_owned(),
+        "SERVICE".into(),
+        "PUBLISHED".into(),
+        "FETCHED".into(),
+        "ATTACHED".into(),
+        "FAILED".into(),
+    ]];
+    let mut lasts = String::new();
+    for (host, st) in pulls {
+        let mut names: Vec<&String> = st.published.keys().chain(st.attached.keys()).collect();
+        names.sort();
+        names.dedup();
+        for svc in names {
+            rows.push([
+                (*host).to_owned(),
+                svc.clone(),
+                v(&st.published, svc),
+                v(&st.fetched, svc),
+                v(&st.attached, svc),
+                v(&st.failed, svc),
+            ]);
+        }
+        if let Some(last) = &st.last {
+            lasts += &format!(
+                "{host}: last pull {} at {}: {}\n",
+                last.outcome,
+                super::logs::utc(last.at),
+                last.why
+            );
+        }
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::from("\n");
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out += line.join("  ").trim_end();
+        out.push('\n');
+    }
+    out + &lasts
 }

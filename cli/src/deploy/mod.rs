@@ -81,6 +81,8 @@ pub struct HostPlan {
     pub elevation: Elevation,
     pub profile: String,
     pub services: Vec<ServicePlan>,
+    /// The host is this machine (a pull host's agent): no SSH.
+    pub local: bool,
 }
 
 /// Knobs shared by every host of a run.
@@ -127,7 +129,9 @@ impl Opening {
         settings: Arc<Settings>,
     ) -> Opening {
         let (name, destination) = (name.to_owned(), destination.clone());
-        Opening(rt.spawn(async move { open_host(&name, &destination, elevation, &settings).await }))
+        Opening(rt.spawn(async move {
+            open_host(&name, &destination, elevation, false, &settings).await
+        }))
     }
 
     async fn wait(self) -> Option<Opened> {
@@ -148,6 +152,7 @@ pub async fn open_host(
     name: &str,
     destination: &Destination,
     elevation: Elevation,
+    local: bool,
     settings: &Settings,
 ) -> Opened {
     let mut stages = Vec::new();
@@ -160,7 +165,11 @@ pub async fn open_host(
         });
     };
     let start = Instant::now();
-    let s = HostSession::connect(name, destination, &settings.ssh, elevation).await;
+    let s = if local {
+        Ok(HostSession::local(name))
+    } else {
+        HostSession::connect(name, destination, &settings.ssh, elevation).await
+    };
     let trips = s.as_ref().ok().map(|s| s.remote.trips());
     let count = |t: &Option<Arc<AtomicU32>>| t.as_ref().map_or(0, |t| t.load(Ordering::Relaxed));
     timed(&mut stages, Stage::Connect, start, s.is_ok(), count(&trips));
@@ -329,7 +338,10 @@ impl<E: Events> Run<'_, E> {
         };
         let opened = match opened {
             Some(o) => o,
-            None => open_host(&p.name, &p.destination, p.elevation, self.settings).await,
+            None => {
+                let local = p.local;
+                open_host(&p.name, &p.destination, p.elevation, local, self.settings).await
+            }
         };
         r.stages.extend(opened.stages);
         if let Some(t) = opened.trips {

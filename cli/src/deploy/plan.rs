@@ -322,6 +322,9 @@ fn check_encryption(facts: &HostFacts, host: &HostPlan) -> Result<(), PlanError>
 /// What changes in `svc`'s settings on this host, if anything. Secrets are
 /// compared by a salted hash the host keeps, never by value.
 pub fn plan_settings(facts: &HostFacts, svc: &ServicePlan) -> Option<SettingsChange> {
+    if svc.settings.as_is {
+        return None;
+    }
     let empty = ops::SettingsState::default();
     let host = facts.settings.get(&svc.name).unwrap_or(&empty);
     if svc.settings.is_empty() && host.units.is_empty() && host.secrets.is_empty() {

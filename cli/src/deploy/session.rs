@@ -2,12 +2,10 @@
 //! that changes a host holds it, and it is released when the guard drops
 //! (or when the connection ends, whatever ends our process).
 
-use std::sync::Arc;
-
 use super::error::{Cause, HostError};
 use super::ops::{self, Script};
 use super::report::Stage;
-use crate::remote::{Destination, Elevation, Remote, RemoteOutput, SshOptions};
+use crate::remote::{Child, Destination, Elevation, Remote, RemoteOutput, SshOptions};
 
 pub struct HostSession {
     // Dropped before the connection it runs on (fields drop in order), so
@@ -20,13 +18,13 @@ pub struct HostSession {
 /// Held while the remote `cat` keeps reading our stdin; dropping it closes
 /// that stdin, which ends the lock.
 struct HostLock {
-    child: Option<openssh::Child<Arc<openssh::Session>>>,
+    child: Option<Child>,
 }
 
 impl HostLock {
     async fn release(mut self) {
         if let Some(mut child) = self.child.take() {
-            drop(child.stdin().take());
+            drop(child.take_stdin());
             let _ = child.wait().await;
         }
     }
@@ -35,7 +33,7 @@ impl HostLock {
 impl Drop for HostLock {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
-            drop(child.stdin().take());
+            drop(child.take_stdin());
         }
     }
 }
@@ -51,6 +49,14 @@ impl HostSession {
             .await
             .map_err(|e| Cause::from(e).at(name, Stage::Connect))?;
         Ok(HostSession { lock: None, remote })
+    }
+
+    /// This machine as the host: a pull host's agent, root already.
+    pub fn local(name: &str) -> Self {
+        HostSession {
+            lock: None,
+            remote: Remote::local(name),
+        }
     }
 
     pub fn host(&self) -> &str {
@@ -239,9 +245,9 @@ impl HostSession {
     }
 }
 
-async fn read_first_line(child: &mut openssh::Child<Arc<openssh::Session>>) -> String {
+async fn read_first_line(child: &mut Child) -> String {
     use tokio::io::AsyncReadExt;
-    let Some(out) = child.stdout().as_mut() else {
+    let Some(out) = child.stdout() else {
         return String::new();
     };
     let mut line = Vec::new();
@@ -258,11 +264,9 @@ async fn read_first_line(child: &mut openssh::Child<Arc<openssh::Session>>) -> S
 
 /// The output of the script a lock ran once taken, up to its end mark,
 /// with its exit code; `None` when the output ended before the mark.
-async fn read_to_end_mark(
-    child: &mut openssh::Child<Arc<openssh::Session>>,
-) -> Option<(i32, String)> {
+async fn read_to_end_mark(child: &mut Child) -> Option<(i32, String)> {
     use tokio::io::AsyncBufReadExt;
-    let out = child.stdout().as_mut()?;
+    let out = child.stdout()?;
     let mut lines = tokio::io::BufReader::new(out).lines();
     let mut text = String::new();
     while let Ok(Some(line)) = lines.next_line().await {

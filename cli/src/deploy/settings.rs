@@ -56,6 +56,9 @@ pub struct ServiceSettings {
     /// The inventory allows plain root-only credential files where the
     /// host cannot encrypt.
     pub unencrypted: bool,
+    /// Leave the host's settings and secrets as they are: a pull host's
+    /// agent switches images only, settings stay push-only.
+    pub as_is: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -36,6 +36,7 @@ fn host(services: Vec<ServicePlan>) -> HostPlan {
         elevation: Elevation::None,
         profile: "default".into(),
         services,
+        local: false,
     }
 }
 
