@@ -185,8 +185,9 @@ enum Resolved {
 /// The returned tempdir holds the GC root: keep it alive while packing.
 fn resolve(src: &Source, ui: &Ui) -> Result<(Resolved, PathBuf, tempfile::TempDir), Error> {
     let inst = &src.installable;
+    // No `nix --version` first: a missing Nix fails the evaluation with the
+    // same error, one process sooner.
     let nix = src.nix();
-    nix.version()?;
     ui.status("Evaluating", inst);
     let described = nix.describe(inst)?;
     if let Some(packer) = described
@@ -205,18 +206,24 @@ fn resolve(src: &Source, ui: &Ui) -> Result<(Resolved, PathBuf, tempfile::TempDi
         .map_err(|e| Error::io("creating a temporary directory", e))?;
     let link = gcroot.path().join("result");
     ui.status("Building", inst);
-    let out = match &described.spec {
+    let (out, closure) = match &described.spec {
+        // A spec is a JSON file, never an image: its closure comes with
+        // its build.
         Some(spec) => {
-            nix.realise(spec, &inst.to_string(), &link)?;
-            spec.out.clone()
+            let closure = nix.realise(spec, &inst.to_string(), &link)?;
+            ui.verbose(format!("built {}", spec.out.display()));
+            (spec.out.clone(), closure)
         }
-        None => nix.build(inst, &link)?,
+        None => {
+            let out = nix.build(inst, &link)?;
+            ui.verbose(format!("built {}", out.display()));
+            if let Some(image) = prebuilt_image(&out) {
+                return Ok((Resolved::Image(image), out, gcroot));
+            }
+            let closure = nix.closure(&out)?;
+            (out, closure)
+        }
     };
-    ui.verbose(format!("built {}", out.display()));
-    if let Some(image) = prebuilt_image(&out) {
-        return Ok((Resolved::Image(image), out, gcroot));
-    }
-    let closure = nix.closure(&out)?;
     let resolved = if out.is_file() {
         let (spec, hints) = from_nix::from_spec_file(&out, closure, &src.naming)?;
         Resolved::Spec(spec, hints)

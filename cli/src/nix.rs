@@ -245,15 +245,23 @@ impl Nix {
         parse_build_json(&out.stdout)
     }
 
-    /// Builds a derivation evaluation has written (`nix-store --realise`,
-    /// unchanged since before 2.8, unlike what `nix build` makes of a
-    /// `.drv` path) and keeps its output alive with the GC root `out_link`.
-    pub fn realise(&self, drv: &SpecDrv, what: &str, out_link: &Path) -> Result<(), NixError> {
+    /// Builds a derivation evaluation has written, keeps its output alive
+    /// with the GC root `out_link`, and returns the output's runtime
+    /// closure, sorted: one `nix-store --query --requisites --use-output
+    /// --force-realise --add-root` (unchanged since before 2.8, unlike what
+    /// `nix build` makes of a `.drv` path), where a realise and a query
+    /// were two processes.
+    pub fn realise(
+        &self,
+        drv: &SpecDrv,
+        what: &str,
+        out_link: &Path,
+    ) -> Result<Vec<PathBuf>, NixError> {
         let mut c = Command::new(self.nix_store_bin());
-        c.arg("--realise")
-            .arg(&drv.drv)
+        c.args(["--query", "--requisites", "--use-output", "--force-realise"])
             .arg("--add-root")
             .arg(out_link)
+            .arg(&drv.drv)
             .stdin(Stdio::null());
         let out = c.output().map_err(|source| NixError::NotInstalled {
             bin: self.nix_store_bin().display().to_string(),
@@ -265,7 +273,7 @@ impl Nix {
                 nix_says: nix_message(&out.stderr),
             });
         }
-        Ok(())
+        Ok(store_paths(&out.stdout))
     }
 
     /// The runtime closure of `path`, sorted. `nix-store -qR` prints one path
@@ -284,15 +292,7 @@ impl Nix {
                 nix_says: nix_message(&out.stderr),
             });
         }
-        let mut paths: Vec<PathBuf> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(PathBuf::from)
-            .collect();
-        paths.sort();
-        paths.dedup();
-        Ok(paths)
+        Ok(store_paths(&out.stdout))
     }
 
     /// `nix-store` beside the chosen `nix`, so `--nix /opt/nix/bin/nix` uses
@@ -309,6 +309,19 @@ impl Nix {
 }
 
 /// Maps a failed evaluation to the most specific error we can tell apart.
+/// `nix-store`'s one path a line, sorted and deduplicated.
+fn store_paths(stdout: &[u8]) -> Vec<PathBuf> {
+    let mut paths: Vec<PathBuf> = String::from_utf8_lossy(stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
 fn eval_error(inst: &Installable, stderr: &[u8]) -> NixError {
     let nix_says = nix_message(stderr);
     if names_missing_installable(&nix_says) {

@@ -130,7 +130,6 @@ mv -f /etc/systemd/system/attache-revert.service.tmp /etc/systemd/system/attache
 ln -sf /etc/systemd/system/attache-revert.service /etc/systemd/system/multi-user.target.wants/attache-revert.service
 mv -f $d/revert.sh.tmp $d/revert.sh
 sync
-systemctl stop attache-revert-now.timer 2>/dev/null || true
 {timer}"#,
             body = revert_body(reverts),
             timer = start_timer(after),
@@ -205,10 +204,18 @@ pub fn postpone(after: Duration) -> Script {
     )
 }
 
-/// The transient timer that runs the revert after `after`.
+/// The transient timer that runs the revert after `after`, in place of one
+/// an earlier deploy left loaded (stopped, its failure forgotten, so the
+/// name is free). systemd keeps a loaded transient unit's file under
+/// /run/systemd/transient; when neither file is there, the two `systemctl`
+/// calls (0.3–0.4 s on a slow host) are skipped. Were a unit loaded all
+/// the same, `systemd-run` would refuse the name and the arming would fail
+/// before any image changes.
 fn start_timer(after: Duration) -> String {
     format!(
-        "systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true; \
+        "if [ -e /run/systemd/transient/attache-revert-now.timer ] || [ -e /run/systemd/transient/attache-revert-now.service ]; then \
+         systemctl stop attache-revert-now.timer 2>/dev/null || true; \
+         systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true; fi; \
          systemd-run --quiet --unit=attache-revert-now --on-active={} --timer-property=AccuracySec=1s /bin/sh {STATE_DIR}/run-revert",
         after.as_secs().max(1)
     )

@@ -608,3 +608,31 @@ fn the_settle_time_counts_from_the_sample() {
     assert_eq!(parse_uptime("@uptime=1058.34\n@unit=a"), Some(105_834));
     assert_eq!(parse_uptime("@unit=a"), None);
 }
+
+/// One `systemctl show` for every unit: its blocks, a blank line between
+/// two, are named in the order the units were given; a failing `systemctl`
+/// fails the script; no unit, no `systemctl` (it would show the manager).
+#[test]
+fn one_show_names_each_block_by_order() {
+    let run = |fake: &str, units: &[&str]| {
+        let units: Vec<String> = units.iter().map(|u| (*u).to_owned()).collect();
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("systemctl() {{ {fake}; }}\n{}", show(&units).text))
+            .output()
+            .unwrap()
+    };
+    let out = run(
+        r"printf 'ActiveState=active\nRootImage=/x.raw\n\nActiveState=inactive\n\nActiveState=failed\nResult=exit-code\n'",
+        &["a.service", "b b.timer", "c.socket"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let s = parse_show(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(s.len(), 3, "{s:?}");
+    assert_eq!(s["a.service"].root_image, "/x.raw");
+    assert_eq!(s["b b.timer"].active, "inactive");
+    assert_eq!(s["c.socket"].result, "exit-code");
+    assert!(!run("return 4", &["a.service"]).status.success());
+    let out = run("echo called", &[]);
+    assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+}
