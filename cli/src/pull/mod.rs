@@ -126,6 +126,9 @@ pub enum PullOutcome {
     Refused,
     /// The publish server could not be reached: nothing changed.
     Unreachable,
+    /// Another attache held the host's lock: nothing changed, the next run
+    /// tries again.
+    Busy,
     /// Failed, and the host may not be where it was.
     Failed,
 }
@@ -138,6 +141,7 @@ impl PullOutcome {
             PullOutcome::RolledBack => "rolled-back",
             PullOutcome::Refused => "refused",
             PullOutcome::Unreachable => "unreachable",
+            PullOutcome::Busy => "busy",
             PullOutcome::Failed => "failed",
         }
     }
@@ -148,9 +152,10 @@ impl PullOutcome {
         match self {
             PullOutcome::Switched | PullOutcome::Unchanged => ExitCode::Ok,
             PullOutcome::Unreachable => ExitCode::Environment,
-            PullOutcome::RolledBack | PullOutcome::Refused | PullOutcome::Failed => {
-                ExitCode::DeployFailed
-            }
+            PullOutcome::RolledBack
+            | PullOutcome::Refused
+            | PullOutcome::Failed
+            | PullOutcome::Busy => ExitCode::DeployFailed,
         }
     }
 }
