@@ -20,7 +20,8 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::{
-    AttachedImage, Config, Last, PullOutcome, State, ALLOWED_SIGNERS, PULL_DIR, SIGNER, STATE,
+    AttachedImage, Config, Last, PullOutcome, State, AGENT_LOCK, ALLOWED_SIGNERS, PULL_DIR, SIGNER,
+    STATE,
 };
 use crate::deploy::{
     self, Event, Events, HostPlan, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
@@ -41,6 +42,21 @@ pub fn run(config: &Path) -> Result<Last, Error> {
             config.display()
         ))
     })?;
+    // Two runs at once (the timer's and one started by hand) would clear
+    // each other's downloads, and one could rename the other's half-written
+    // download into place; the flock goes with this process.
+    let _running = match lock_agent(Path::new(AGENT_LOCK)) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            return Ok(Last {
+                at: now(),
+                outcome: PullOutcome::Busy,
+                why: "another attache agent is running on this host: this run did nothing, that one writes the state".into(),
+                services: BTreeMap::new(),
+            })
+        }
+        Err(e) => return Err(Error::io(format!("locking {AGENT_LOCK}"), e)),
+    };
     let state_path = Path::new(STATE);
     let mut state: State = std::fs::read(state_path)
         .ok()
@@ -515,6 +531,23 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Holds `path`'s flock, or `None` when another process holds it.
+fn lock_agent(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Written beside and renamed: a reader never sees half a file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -610,6 +643,20 @@ mod tests {
         });
         assert!(!the_hosts_fault(&garbage));
         assert!(!the_hosts_fault(&Error::Refused(vec!["no units".into()])));
+    }
+
+    #[test]
+    fn one_agent_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pull/agent.lock");
+        let first = lock_agent(&path).unwrap();
+        assert!(first.is_some());
+        assert!(
+            lock_agent(&path).unwrap().is_none(),
+            "a second run waits its turn"
+        );
+        drop(first);
+        assert!(lock_agent(&path).unwrap().is_some());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod setup;
 pub const PULL_DIR: &str = "/var/lib/attache/pull";
 pub const CONFIG: &str = "/var/lib/attache/pull/config.json";
 pub const STATE: &str = "/var/lib/attache/pull/state.json";
+/// Held by a running agent: one run at a time.
+pub const AGENT_LOCK: &str = "/var/lib/attache/pull/agent.lock";
 pub const ALLOWED_SIGNERS: &str = "/var/lib/attache/pull/allowed_signers";
 pub const AGENT: &str = "/var/lib/attache/agent/attache";
 pub const SERVICE_UNIT: &str = "attache-pull.service";
