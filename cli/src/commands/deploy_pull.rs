@@ -252,7 +252,7 @@ async fn stage_settings(
             continue;
         };
         let units: Vec<String> = img.units.iter().map(|u| u.name.clone()).collect();
-        let settings = match ServiceSettings::load(
+        let mut settings = match ServiceSettings::load(
             &s.name,
             &units,
             h.settings.get(&s.name),
@@ -266,6 +266,8 @@ async fn stage_settings(
                 return;
             }
         };
+        // The agent may switch between reading its state and the lock.
+        settings.image_as_is = true;
         services.push(ServicePlan {
             name: s.name.clone(),
             version: img.version.clone(),
