@@ -109,9 +109,21 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     };
     if plans.is_empty() {
         // Only pull hosts (set up above), or their setup failed.
-        return pulled.unwrap_or_else(|| Err(Error::Usage("no hosts selected".into())));
+        return match pulled {
+            Some((p, true)) => p.result,
+            // The push hosts were not deployed: a pull host's setup failed.
+            Some((p, false)) => {
+                let json = json!({ "ok": false, "dry_run": args.dry_run, "hosts": p.hosts });
+                ui.result(&json, "");
+                p.result
+            }
+            None => Err(Error::Usage("no hosts selected".into())),
+        };
     }
-    let pulled_error = pulled.and_then(Result::err);
+    let (pulled_error, pulled_hosts) = match pulled {
+        Some((p, _)) => (p.result.err(), p.hosts),
+        None => (None, Vec::new()),
+    };
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -193,7 +205,14 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
     } else {
         None
     };
-    let result = report(ui, &reports, args.dry_run, diffs.as_deref());
+    let result = report(
+        ui,
+        &reports,
+        &pulled_hosts,
+        pulled_error.is_none(),
+        args.dry_run,
+        diffs.as_deref(),
+    );
     let result = result.and(pulled_error.map_or(Ok(()), Err));
     if result.is_err() {
         for hint in logs_hints(&reports, started, args) {
@@ -212,7 +231,7 @@ fn plan_hosts(
     ui: &Ui,
     stop: &Interrupt,
     early: &Early,
-    pulled: &mut Option<Result<(), Error>>,
+    pulled: &mut Option<(super::deploy_pull::Pulled, bool)>,
 ) -> Result<Vec<HostPlan>, Error> {
     if let Some(to) = &args.to {
         let dest = Destination::parse(to).map_err(|e| Error::Usage(e.to_string()))?;
@@ -250,9 +269,10 @@ fn plan_hosts(
     let (pull, mut hosts): (Vec<Host>, Vec<Host>) =
         hosts.into_iter().partition(|h| h.pull.is_some());
     if !pull.is_empty() {
-        let result = super::deploy_pull::run(pull, args, ui, early.rt, stop, hosts.is_empty());
-        let failed = result.is_err() && !args.keep_going;
-        *pulled = Some(result);
+        let alone = hosts.is_empty();
+        let result = super::deploy_pull::run(pull, args, ui, early.rt, stop, alone);
+        let failed = result.result.is_err() && !args.keep_going;
+        *pulled = Some((result, alone));
         if hosts.is_empty() || failed {
             return Ok(Vec::new());
         }
@@ -469,14 +489,20 @@ fn good(o: Outcome) -> bool {
 /// The summary table is the result (stdout); why hosts failed goes to
 /// stderr, where the closing error line can point at it, so that
 /// `attache deploy > report.txt` still shows the user why.
+/// `pulled`: the pull hosts' `hosts[]` entries (set up before, their
+/// error returned apart), `pulled_ok` when each ended well.
 fn report(
     ui: &Ui,
     reports: &[HostReport],
+    pulled: &[serde_json::Value],
+    pulled_ok: bool,
     dry_run: bool,
     diffs: Option<&[diff::HostDiff]>,
 ) -> Result<(), Error> {
     let ok = reports.iter().all(|r| good(r.outcome));
-    let mut json = json!({ "ok": ok, "dry_run": dry_run, "hosts": reports });
+    let mut hosts: Vec<serde_json::Value> = reports.iter().map(|r| json!(r)).collect();
+    hosts.extend(pulled.iter().cloned());
+    let mut json = json!({ "ok": ok && pulled_ok, "dry_run": dry_run, "hosts": hosts });
     let mut human = ui::deploy_summary(reports, dry_run);
     if let Some(d) = diffs {
         json["diff"] = json!(d);
@@ -531,7 +557,7 @@ mod tests {
         bad.outcome = Outcome::RolledBack;
         bad.error = Some("demo.service did not start".into());
         let reports = [ok, bad, HostReport::skipped("late", "a canary host failed")];
-        let e = report(&ui, &reports, false, None).unwrap_err();
+        let e = report(&ui, &reports, &[], true, false, None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "2 of 3 hosts did not end healthy on the new version: db (rolled-back), late (skipped: a canary host failed) (details above)"
@@ -544,7 +570,7 @@ mod tests {
         // main writes the closing sentence after these: "above" is true.
         assert_eq!(err.text(), "error: db: demo.service did not start\n");
 
-        report(&ui, &reports[..1], false, None).unwrap();
+        report(&ui, &reports[..1], &[], true, false, None).unwrap();
     }
 
     /// The case: an unreachable host, stdout sent to a file, and
@@ -557,7 +583,7 @@ mod tests {
         });
         let mut r = HostReport::new("nxdomain");
         r.error = Some("nxdomain: ssh: Could not resolve hostname nxdomain".into());
-        let e = report(&ui, &[r], false, None).unwrap_err();
+        let e = report(&ui, &[r], &[], true, false, None).unwrap_err();
         assert_eq!(
             err.text(),
             "error: nxdomain: ssh: Could not resolve hostname nxdomain\n"
@@ -568,6 +594,25 @@ mod tests {
             json["hosts"][0]["error"],
             "nxdomain: ssh: Could not resolve hostname nxdomain"
         );
+    }
+
+    /// Push and pull hosts in one deploy: `hosts[]` lists both, and `ok`
+    /// says whether all ended well.
+    #[test]
+    fn json_lists_the_pull_hosts_beside_the_push_hosts() {
+        let (ui, out, _) = capture::ui(crate::ui::Settings {
+            json: true,
+            ..settings(Verbosity::Quiet)
+        });
+        let mut push = HostReport::new("web1");
+        push.outcome = Outcome::Healthy;
+        let pulled = [json!({"host": "p1", "pull": true, "ok": false, "error": "x"})];
+        report(&ui, &[push], &pulled, false, false, None).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&out.text()).unwrap();
+        assert_eq!(json["ok"], false);
+        assert_eq!(json["hosts"][0]["host"], "web1");
+        assert_eq!(json["hosts"][1]["host"], "p1");
+        assert_eq!(json["hosts"][1]["pull"], true);
     }
 
     /// A failed service's logs, from the deploy's start, on the host the
@@ -615,6 +660,8 @@ mod tests {
         let e = report(
             &ui,
             &[HostReport::skipped("late", "a canary host failed")],
+            &[],
+            true,
             false,
             None,
         )

@@ -32,6 +32,13 @@ struct PullReport {
     exit: u8,
 }
 
+/// What setting the pull hosts up ended with, for a deploy that also
+/// pushes: its error, and a `hosts[]` entry per pull host for `--json`.
+pub struct Pulled {
+    pub result: Result<(), Error>,
+    pub hosts: Vec<serde_json::Value>,
+}
+
 /// Sets up every pull host in `pull`; `alone` when no push host is in this
 /// deploy, so the pull hosts' report is the result.
 pub fn run(
@@ -41,7 +48,35 @@ pub fn run(
     rt: &tokio::runtime::Runtime,
     stop: &Interrupt,
     alone: bool,
-) -> Result<(), Error> {
+) -> Pulled {
+    match set_up_all(pull, args, ui, rt, stop, alone) {
+        Ok((result, reports)) => Pulled {
+            result,
+            hosts: reports.iter().map(host_entry).collect(),
+        },
+        Err(e) => Pulled {
+            result: Err(e),
+            hosts: Vec::new(),
+        },
+    }
+}
+
+/// A pull host in a deploy's `hosts[]`, beside the push hosts' reports.
+fn host_entry(r: &PullReport) -> serde_json::Value {
+    let mut v = json!(r);
+    v["pull"] = json!(true);
+    v["ok"] = json!(r.exit == 0);
+    v
+}
+
+fn set_up_all(
+    pull: Vec<Host>,
+    args: &DeployArgs,
+    ui: &Ui,
+    rt: &tokio::runtime::Runtime,
+    stop: &Interrupt,
+    alone: bool,
+) -> Result<(Result<(), Error>, Vec<PullReport>), Error> {
     let agent = setup::agent_executable().map_err(Error::Usage)?;
     let ssh = ssh_options(&args.fleet.ssh);
     let transaction = Arc::new(Settings {
@@ -183,11 +218,12 @@ pub fn run(
         reports.len(),
         failed.join(", ")
     );
-    match worst {
+    let result = match worst {
         0 => Ok(()),
         2 => Err(Error::Remote(summary)),
         _ => Err(Error::Deploy { summary }),
-    }
+    };
+    Ok((result, reports))
 }
 
 /// Stages the host's settings and secrets exactly as a push deploy does
@@ -216,7 +252,7 @@ async fn stage_settings(
             continue;
         };
         let units: Vec<String> = img.units.iter().map(|u| u.name.clone()).collect();
-        let settings = match ServiceSettings::load(
+        let mut settings = match ServiceSettings::load(
             &s.name,
             &units,
             h.settings.get(&s.name),
@@ -230,6 +266,8 @@ async fn stage_settings(
                 return;
             }
         };
+        // The agent may switch between reading its state and the lock.
+        settings.image_as_is = true;
         services.push(ServicePlan {
             name: s.name.clone(),
             version: img.version.clone(),
@@ -275,4 +313,30 @@ struct Quiet;
 
 impl Events for Quiet {
     fn emit(&self, _host: &str, _event: Event<'_>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pull_host_in_hosts_says_it_is_one() {
+        let r = PullReport {
+            host: "p1".into(),
+            setup: Some(setup::Changes {
+                agent: true,
+                ..Default::default()
+            }),
+            now: None,
+            settings: Vec::new(),
+            error: None,
+            exit: 0,
+        };
+        let v = host_entry(&r);
+        assert_eq!(v["host"], "p1");
+        assert_eq!(v["pull"], true);
+        assert_eq!(v["ok"], true);
+        assert_eq!(v["setup"]["agent"], true);
+        assert!(v.get("exit").is_none(), "{v}");
+    }
 }

@@ -54,6 +54,15 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The image this cause blames: one that failed to activate or its
+    /// health check.
+    pub fn image(&self) -> Option<&str> {
+        match self {
+            Cause::Unhealthy { image, .. } | Cause::Portablectl { image, .. } => Some(image),
+            _ => None,
+        }
+    }
+
     pub fn at(self, host: &str, stage: Stage) -> HostError {
         HostError {
             host: host.to_owned(),

@@ -246,6 +246,7 @@ pub async fn deploy_host<E: Events>(
             if matches!(e.cause, Cause::Interrupted { .. }) || (early && stop.asked()) {
                 r.outcome = Outcome::Interrupted;
             }
+            r.busy = matches!(e.cause, Cause::Locked { .. });
             r.error = Some(e.to_string());
         }
     }
@@ -419,6 +420,7 @@ impl<E: Events> Run<'_, E> {
             Some((e, _)) if changes.is_empty() || !self.settings.rollback => Err(e),
             Some((e, _)) => {
                 r.error = Some(e.to_string());
+                r.culprit = e.cause.image().map(|i| basename(i).to_owned());
                 test_pause("before-rollback").await;
                 let t = self.stage(Stage::Rollback);
                 let mut back = Ok(());

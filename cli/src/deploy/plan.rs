@@ -97,6 +97,8 @@ pub enum PlanError {
     NoSpace { free_mb: u64, need_mb: u64 },
     #[error("{service}'s check {url} needs curl on the host, which has none (attache checks plain HTTP without it, never HTTPS); nothing was changed. Install curl on the host, or check an http:// URL")]
     HttpsWithoutCurl { service: String, url: String },
+    #[error("{0}'s image on this pull host is not the one its agent recorded (it switched since); nothing was changed. Run the deploy again")]
+    PullSwitched(String),
     #[error("{}", .0)]
     Collision(Box<Collision>),
     #[error("this host cannot encrypt credentials ({why}), and {services} would get secrets; nothing was changed. Install systemd 250 or newer with systemd-creds, or set `unencryptedSecrets = true;` for this host in the inventory to hand them over as plain files only root can read")]
@@ -214,6 +216,9 @@ fn plan_service(
         Some(img) if img == target && !upload => Action::Unchanged,
         Some(_) => Action::Reattach,
     };
+    if svc.settings.image_as_is && matches!(action, Action::Attach | Action::Reattach) {
+        return Err(PlanError::PullSwitched(svc.name.clone()));
+    }
     let mut step = Step {
         service: index,
         target: target.clone(),

@@ -119,6 +119,13 @@ pub struct HostReport {
     pub services: Vec<ServiceReport>,
     pub error: Option<String>,
     pub rollback_error: Option<String>,
+    /// Another attache held the host's lock: nothing was done.
+    #[serde(skip)]
+    pub busy: bool,
+    /// The image whose activation or health check made the deploy roll
+    /// back, when one did (a pull host remembers that version as failed).
+    #[serde(skip)]
+    pub culprit: Option<String>,
 }
 
 impl HostReport {
@@ -133,6 +140,8 @@ impl HostReport {
             services: Vec::new(),
             error: None,
             rollback_error: None,
+            busy: false,
+            culprit: None,
         }
     }
 

@@ -59,6 +59,9 @@ pub struct ServiceSettings {
     /// Leave the host's settings and secrets as they are: a pull host's
     /// agent switches images only, settings stay push-only.
     pub as_is: bool,
+    /// Only the settings may change: the image must be the one attached
+    /// (a pull host's, which its agent switches; a push never does).
+    pub image_as_is: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

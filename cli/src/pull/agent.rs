@@ -20,13 +20,14 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 
 use super::{
-    AttachedImage, Config, Last, PullOutcome, State, ALLOWED_SIGNERS, PULL_DIR, SIGNER, STATE,
+    AttachedImage, Config, Last, PullOutcome, State, AGENT_LOCK, ALLOWED_SIGNERS, PULL_DIR, SIGNER,
+    STATE,
 };
 use crate::deploy::{
     self, Event, Events, HostPlan, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
 };
 use crate::error::Error;
-use crate::names::{ImageFile, PORTABLES};
+use crate::names::{basename, ImageFile, PORTABLES};
 use crate::publish::{index, version};
 use crate::remote::{Destination, Elevation, SshOptions};
 
@@ -41,6 +42,21 @@ pub fn run(config: &Path) -> Result<Last, Error> {
             config.display()
         ))
     })?;
+    // Two runs at once (the timer's and one started by hand) would clear
+    // each other's downloads, and one could rename the other's half-written
+    // download into place; the flock goes with this process.
+    let _running = match lock_agent(Path::new(AGENT_LOCK)) {
+        Ok(Some(lock)) => lock,
+        Ok(None) => {
+            return Ok(Last {
+                at: now(),
+                outcome: PullOutcome::Busy,
+                why: "another attache agent is running on this host: this run did nothing, that one writes the state".into(),
+                services: BTreeMap::new(),
+            })
+        }
+        Err(e) => return Err(Error::io(format!("locking {AGENT_LOCK}"), e)),
+    };
     let state_path = Path::new(STATE);
     let mut state: State = std::fs::read(state_path)
         .ok()
@@ -130,6 +146,12 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
             .fetched
             .insert(svc.name.clone(), file.version().to_owned());
         let b = crate::build::prebuilt(&dest).map_err(|e| {
+            if the_hosts_fault(&e) {
+                return (
+                    PullOutcome::Failed,
+                    format!("{e}; the next run tries again"),
+                );
+            }
             state
                 .failed
                 .insert(svc.name.clone(), file.version().to_owned());
@@ -172,8 +194,27 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
         })
         .collect();
     let report = switch(cfg, plans)?;
+    Ok(record(&report, trying, &described, state))
+}
 
+/// What the switch's report means for the state: a version is remembered
+/// as failed only when its own activation or checks failed, never when the
+/// host was busy or something else broke.
+fn record(
+    report: &deploy::HostReport,
+    trying: BTreeMap<String, String>,
+    described: &BTreeMap<String, AttachedImage>,
+    state: &mut State,
+) -> Last {
     let at = now();
+    if report.busy {
+        return Last {
+            at,
+            outcome: PullOutcome::Busy,
+            why: "another attache (a push deploy) held this host's lock: nothing changed, the next run tries again".into(),
+            services: trying,
+        };
+    }
     let mut switched = Vec::new();
     let outcome = match report.outcome {
         Outcome::Healthy => {
@@ -200,7 +241,8 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
                 .iter()
                 .filter(|s| s.outcome == Outcome::RolledBack)
             {
-                if let Some(v) = trying.get(&sr.name) {
+                let blamed = report.culprit.as_deref() == Some(basename(&sr.image));
+                if let (true, Some(v)) = (blamed, trying.get(&sr.name)) {
                     state.failed.insert(sr.name.clone(), v.clone());
                 }
                 match sr.previous.as_deref().and_then(ImageFile::parse) {
@@ -233,12 +275,28 @@ fn pull(cfg: &Config, state: &mut State) -> Result<Last, Refusal> {
             })
             .unwrap_or_else(|| format!("the switch ended {}", report.outcome)),
     };
-    Ok(Last {
+    Last {
         at,
         outcome,
         why,
         services: trying,
-    })
+    }
+}
+
+/// An image that cannot be read for the host's reasons (disk, permissions)
+/// is not a bad version: it is tried again.
+fn the_hosts_fault(e: &Error) -> bool {
+    use crate::image::ImageError;
+    use std::io::ErrorKind;
+    let source = match e {
+        Error::Io { source, .. } => source,
+        Error::Image(ImageError::Read { source, .. }) => source,
+        _ => return false,
+    };
+    !matches!(
+        source.kind(),
+        ErrorKind::InvalidData | ErrorKind::UnexpectedEof
+    )
 }
 
 /// `service`'s newest published entry, and the one to run: the newest
@@ -473,6 +531,23 @@ fn sha256_of(path: &Path) -> std::io::Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Holds `path`'s flock, or `None` when another process holds it.
+fn lock_agent(path: &Path) -> std::io::Result<Option<std::fs::File>> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    match f.try_lock() {
+        Ok(()) => Ok(Some(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 /// Written beside and renamed: a reader never sees half a file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
@@ -494,6 +569,95 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn service(name: &str, image: &str, outcome: Outcome) -> deploy::ServiceReport {
+        deploy::ServiceReport {
+            name: name.into(),
+            image: format!("/var/lib/portables/{image}"),
+            sha256: String::new(),
+            upload: false,
+            action: crate::deploy::Action::Reattach,
+            previous: Some(format!("/var/lib/portables/{name}_1.0.raw")),
+            settings: Vec::new(),
+            outcome,
+            transfer: Default::default(),
+        }
+    }
+
+    fn trying() -> BTreeMap<String, String> {
+        [("demo", "2.0"), ("shop", "5.0")]
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn only_the_version_whose_checks_failed_is_remembered_as_failed() {
+        let mut r = deploy::HostReport::new("p1");
+        r.outcome = Outcome::RolledBack;
+        r.services = vec![
+            service("demo", "demo_2.0.raw", Outcome::RolledBack),
+            service("shop", "shop_5.0.raw", Outcome::RolledBack),
+        ];
+        r.culprit = Some("shop_5.0.raw".into());
+        let mut state = State::default();
+        let last = record(&r, trying(), &BTreeMap::new(), &mut state);
+        assert_eq!(last.outcome, PullOutcome::RolledBack);
+        assert_eq!(state.failed.get("shop").map(String::as_str), Some("5.0"));
+        assert_eq!(state.failed.get("demo"), None, "demo 2.0 did nothing wrong");
+        assert_eq!(state.attached.get("demo").map(String::as_str), Some("1.0"));
+
+        // Rolled back for a reason no image is to blame for: retried.
+        r.culprit = None;
+        let mut state = State::default();
+        record(&r, trying(), &BTreeMap::new(), &mut state);
+        assert!(state.failed.is_empty());
+    }
+
+    #[test]
+    fn a_busy_host_is_busy_not_failed() {
+        let mut r = deploy::HostReport::new("p1");
+        r.busy = true;
+        r.error = Some("p1: another attache is deploying to this host".into());
+        let mut state = State::default();
+        let last = record(&r, trying(), &BTreeMap::new(), &mut state);
+        assert_eq!(last.outcome, PullOutcome::Busy);
+        assert!(last.why.contains("next run tries again"), "{}", last.why);
+        assert!(state.failed.is_empty() && state.attached.is_empty());
+
+        // Any other failure of the switch marks nothing failed either.
+        r.busy = false;
+        let last = record(&r, trying(), &BTreeMap::new(), &mut state);
+        assert_eq!(last.outcome, PullOutcome::Failed);
+        assert!(state.failed.is_empty());
+    }
+
+    #[test]
+    fn an_image_the_host_cannot_read_is_not_a_bad_version() {
+        let io = |k| std::io::Error::new(k, "x");
+        let disk = Error::io("reading demo_2.0.raw", io(std::io::ErrorKind::StorageFull));
+        assert!(the_hosts_fault(&disk));
+        let garbage = Error::Image(crate::image::ImageError::Read {
+            path: "demo_2.0.raw".into(),
+            source: io(std::io::ErrorKind::InvalidData),
+        });
+        assert!(!the_hosts_fault(&garbage));
+        assert!(!the_hosts_fault(&Error::Refused(vec!["no units".into()])));
+    }
+
+    #[test]
+    fn one_agent_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pull/agent.lock");
+        let first = lock_agent(&path).unwrap();
+        assert!(first.is_some());
+        assert!(
+            lock_agent(&path).unwrap().is_none(),
+            "a second run waits its turn"
+        );
+        drop(first);
+        assert!(lock_agent(&path).unwrap().is_some());
+    }
 
     #[test]
     fn the_newest_version_not_known_to_fail() {

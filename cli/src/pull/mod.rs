@@ -21,6 +21,8 @@ pub mod setup;
 pub const PULL_DIR: &str = "/var/lib/attache/pull";
 pub const CONFIG: &str = "/var/lib/attache/pull/config.json";
 pub const STATE: &str = "/var/lib/attache/pull/state.json";
+/// Held by a running agent: one run at a time.
+pub const AGENT_LOCK: &str = "/var/lib/attache/pull/agent.lock";
 pub const ALLOWED_SIGNERS: &str = "/var/lib/attache/pull/allowed_signers";
 pub const AGENT: &str = "/var/lib/attache/agent/attache";
 pub const SERVICE_UNIT: &str = "attache-pull.service";
@@ -126,6 +128,9 @@ pub enum PullOutcome {
     Refused,
     /// The publish server could not be reached: nothing changed.
     Unreachable,
+    /// Another attache held the host's lock: nothing changed, the next run
+    /// tries again.
+    Busy,
     /// Failed, and the host may not be where it was.
     Failed,
 }
@@ -138,6 +143,7 @@ impl PullOutcome {
             PullOutcome::RolledBack => "rolled-back",
             PullOutcome::Refused => "refused",
             PullOutcome::Unreachable => "unreachable",
+            PullOutcome::Busy => "busy",
             PullOutcome::Failed => "failed",
         }
     }
@@ -148,9 +154,10 @@ impl PullOutcome {
         match self {
             PullOutcome::Switched | PullOutcome::Unchanged => ExitCode::Ok,
             PullOutcome::Unreachable => ExitCode::Environment,
-            PullOutcome::RolledBack | PullOutcome::Refused | PullOutcome::Failed => {
-                ExitCode::DeployFailed
-            }
+            PullOutcome::RolledBack
+            | PullOutcome::Refused
+            | PullOutcome::Failed
+            | PullOutcome::Busy => ExitCode::DeployFailed,
         }
     }
 }

@@ -201,13 +201,24 @@ fn enable(reload: bool) -> String {
     s + &format!("systemctl enable --now {TIMER_UNIT}\n")
 }
 
-/// One pull now (the oneshot returns when the agent is done), then the
-/// state it wrote; a failed unit is said on stderr.
+/// The host's clock, then one pull now (the oneshot returns when the
+/// agent is done), then the state it wrote; a failed unit is said on
+/// stderr.
 fn start_now() -> String {
     format!(
-        "systemctl start {SERVICE_UNIT} >&2 || echo 'attache-pull.service failed; see journalctl -u attache-pull.service' >&2; cat {}",
+        "date +%s; systemctl start {SERVICE_UNIT} >&2 || echo 'attache-pull.service failed; see journalctl -u attache-pull.service' >&2; cat {}",
         q(STATE)
     )
+}
+
+/// [`start_now`]'s output: the state, when the run it started wrote it. An
+/// agent that died before writing leaves an earlier run's state, whose
+/// outcome is not this run's.
+fn parse_now(stdout: &str) -> Option<State> {
+    let (clock, state) = stdout.split_once('\n')?;
+    let started: u64 = clock.trim().parse().ok()?;
+    let st: State = serde_json::from_str(state).ok()?;
+    (st.checked_at >= started).then_some(st)
 }
 
 fn read_state_script() -> String {
@@ -317,9 +328,9 @@ pub async fn pull_now(remote: &Remote) -> Result<State, String> {
         .run(&start_now(), "running the pull agent")
         .await
         .map_err(|e| e.to_string())?;
-    serde_json::from_str(&out.stdout).map_err(|_| {
+    parse_now(&out.stdout).ok_or_else(|| {
         format!(
-            "the agent wrote no state ({}); see journalctl -u {SERVICE_UNIT} on the host",
+            "the agent did not record this run ({}); see journalctl -u {SERVICE_UNIT} on the host",
             out.tail()
         )
     })
@@ -342,6 +353,32 @@ pub async fn read_state(remote: &Remote) -> Result<Option<State>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn now_reports_only_the_run_it_started() {
+        let state = |checked_at: u64| {
+            serde_json::to_string(&State {
+                checked_at,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            parse_now(&format!("100\n{}", state(101))).map(|s| s.checked_at),
+            Some(101)
+        );
+        assert_eq!(
+            parse_now(&format!("100\n{}", state(100))).map(|s| s.checked_at),
+            Some(100)
+        );
+        assert_eq!(
+            parse_now(&format!("100\n{}", state(42))),
+            None,
+            "an earlier run's"
+        );
+        assert_eq!(parse_now("100\n"), None, "no state");
+        assert_eq!(parse_now(""), None);
+    }
 
     #[test]
     fn timer_spread_is_a_tenth() {

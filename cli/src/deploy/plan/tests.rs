@@ -438,3 +438,25 @@ fn secrets_need_a_host_that_encrypts_unless_asked() {
     assert!(!c.encrypted);
     assert!(c.dropins["demo.service"].contains("\nLoadCredential=db:"));
 }
+
+#[test]
+fn a_pull_hosts_settings_never_switch_its_image() {
+    let mut demo = svc("demo", "1.0", "a", &["demo.service"]);
+    demo.settings.image_as_is = true;
+    let f = facts(&format!(
+        "attached\tdemo.service\t{P}/demo_2.0.raw\nsha256\t{}  {P}/demo_1.0.raw\n",
+        "a".repeat(64)
+    ));
+    assert_eq!(
+        plan(&f, &host(vec![demo.clone()])).unwrap_err(),
+        PlanError::PullSwitched("demo".into())
+    );
+    let same = facts(&format!(
+        "attached\tdemo.service\t{P}/demo_1.0.raw\nsha256\t{}  {P}/demo_1.0.raw\n",
+        "a".repeat(64)
+    ));
+    assert_eq!(
+        plan(&same, &host(vec![demo])).unwrap().steps[0].action,
+        Action::Unchanged
+    );
+}
