@@ -82,14 +82,7 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         let _in_runtime = rt.enter();
         Interrupt::listen().map_err(|e| Error::io("listening for Ctrl-C", e))?
     };
-    let settings = Arc::new(Settings {
-        ssh: ssh_options(&args.fleet.ssh),
-        rollback: !args.no_rollback,
-        dry_run: args.dry_run,
-        keep: args.keep.max(1),
-        settle: Duration::from_secs(args.settle),
-        rollback_after: Duration::from_secs(args.rollback_after),
-    });
+    let settings = Arc::new(transaction_settings(args));
     let early = Early::new(&rt, &settings, args);
     let mut pulled = None;
     let plans = plan_hosts(args, &pack, ui, &stop, &early, &mut pulled).and_then(|plans| {
@@ -220,6 +213,19 @@ pub fn run(args: &DeployArgs, ui: &Ui) -> Result<(), Error> {
         }
     }
     result
+}
+
+/// What every host's transaction is told by the deploy's flags: push hosts
+/// here, pull hosts' settings stage in `deploy_pull`.
+pub(super) fn transaction_settings(args: &DeployArgs) -> Settings {
+    Settings {
+        ssh: ssh_options(&args.fleet.ssh),
+        rollback: !args.no_rollback,
+        dry_run: args.dry_run,
+        keep: args.keep.max(1),
+        settle: Duration::from_secs(args.settle),
+        rollback_after: Duration::from_secs(args.rollback_after),
+    }
 }
 
 /// Builds what the hosts run and plans each host; the hosts that start

@@ -4,11 +4,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::json;
 
-use super::hosts::{self, elevation, ssh_options, Policy, Ran};
+use super::hosts::{self, elevation, Policy, Ran};
 use crate::cli::DeployArgs;
 use crate::deploy::{
     self, Event, Events, HostPlan, Interrupt, Outcome, ServicePlan, ServiceSettings, Settings,
@@ -78,15 +77,8 @@ fn set_up_all(
     alone: bool,
 ) -> Result<(Result<(), Error>, Vec<PullReport>), Error> {
     let agent = setup::agent_executable().map_err(Error::Usage)?;
-    let ssh = ssh_options(&args.fleet.ssh);
-    let transaction = Arc::new(Settings {
-        ssh: ssh.clone(),
-        rollback: !args.no_rollback,
-        dry_run: args.dry_run,
-        keep: args.keep.max(1),
-        settle: Duration::from_secs(args.settle),
-        rollback_after: Duration::from_secs(args.rollback_after),
-    });
+    let transaction = Arc::new(super::deploy::transaction_settings(args));
+    let ssh = transaction.ssh.clone();
     let (dry_run, now) = (args.dry_run, args.now);
     let (settle, keep, rollback_after) = (args.settle, args.keep.max(1), args.rollback_after);
     let sudo = args.fleet.ssh.sudo;
