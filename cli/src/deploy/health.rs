@@ -75,16 +75,41 @@ fn unhealthy(s: &HostSession, image: &str, reason: String) -> HostError {
 /// command (see [`ops::sample`]).
 pub struct Started {
     pub units: BTreeMap<String, UnitState>,
-    /// The host's clock then, in hundredths of a second.
+    /// The host's uptime clock then, in hundredths of a second.
     pub at: u64,
+    /// The host's monotonic clock then, in microseconds, if it told.
+    pub monotonic: Option<u64>,
 }
 
 impl Started {
     pub fn parse(out: &str) -> Option<Started> {
         Some(Started {
             at: ops::parse_uptime(out)?,
+            monotonic: ops::parse_monotonic(out),
             units: ops::parse_show(out),
         })
+    }
+
+    /// When the settle time began, on the uptime clock: when the last of
+    /// the units became active, which is before the sample by the time
+    /// portablectl took to start the others and return. The settle time is
+    /// how long a unit must stay up, so that time counts. Never more than
+    /// `window` (how long the activation took, as attache saw it) before
+    /// the sample, so that a unit which did not start in this activation
+    /// cannot count as settled; the sample's own time when the host did not
+    /// tell its monotonic clock or no unit became active.
+    pub fn settle_from(&self, window: Duration) -> u64 {
+        let latest = self
+            .units
+            .values()
+            .filter_map(|u| u.since.parse::<u64>().ok())
+            .filter(|&us| us > 0)
+            .max();
+        let (Some(now), Some(latest)) = (self.monotonic, latest) else {
+            return self.at;
+        };
+        let ago_cs = (now.saturating_sub(latest) / 10_000).min(window.as_millis() as u64 / 10);
+        self.at.saturating_sub(ago_cs)
     }
 }
 
@@ -99,7 +124,7 @@ pub async fn health(
     svc: &ServicePlan,
     image: &str,
     settle: Option<Duration>,
-    started: Option<Started>,
+    started: Option<(Started, Duration)>,
 ) -> Result<(), HostError> {
     let units = units_to_check(&svc.units);
     let show = ops::show(&units);
@@ -107,8 +132,11 @@ pub async fn health(
     let mut parts = Vec::new();
     if let (Some(settle), false) = (settle, units.is_empty()) {
         match started {
-            Some(started) => {
-                parts.push(ops::Part::from(ops::settle_until(started.at, settle)));
+            Some((started, window)) => {
+                parts.push(ops::Part::from(ops::settle_until(
+                    started.settle_from(window),
+                    settle,
+                )));
                 before = Some(started.units);
             }
             None => {
@@ -216,6 +244,57 @@ pub async fn verify_back(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn started(monotonic: Option<u64>, since: &[&str]) -> Started {
+        Started {
+            units: since
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let u = UnitState {
+                        since: (*s).to_owned(),
+                        ..UnitState::default()
+                    };
+                    (format!("u{i}.service"), u)
+                })
+                .collect(),
+            at: 10_000,
+            monotonic,
+        }
+    }
+
+    #[test]
+    fn settle_counts_from_the_last_unit_up() {
+        let w = Duration::from_secs(8);
+        // Sample at 100.00 s uptime and 50 s monotonic; units up at 49.2 s
+        // and 48.5 s monotonic: the settle time began 0.8 s before it.
+        let s = started(Some(50_000_000), &["49200000", "48500000"]);
+        assert_eq!(s.settle_from(w), 10_000 - 80);
+        // A unit that never became active (0) does not count.
+        let s = started(Some(50_000_000), &["49200000", "0"]);
+        assert_eq!(s.settle_from(w), 10_000 - 80);
+        // Up long before this activation began: no more than its window.
+        let s = started(Some(50_000_000), &["10000000"]);
+        assert_eq!(s.settle_from(w), 10_000 - 800);
+        // No monotonic clock, or no unit up: the sample's own time.
+        assert_eq!(started(None, &["49200000"]).settle_from(w), 10_000);
+        assert_eq!(started(Some(50_000_000), &["0", ""]).settle_from(w), 10_000);
+    }
+
+    #[test]
+    fn a_sample_reads_both_clocks_with_builtins() {
+        let script = ops::sample(&[]).text;
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(ops::parse_uptime(&out).is_some(), "{out}");
+        // Root reads /proc/timer_list; others get no monotonic clock.
+        let readable = std::fs::File::open("/proc/timer_list").is_ok();
+        assert_eq!(ops::parse_monotonic(&out).is_some(), readable, "{out}");
+    }
 
     #[test]
     fn sockets_must_listen() {

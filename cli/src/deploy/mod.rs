@@ -887,7 +887,11 @@ impl<E: Events> Run<'_, E> {
                 self.stop
                     .armed(self.host_name(), self.settings.rollback_after);
             }
-            let done = self.activated(s, step, &parts, calls_at).await;
+            let began = std::time::Instant::now();
+            let done = self
+                .activated(s, step, &parts, calls_at)
+                .await
+                .map(|o| o.map(|started| (started, began.elapsed())));
             if armed && done.as_ref().is_err_and(|(i, _)| *i == 0) {
                 self.stop.disarmed(self.host_name());
             }

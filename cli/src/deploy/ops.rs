@@ -961,15 +961,19 @@ pub fn journal_units(facts: &HostFacts, service: Option<&str>) -> Vec<String> {
 
 // ---- health ---------------------------------------------------------------
 
-/// `systemctl show` of the properties health needs, one block per unit.
-/// The host's clock (`/proc/uptime`, in hundredths of a second) and then
-/// the units' states: the first sample of a settle time, taken on the host
-/// as soon as the units started.
+/// The host's clocks and then the units' states: the first sample of a
+/// settle time, taken on the host as soon as the units started. The clocks
+/// are `/proc/uptime` (hundredths of a second), which [`settle_until`]
+/// waits on, and the monotonic clock systemd's `…TimestampMonotonic`
+/// properties use (`/proc/timer_list`, root only; read with builtins, as
+/// every process costs on a slow host), which tells how long ago the units
+/// became active.
 pub fn sample(units: &[String]) -> Script {
     Script::new(
         "reading unit states",
         format!(
-            "read up _ </proc/uptime; echo \"@uptime=$up\"; {}",
+            "read up _ </proc/uptime; mono=; {{ read -r _; read -r _; read -r _ _ mono _; }} 2>/dev/null </proc/timer_list; \
+             echo \"@uptime=$up\"; echo \"@mono=$mono\"; {}",
             show(units).text
         ),
     )
@@ -982,9 +986,15 @@ pub fn parse_uptime(out: &str) -> Option<u64> {
     Some(s.parse::<u64>().ok()? * 100 + cs.parse::<u64>().ok()?)
 }
 
-/// Waits on the host until `settle` has passed since its clock read `at`
-/// (see [`sample`]): a settle time measured from when the units started,
-/// not from when attache heard of it.
+/// The host's monotonic clock in a [`sample`], in microseconds.
+pub fn parse_monotonic(out: &str) -> Option<u64> {
+    let ns = out.lines().find_map(|l| l.strip_prefix("@mono="))?;
+    Some(ns.trim().parse::<u64>().ok()? / 1000)
+}
+
+/// Waits on the host until `settle` has passed since its uptime clock read
+/// `at` (see [`sample`] and `health::Started::settle_from`): a settle time
+/// measured from when the units started, not from when attache heard of it.
 pub fn settle_until(at: u64, settle: Duration) -> Script {
     let end = at + settle.as_millis() as u64 / 10;
     Script::new(
