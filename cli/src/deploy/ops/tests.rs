@@ -86,7 +86,7 @@ fn portablectl_calls_pass_path_and_prefixes() {
         "portablectl detach --enable --now /var/lib/portables/shop_2.0.raw shop-web"
     );
     let s = portablectl("shop-1", &c).text;
-    assert!(s.contains("systemd-run --quiet --collect --wait --unit='attache-shop-1'"));
+    assert!(s.contains("systemd-run --quiet --collect --scope --unit='attache-shop-1'"));
     assert!(s.contains("shop-web"));
 }
 
