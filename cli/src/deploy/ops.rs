@@ -336,7 +336,9 @@ impl HostFacts {
 }
 
 /// Reads the host's facts; hashes `hash` (paths) where they exist, and every
-/// attached image too when `hash_attached`.
+/// attached image too when `hash_attached`. Shell builtins wherever they
+/// do, and one call per tool for all files: it runs under the lock while
+/// the image builds, and each process costs 30-150 ms on a slow host.
 pub fn facts(hash: &[String], hash_attached: bool) -> Script {
     let hash_list = words(hash);
     let attached_hash = if hash_attached {
