@@ -336,7 +336,9 @@ impl HostFacts {
 }
 
 /// Reads the host's facts; hashes `hash` (paths) where they exist, and every
-/// attached image too when `hash_attached`.
+/// attached image too when `hash_attached`. Shell builtins wherever they
+/// do, and one call per tool for all files: it runs under the lock while
+/// the image builds, and each process costs 30-150 ms on a slow host.
 pub fn facts(hash: &[String], hash_attached: bool) -> Script {
     let hash_list = words(hash);
     let attached_hash = if hash_attached {
@@ -347,30 +349,45 @@ pub fn facts(hash: &[String], hash_attached: bool) -> Script {
     Script::new(
         "reading the host's state",
         format!(
-            r#"set -u
-printf 'systemd\t%s\n' "$(systemctl --version | head -n1 | awk '{{print $2}}')"
-p=$(command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || true)
-printf 'portablectl\t%s\n' "$p"
-printf 'curl\t%s\n' "$(command -v curl || true)"
+            r##"set -u
+nl='
+'
+v=$(systemctl --version 2>/dev/null); v=${{v#systemd }}
+printf 'systemd\t%s\n' "${{v%%[!0-9]*}}"
+printf 'portablectl\t'; command -v portablectl || {{ [ -x /usr/lib/systemd/portablectl ] && echo /usr/lib/systemd/portablectl; }} || echo
+printf 'curl\t'; command -v curl || echo
 d={PORTABLES}; [ -d $d ] || d=/var/lib
-printf 'free_kb\t%s\n' "$(df -Pk $d | awk 'NR==2 {{print $4}}')"
+v=$(df -Pk $d); v=${{v#*"$nl"}}
+set -f; set -- $v; set +f
+printf 'free_kb\t%s\n' "${{4-}}"
+set --
+for f in {PORTABLES}/*.raw; do [ -f "$f" ] && set -- "$@" "$f"; done
+[ $# = 0 ] || stat --printf 'image\t%Y\t%n\n' -- "$@"
+for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] || continue; l=; IFS= read -r l <"$f"; printf 'prefixes\t%s\t%s\n' "${{f##*/}}" "$l"; done
+for f in {STATE_DIR}/manifests/*.raw.json; do [ -f "$f" ] && f=${{f##*/}} && printf 'manifest\t%s\n' "${{f%.json}}"; done
+for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; l=; IFS= read -r l <"$f"; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$l"; done
+{{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
+for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
+{settings}set --
 for f in /etc/systemd/system.attached/*.d/20-portable.conf /run/systemd/system.attached/*.d/20-portable.conf; do
   [ -f "$f" ] || continue
   d=${{f%/20-portable.conf}}; u=${{d##*/}}; u=${{u%.d}}
-  img=$(head -n1 "$f" | sed -n "s/^# Drop-in created for image '\(.*\)', do not edit\.$/\1/p")
+  l=; IFS= read -r l <"$f"
+  case $l in "# Drop-in created for image '"*"', do not edit.") ;; *) continue ;; esac
+  img=${{l#"# Drop-in created for image '"}}; img=${{img%"', do not edit."}}
   [ -n "$img" ] || continue
   printf 'attached\t%s\t%s\n' "$u" "$img"
   {attached_hash}
 done
-for f in {PORTABLES}/*.raw; do [ -f "$f" ] && printf 'image\t%s\t%s\n' "$(stat -c %Y "$f")" "$f"; done
-for f in {STATE_DIR}/prefixes/*.raw; do [ -f "$f" ] && printf 'prefixes\t%s\t%s\n' "${{f##*/}}" "$(cat "$f")"; done
-for f in {STATE_DIR}/manifests/*.raw.json; do [ -f "$f" ] && f=${{f##*/}} && printf 'manifest\t%s\n' "${{f%.json}}"; done
-for f in {STATE_DIR}/*.previous; do [ -f "$f" ] || continue; n=${{f##*/}}; printf 'previous\t%s\t%s\n' "${{n%.previous}}" "$(head -n1 "$f")"; done
-{{ [ -e {STATE_DIR}/revert.sh ] || [ -e {STATE_DIR}/revert.running ]; }} && printf 'revert\tpending\n'
-for p in /usr/lib/systemd/portable/profile/* /usr/local/lib/systemd/portable/profile/* /etc/systemd/portable/profile/* /run/systemd/portable/profile/*; do [ -d "$p" ] && printf 'profile\t%s\n' "${{p##*/}}"; done
-{settings}set -- {hash_list} "$@"
-printf '%s\n' "$@" | sort -u | while IFS= read -r f; do [ -f "$f" ] && printf 'sha256\t%s\n' "$(sha256sum "$f")"; done
-true"#,
+set -- {hash_list} "$@"; n=$#; seen=$nl
+for f in "$@"; do
+  [ -f "$f" ] || continue
+  case $seen in *"$nl$f$nl"*) continue ;; esac
+  seen=$seen$f$nl; set -- "$@" "$f"
+done
+shift $n
+if [ $# -gt 0 ]; then o=$(sha256sum -- "$@"); IFS=$nl; set -f; printf 'sha256\t%s\n' $o; unset IFS; set +f; fi
+true"##,
             settings = settings::facts_part(),
         ),
     )
@@ -492,30 +509,66 @@ pub fn place_manifest(tmp: &str, image: &str) -> Script {
     )
 }
 
-/// Moves a checked upload into place and records the prefixes the image
-/// declares, so that later runs can pass them to portablectl, and its
-/// manifest (uploaded to `manifest`), so that `attache diff` can read it.
-pub fn place(tmp: &str, target: &str, prefixes: &[String], manifest: Option<&str>) -> Script {
-    let record = format!("{STATE_DIR}/prefixes/{}", crate::names::basename(target));
-    let manifest = match manifest {
-        Some(m) => format!(
-            "mkdir -p {STATE_DIR}/manifests && chmod 0644 {m} && mv -f {m} {r} && ",
-            m = quote(m),
-            r = quote(&manifest_path(target))
-        ),
-        None => String::new(),
-    };
-    Script::new(
-        "moving the image into place",
-        format!(
-            "mkdir -p {STATE_DIR}/prefixes && printf '%s\\n' {p} > {r}.tmp && mv -f {r}.tmp {r} && {manifest}\
-             chmod 0644 {t} && mv -f {t} {f} && {{ sync -f {f} 2>/dev/null || true; }}",
+/// How [`push`] moves a checked upload into place.
+struct Placing {
+    /// An `&&` chain: records the prefixes the image declares (later runs
+    /// pass them to portablectl), makes the files 0644 and fsyncs them
+    /// (and more files, `also`), renames the manifest (for `attache diff`)
+    /// and the image, the image last.
+    chain: String,
+    /// The directories renamed into, the image's first: fsynced after.
+    dirs: Vec<String>,
+}
+
+/// `tmp`, `manifest` and `also` are shell words. Each file's data is on
+/// disk before its rename, and its directory after (see [`sync_dirs`]): a
+/// power cut never leaves a name on a file that is not whole. Only these
+/// are synced, not the whole filesystem (`sync -f`), which on a busy host
+/// would flush other services' writes too.
+fn placing(
+    tmp: &str,
+    target: &str,
+    prefixes: &[String],
+    manifest: Option<&str>,
+    also: &[&str],
+) -> Placing {
+    let base = crate::names::basename(target);
+    let record = quote(&format!("{STATE_DIR}/prefixes/{base}"));
+    let staged = quote(&format!("{STATE_DIR}/prefixes/{base}.tmp"));
+    let mut dirs = vec![PORTABLES.to_owned(), format!("{STATE_DIR}/prefixes")];
+    let mut files = vec![staged.clone(), tmp.to_owned()];
+    let mut renames = format!("mv -f {staged} {record} && ");
+    if let Some(m) = manifest {
+        dirs.push(format!("{STATE_DIR}/manifests"));
+        files.push(m.to_owned());
+        renames += &format!("mv -f {m} {} && ", quote(&manifest_path(target)));
+    }
+    let files = files.join(" ");
+    Placing {
+        chain: format!(
+            "printf '%s\\n' {p} > {staged} && chmod 0644 {files} && \
+             {{ sync {files}{also} 2>/dev/null || true; }} && {renames}mv -f {tmp} {f}",
             p = quote(&prefixes.join(" ")),
-            r = quote(&record),
-            t = quote(tmp),
-            f = quote(target)
+            also = also.iter().map(|a| format!(" {a}")).collect::<String>(),
+            f = quote(target),
         ),
-    )
+        dirs,
+    }
+}
+
+/// Makes `dirs` unless they all are there (`test` is a builtin: no process).
+fn mkdirs(dirs: &[String]) -> String {
+    let test: Vec<String> = dirs
+        .iter()
+        .map(|d| format!("[ -d {} ]", quote(d)))
+        .collect();
+    format!("{} || mkdir -p {}", test.join(" && "), words(dirs))
+}
+
+/// fsyncs `dirs` (coreutils >= 8.24 fsyncs each file named; older ones sync
+/// everything, which is slower, not wrong).
+fn sync_dirs(dirs: &[String]) -> String {
+    format!("{{ sync {} 2>/dev/null || true; }}", words(dirs))
 }
 
 /// How a push's command receives its image.
@@ -571,30 +624,49 @@ pub fn push(
 ) -> Script {
     let mtmp = partial_path(&format!("{target}.json"));
     let sig = delta::signature_path(target);
+    let p = placing(
+        "\"$t\"",
+        target,
+        prefixes,
+        (manifest > 0).then_some("\"$m\""),
+        if signature > 0 { &["\"$s\""] } else { &[] },
+    );
+    let mut dirs = p.dirs.clone();
+    if signature > 0 {
+        dirs.push(delta::SIGNATURES.to_owned());
+    }
+    // Made first, with the host's umask; the files get 077 until checked.
     let mut s = format!(
-        "set -u\nt={t}; m={m}; d=\n\
-         drop() {{ rm -f \"$t\" \"$m\" ${{d:+\"$d\"}}; cat >/dev/null; }}\n",
+        "set -u\nt={t}; m={m}; s={st}; d=\n\
+         drop() {{ rm -f \"$t\" \"$m\" \"$s\" ${{d:+\"$d\"}}; cat >/dev/null; }}\n\
+         {mkdirs}\numask 077\n",
         t = quote(tmp),
         m = quote(&mtmp),
+        st = quote(&format!("{sig}.tmp")),
+        mkdirs = mkdirs(&dirs[1..]),
     );
-    let got_all = |file: &str, size: u64, what: &str| {
+    let ended = |what: &str| {
         format!(
-            " && [ \"$(stat -c %s {file})\" = {size} ] || {{ drop; echo 'the connection ended before the {what} had arrived' >&2; exit 1; }}\n"
+            "{{ drop; echo 'the connection ended before the {what} had arrived' >&2; exit 1; }}"
         )
     };
+    // A whole image is sized only when its sha256 is wrong, to tell a cut
+    // connection from a damaged upload; a delta before it is run.
+    let mut short = String::new();
     match body {
-        Body::Whole { size } if faults.stall => {
-            let first = (*size).min(1 << 20);
-            s += &format!(
-                "( umask 077; {{ head -c {first}; sleep 60; head -c {rest}; }} > \"$t\" ){}",
-                got_all("\"$t\"", *size, "image"),
-                rest = size - first,
-            );
-        }
         Body::Whole { size } => {
-            s += &format!(
-                "( umask 077; exec head -c {size} > \"$t\" ){}",
-                got_all("\"$t\"", *size, "image")
+            if faults.stall {
+                let first = (*size).min(1 << 20);
+                s += &format!(
+                    "{{ head -c {first}; sleep 60; head -c {rest}; }} > \"$t\"\n",
+                    rest = size - first,
+                );
+            } else {
+                s += &format!("head -c {size} > \"$t\"\n");
+            }
+            short = format!(
+                "  [ \"$(stat -c %s \"$t\" 2>/dev/null)\" = {size} ] || {}\n",
+                ended("image")
             );
         }
         Body::Delta {
@@ -604,8 +676,8 @@ pub fn push(
             check,
         } => {
             s += &format!(
-                "d={f}\n( umask 077; exec head -c {size} > \"$d\" ){}",
-                got_all("\"$d\"", *size, "delta"),
+                "d={f}\nhead -c {size} > \"$d\" && [ \"$(stat -c %s \"$d\")\" = {size} ] || {}\n",
+                ended("delta"),
                 f = quote(file),
             );
             if let Some(secs) = faults.pause {
@@ -613,7 +685,7 @@ pub fn push(
             }
             if let Some(want) = check {
                 s += &format!(
-                    "[ \"$(sha256sum {b} | cut -d' ' -f1)\" = {want} ] || {{ drop; echo '{PUSH_NO_DELTA}'{n}' is not the image its signature describes (changed or damaged)' >&2; exit 67; }}\n",
+                    "h=$(sha256sum {b}); [ \"${{h%% *}}\" = {want} ] || {{ drop; echo '{PUSH_NO_DELTA}'{n}' is not the image its signature describes (changed or damaged)' >&2; exit 67; }}\n",
                     b = quote(basis),
                     want = quote(want),
                     n = quote(crate::names::basename(basis)),
@@ -629,27 +701,43 @@ pub fn push(
         s += "printf x | dd of=\"$t\" bs=1 seek=4096 conv=notrunc 2>/dev/null\n";
     }
     s += &format!(
-        "got=$(sha256sum \"$t\" | cut -d' ' -f1)\n\
-         [ \"$got\" = {want} ] || {{ drop; echo \"{PUSH_CORRUPT}$got\" >&2; exit 65; }}\n",
+        "got=$(sha256sum \"$t\"); got=${{got%% *}}\n\
+         if [ \"$got\" != {want} ]; then\n{short}  drop; echo \"{PUSH_CORRUPT}$got\" >&2; exit 65\nfi\n",
         want = quote(sha256)
     );
-    let manifest_at = (manifest > 0).then_some(mtmp.as_str());
+    // The manifest and signature follow the image on stdin: read once the
+    // image is known good, sized by one `stat`.
+    let mut sized = Vec::new();
     if manifest > 0 {
+        s += &format!("head -c {manifest} > \"$m\"\n");
+        sized.push("\"$m\"");
+    }
+    if signature > 0 {
+        s += &format!("umask 022; head -c {signature} > \"$s\"\n");
+        sized.push("\"$s\"");
+    }
+    if !sized.is_empty() {
         s += &format!(
-            "( umask 077; exec head -c {manifest} > \"$m\" ){}",
-            got_all("\"$m\"", manifest, "manifest")
+            "o=$(stat -c %s {} 2>/dev/null); set -- $o\n",
+            sized.join(" ")
         );
     }
-    s += &format!(
-        "{{ {}; }} || {{ drop; exit 1; }}\n",
-        place(tmp, target, prefixes, manifest_at).text
-    );
+    if manifest > 0 {
+        s += &format!("[ \"${{1-}}\" = {manifest} ] || {}\n", ended("manifest"));
+    }
+    s += &format!("{{ {}; }} || {{ drop; exit 1; }}\n", p.chain);
     if signature > 0 {
         s += &format!(
-            "{{ mkdir -p {SIGS} && ( umask 022; exec head -c {signature} > {st} ) && [ \"$(stat -c %s {st})\" = {signature} ] && mv -f {st} {f}; }} || {{ rm -f {st}; echo '{PUSH_NO_SIGNATURE}it could not be written' >&2; exit 66; }}\n",
-            SIGS = delta::SIGNATURES,
-            st = quote(&format!("{sig}.tmp")),
+            "k=; {{ [ \"${{{n}-}}\" = {signature} ] && mv -f \"$s\" {f}; }} || {{ rm -f \"$s\"; k=1; }}\n",
+            n = sized.len(),
             f = quote(&sig),
+        );
+    }
+    s += &sync_dirs(&dirs);
+    s += "\n";
+    if signature > 0 {
+        s += &format!(
+            "[ -z \"$k\" ] || {{ echo '{PUSH_NO_SIGNATURE}it could not be written' >&2; exit 66; }}\n"
         );
     }
     s += "exit 0";
@@ -760,7 +848,26 @@ const UNLINK_PATH: &str = "/var/lib/attache/unlink";
 /// Writes [`UNLINK`] where [`Verb::Unlink`] calls it.
 fn install_unlink() -> String {
     format!(
-        "mkdir -p {STATE_DIR} && cat > {UNLINK_PATH}.tmp <<'ATTACHE_EOF' && mv -f {UNLINK_PATH}.tmp {UNLINK_PATH}\n{UNLINK}\nATTACHE_EOF\n"
+        "[ -d {STATE_DIR} ] || mkdir -p {STATE_DIR}\n{}",
+        install_file(UNLINK_PATH, UNLINK)
+    )
+}
+
+/// Writes `text` to `path` (through a temporary file and a rename) unless
+/// it is there already: the file's first line is a mark of the text, read
+/// with the `read` builtin, so a file that is up to date costs no process
+/// (each costs 30-150 ms on a slow host). Syncing is the caller's.
+fn install_file(path: &str, text: &str) -> String {
+    // FNV-1a: the same mark from every build of the same text.
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mark = format!("# attache {hash:016x}");
+    format!(
+        "l=; IFS= read -r l 2>/dev/null <{p} || :\n\
+         [ \"$l\" = '{mark}' ] || {{ printf '%s\\n' {body} > {p}.tmp && mv -f {p}.tmp {p}; }}\n",
+        p = quote(path),
+        body = quote(&format!("{mark}\n{}", text.trim_end_matches('\n'))),
     )
 }
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{
-    install_unlink, quote, restore_settings, words, PortableCall, Script, SETTINGS_FNS, STATE_DIR,
+    install_file, quote, restore_settings, words, PortableCall, Script, SETTINGS_FNS, STATE_DIR,
 };
 
 /// How one service goes back to what it ran before a deploy.
@@ -86,7 +86,7 @@ pub fn revert_body(reverts: &[Revert]) -> String {
     s
 }
 
-const REVERT_UNIT: &str = "[Unit]
+pub(super) const REVERT_UNIT: &str = "[Unit]
 Description=attache: put back the services of a deploy that was never confirmed
 ConditionPathExists=/var/lib/attache/revert.sh
 After=dbus.service network.target
@@ -101,7 +101,7 @@ WantedBy=multi-user.target
 
 /// Claims `revert.sh` by renaming it, so the timer, the boot unit and
 /// attache's disarm can race and exactly one wins.
-const RUN_REVERT: &str = "d=/var/lib/attache
+pub(super) const RUN_REVERT: &str = "d=/var/lib/attache
 mv -f $d/revert.sh $d/revert.running 2>/dev/null || exit 0
 /bin/sh $d/revert.running >$d/revert.log 2>&1
 rc=$?
@@ -112,28 +112,36 @@ exit $rc
 /// Arms the dead-man revert: it runs after `after` unless [`disarm`] comes
 /// first, and at the next boot if the host restarts before either. Written
 /// and synced before any image changes.
+///
+/// The files that stay the same from deploy to deploy (the unlink script,
+/// `run-revert`, the boot unit and its link) are written only when missing
+/// or different, with builtins only: an arm that finds them costs a `mv`
+/// and a `sync` (and an `rm` of what the last one left). The `sync` names
+/// what the revert needs at boot, files and directories, so it fsyncs
+/// them only, not the whole host. It comes after the renames: a power cut
+/// before it returns finds no image changed yet, and each step of the
+/// revert looks before it acts (see [`revert_body`]).
 pub fn arm(reverts: &[Revert], after: Duration) -> Script {
     Script::new(
         "arming the automatic rollback",
         format!(
             r#"set -e
-d={STATE_DIR}
-mkdir -p $d /etc/systemd/system/multi-user.target.wants
-rm -f $d/revert.done $d/revert.disarmed $d/revert.log
-{install}cat > $d/run-revert <<'ATTACHE_EOF'
-{RUN_REVERT}ATTACHE_EOF
-cat > $d/revert.sh.tmp <<'ATTACHE_EOF'
-{body}ATTACHE_EOF
-cat > /etc/systemd/system/attache-revert.service.tmp <<'ATTACHE_EOF'
-{REVERT_UNIT}ATTACHE_EOF
-mv -f /etc/systemd/system/attache-revert.service.tmp /etc/systemd/system/attache-revert.service
-ln -sf /etc/systemd/system/attache-revert.service /etc/systemd/system/multi-user.target.wants/attache-revert.service
+d={STATE_DIR}; e=/etc/systemd/system; w=/etc/systemd/system/multi-user.target.wants
+[ -d $d ] && [ -d $w ] || mkdir -p $d $w
+set --
+for f in $d/revert.done $d/revert.disarmed $d/revert.log; do if [ -e "$f" ]; then set -- "$@" "$f"; fi; done
+if [ $# -gt 0 ]; then rm -f "$@"; fi
+{install}{run}{unit}[ -L $w/attache-revert.service ] || ln -sf $e/attache-revert.service $w/attache-revert.service
+printf '%s' {body} > $d/revert.sh.tmp
 mv -f $d/revert.sh.tmp $d/revert.sh
-sync
+sync $d/revert.sh $d/run-revert {UNLINK} $e/attache-revert.service $d $e $w 2>/dev/null || sync
 {timer}"#,
-            body = revert_body(reverts),
+            body = quote(&revert_body(reverts)),
             timer = start_timer(after),
-            install = install_unlink(),
+            install = install_file(super::UNLINK_PATH, super::UNLINK),
+            run = install_file(&format!("{STATE_DIR}/run-revert"), RUN_REVERT),
+            unit = install_file("/etc/systemd/system/attache-revert.service", REVERT_UNIT),
+            UNLINK = super::UNLINK_PATH,
         ),
     )
 }

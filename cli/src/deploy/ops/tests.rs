@@ -309,7 +309,6 @@ fn scripts_pass_shellcheck() {
             },
         ]),
         receive("/a"),
-        place("/a", "/b.raw", &["b".into()], Some("/m")),
         prune(&["/b.raw".into()]),
         read_manifests(&["/b.raw".into()]),
         place_manifest("/m", "/b.raw"),
@@ -635,4 +634,380 @@ fn one_show_names_each_block_by_order() {
     assert!(!run("return 4", &["a.service"]).status.success());
     let out = run("echo called", &[]);
     assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
+}
+
+/// Runs `text` with sh, the host's paths moved under `root` and fake
+/// `systemctl`, `systemd-run` and `df` first on the PATH (they log their
+/// arguments to `root/calls`), `input` on stdin.
+fn run_rooted(root: &std::path::Path, text: &str, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let r = root.display().to_string();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for (name, out) in [
+        (
+            "systemctl",
+            r"printf 'systemd 252 (252.36-1~deb12u1)\n+PAM +AUDIT\n'",
+        ),
+        ("systemd-run", ":"),
+        (
+            "df",
+            r"printf 'Filesystem 1024-blocks Used Available Capacity Mounted on\n/dev/vda1 4000 1000 3000 25%% /\n'",
+        ),
+    ] {
+        let f = bin.join(name);
+        std::fs::write(
+            &f,
+            format!("#!/bin/sh\necho {name} \"$@\" >> {r}/calls\n{out}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let text = rooted(root, text);
+    let mut c = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(text)
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    // The script may stop reading early (a refused push).
+    let _ = stdin.write_all(input);
+    drop(stdin);
+    c.wait_with_output().unwrap()
+}
+
+/// `text` with the host's paths moved under `root`.
+fn rooted(root: &std::path::Path, text: &str) -> String {
+    let r = root.display();
+    text.replace("/var/lib/portables", &format!("{r}/portables"))
+        .replace("/var/lib/attache", &format!("{r}/attache"))
+        .replace("/etc/systemd/system", &format!("{r}/etc"))
+        .replace("/run/systemd/system.attached", &format!("{r}/run.attached"))
+        .replace("/run/systemd/transient", &format!("{r}/transient"))
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// The facts script, all builtins but a process per tool, prints what the
+/// parser reads: drop-ins read for their image, images with their mtimes,
+/// records, and each file asked for hashed once.
+#[test]
+fn facts_script_reads_the_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let r = root.display().to_string();
+    let write = |p: &str, text: &[u8]| {
+        let p = root.join(p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    };
+    // Nothing there: every loop ends quietly.
+    let out = run_rooted(
+        root,
+        &facts(&[format!("{r}/portables/x_1.raw")], true).text,
+        b"",
+    );
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    let f = parse_facts(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!((f.systemd, f.free_kb), (252, 3000));
+    assert!(
+        f.images.is_empty() && f.attached.is_empty() && f.sha256.is_empty(),
+        "{f:?}"
+    );
+
+    let shop1 = format!("{r}/portables/shop_1.0.raw");
+    let shop0 = format!("{r}/portables/shop_0.9.raw");
+    write("portables/shop_1.0.raw", b"one");
+    write("portables/shop_0.9.raw", b"zero");
+    write("attache/prefixes/shop_1.0.raw", b"shop-web shop-api\n");
+    write("attache/shop.previous", format!("{shop0}\n").as_bytes());
+    write("attache/manifests/shop_1.0.raw.json", b"{}");
+    write(
+        "etc.attached/shop-web.service.d/20-portable.conf",
+        format!("# Drop-in created for image '{shop1}', do not edit.\n[Service]\n").as_bytes(),
+    );
+    write("etc.attached/own.service.d/20-portable.conf", b"# mine\n");
+    write(
+        "run.attached/shop-api.service.d/20-portable.conf",
+        format!("# Drop-in created for image '{shop1}', do not edit.").as_bytes(),
+    );
+    let asked = [
+        shop0.clone(),
+        format!("{r}/portables/gone.raw"),
+        shop1.clone(),
+    ];
+    let out = run_rooted(root, &facts(&asked, true).text, b"");
+    assert!(out.status.success() && out.stderr.is_empty(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.matches("sha256\t").count(), 2, "{text}");
+    let f = parse_facts(&text);
+    let mut units: Vec<_> = f
+        .attached
+        .iter()
+        .map(|a| (a.unit.as_str(), a.image.as_str()))
+        .collect();
+    units.sort();
+    assert_eq!(
+        units,
+        [
+            ("shop-api.service", shop1.as_str()),
+            ("shop-web.service", shop1.as_str())
+        ]
+    );
+    let mtime = |p: &str| {
+        std::fs::metadata(p)
+            .unwrap()
+            .modified()
+            .unwrap()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    assert_eq!(
+        f.images,
+        BTreeMap::from([
+            (shop0.clone(), mtime(&shop0)),
+            (shop1.clone(), mtime(&shop1))
+        ])
+    );
+    assert_eq!(f.prefixes["shop_1.0.raw"], ["shop-web", "shop-api"]);
+    assert_eq!(f.previous["shop"], shop0);
+    assert!(f.has_manifest(&shop1));
+    assert_eq!(
+        f.sha256,
+        BTreeMap::from([(shop0, sha256_hex(b"zero")), (shop1, sha256_hex(b"one"))])
+    );
+}
+
+/// What a push leaves on the host, run by sh with the body (image or
+/// delta), manifest and signature on stdin, whole or cut short.
+#[test]
+fn push_places_only_a_whole_checked_image() {
+    let image = b"image bytes ".repeat(1000);
+    let (manifest, sig) = (b"{\"m\":1}".to_vec(), b"signature\n".to_vec());
+    let target = "/var/lib/portables/b_1.raw";
+    let tmp = partial_path(target);
+    let whole = |faults: PushFaults| {
+        push(
+            &Body::Whole {
+                size: image.len() as u64,
+            },
+            &tmp,
+            target,
+            &sha256_hex(&image),
+            &["b".into()],
+            manifest.len() as u64,
+            sig.len() as u64,
+            faults,
+        )
+        .text
+    };
+    let all = [image.clone(), manifest.clone(), sig.clone()].concat();
+    let run = |text: &str, input: &[u8]| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("portables")).unwrap();
+        let out = run_rooted(dir.path(), text, input);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (dir, out.status.code(), stderr)
+    };
+    let ls = |dir: &tempfile::TempDir, sub: &str| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir.path().join(sub))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let mode = |p: std::path::PathBuf| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+
+    let (dir, code, err) = run(&whole(PushFaults::default()), &all);
+    assert_eq!(code, Some(0), "{err}");
+    let p = dir.path();
+    assert_eq!(std::fs::read(p.join("portables/b_1.raw")).unwrap(), image);
+    assert_eq!(
+        std::fs::read(p.join("attache/manifests/b_1.raw.json")).unwrap(),
+        manifest
+    );
+    assert_eq!(
+        std::fs::read(p.join("attache/signatures/b_1.raw.sig")).unwrap(),
+        sig
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.join("attache/prefixes/b_1.raw")).unwrap(),
+        "b\n"
+    );
+    for f in [
+        "portables/b_1.raw",
+        "attache/manifests/b_1.raw.json",
+        "attache/signatures/b_1.raw.sig",
+        "attache/prefixes/b_1.raw",
+    ] {
+        assert_eq!(mode(p.join(f)), 0o644, "{f}");
+    }
+    assert_eq!(ls(&dir, "portables"), ["b_1.raw"]);
+    assert_eq!(ls(&dir, "attache/signatures"), ["b_1.raw.sig"]);
+
+    // Cut in the image, the manifest, the signature.
+    let (dir, code, err) = run(&whole(PushFaults::default()), &all[..100]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the connection ended before the image had arrived"),
+        "{err}"
+    );
+    assert!(ls(&dir, "portables").is_empty() && ls(&dir, "attache/prefixes").is_empty());
+    let (dir, code, err) = run(&whole(PushFaults::default()), &all[..image.len() + 2]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("the connection ended before the manifest had arrived"),
+        "{err}"
+    );
+    assert!(ls(&dir, "portables").is_empty() && ls(&dir, "attache/signatures").is_empty());
+    let (dir, code, err) = run(&whole(PushFaults::default()), &all[..all.len() - 1]);
+    assert_eq!(code, Some(66), "{err}");
+    assert!(err.contains(PUSH_NO_SIGNATURE), "{err}");
+    assert_eq!(ls(&dir, "portables"), ["b_1.raw"]);
+    assert!(ls(&dir, "attache/signatures").is_empty());
+
+    // Damaged: refused with the sha256 it had, nothing left.
+    let mut bad = all.clone();
+    bad[5] ^= 1;
+    let (dir, code, err) = run(&whole(PushFaults::default()), &bad);
+    assert_eq!(code, Some(65), "{err}");
+    assert!(err.contains(PUSH_CORRUPT), "{err}");
+    assert!(ls(&dir, "portables").is_empty());
+    let (_, code, err) = run(
+        &whole(PushFaults {
+            corrupt: true,
+            ..PushFaults::default()
+        }),
+        &all,
+    );
+    assert_eq!(code, Some(65), "{err}");
+
+    // A delta: a script that rebuilds the image from its basis.
+    for (check, want) in [
+        (None, 0),
+        (Some(sha256_hex(&image)), 0),
+        (Some("0".repeat(64)), 67),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path().display().to_string();
+        std::fs::create_dir_all(dir.path().join("portables")).unwrap();
+        std::fs::write(dir.path().join("portables/b_0.raw"), &image).unwrap();
+        let input = format!("cp {r}/portables/b_0.raw {r}/portables/.b_1.raw.attache-partial\n");
+        let text = push(
+            &Body::Delta {
+                file: &delta::delta_path(target),
+                size: input.len() as u64,
+                basis: "/var/lib/portables/b_0.raw",
+                check: check.as_deref(),
+            },
+            &tmp,
+            target,
+            &sha256_hex(&image),
+            &[],
+            0,
+            0,
+            PushFaults::default(),
+        )
+        .text;
+        let out = run_rooted(dir.path(), &text, input.as_bytes());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(want), "{err}");
+        let placed = if want == 0 {
+            vec!["b_0.raw", "b_1.raw"]
+        } else {
+            assert!(err.contains(PUSH_NO_DELTA), "{err}");
+            vec!["b_0.raw"]
+        };
+        assert_eq!(ls(&dir, "portables"), placed, "{err}");
+    }
+}
+
+/// Arming writes what the revert needs at boot, then leaves the files that
+/// do not change alone (no process for them), and rewrites one that is
+/// not ours or not whole.
+#[test]
+fn arm_writes_the_static_files_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let r = Revert {
+        settings: false,
+        restart: vec![],
+        service: "shop".into(),
+        previous: None,
+        new: "/var/lib/portables/shop_1.raw".into(),
+        calls: vec![PortableCall::new(
+            Verb::Unlink,
+            "/var/lib/portables/shop_1.raw",
+            &["shop".into()],
+            "default",
+        )],
+    };
+    let text = arm(std::slice::from_ref(&r), Duration::from_secs(60)).text;
+    std::fs::create_dir_all(root.join("attache")).unwrap();
+    std::fs::write(root.join("attache/revert.disarmed"), "old").unwrap();
+    let out = run_rooted(root, &text, b"");
+    assert!(out.status.success(), "{out:?}");
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let body = |p: &str| read(p).split_once('\n').unwrap().1.to_owned();
+    assert_eq!(body("attache/run-revert"), rooted(root, revert::RUN_REVERT));
+    assert_eq!(
+        body("etc/attache-revert.service").trim_end(),
+        rooted(root, revert::REVERT_UNIT).trim_end()
+    );
+    assert!(read("attache/unlink").contains("daemon-reload"));
+    assert_eq!(read("attache/revert.sh"), rooted(root, &revert_body(&[r])));
+    assert!(!root.join("attache/revert.disarmed").exists());
+    let link = root.join("etc/multi-user.target.wants/attache-revert.service");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        root.join("etc/attache-revert.service")
+    );
+    assert!(read("calls").contains("systemd-run --quiet --unit=attache-revert-now --on-active=60"));
+
+    use std::os::unix::fs::MetadataExt;
+    let ino = |p: &str| std::fs::metadata(root.join(p)).unwrap().ino();
+    let before = [
+        ino("attache/run-revert"),
+        ino("attache/unlink"),
+        ino("etc/attache-revert.service"),
+    ];
+    std::fs::rename(
+        root.join("attache/revert.sh"),
+        root.join("attache/revert.disarmed"),
+    )
+    .unwrap();
+    std::fs::write(root.join("attache/unlink"), "not ours\n").unwrap();
+    let unlink = ino("attache/unlink");
+    let out = run_rooted(root, &text, b"");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        [ino("attache/run-revert"), ino("etc/attache-revert.service")],
+        [before[0], before[2]]
+    );
+    assert_ne!(ino("attache/unlink"), unlink);
+    assert!(read("attache/unlink").contains("daemon-reload"));
+    assert!(
+        root.join("attache/revert.sh").exists() && !root.join("attache/revert.disarmed").exists()
+    );
 }

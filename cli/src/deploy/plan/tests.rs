@@ -158,8 +158,13 @@ fn unlink_touches_only_units_whose_dropin_names_the_image() {
         ]
     );
     let script = ops::portablectl("shop-1", &c).text;
-    assert!(script.contains(r#"grep -qF "image '$img'""#), "{script}");
-    assert!(script.find("ATTACHE_EOF").unwrap() < script.find("systemd-run").unwrap());
+    // Written by a single-quoted printf: the quotes inside are escaped.
+    assert!(
+        script.contains(r#"grep -qF "image '\''$img'\''""#),
+        "{script}"
+    );
+    let install = script.find("mv -f '/var/lib/attache/unlink'.tmp").unwrap();
+    assert!(install < script.find("systemd-run").unwrap());
 }
 
 #[test]
