@@ -414,7 +414,7 @@ impl<E: Events> Run<'_, E> {
         let arm = armed.then(|| ops::arm(&reverts, self.settings.rollback_after));
         let failure = self.activate_and_check(s, &plan, arm, r).await.err();
         match failure {
-            None => self.confirm(s, &plan, armed, r).await,
+            None => self.confirm(s, &plan, &facts, armed, r).await,
             Some((e, false)) => Err(e),
             // `deploy_host` marks the changed services failed.
             Some((e, _)) if changes.is_empty() || !self.settings.rollback => Err(e),
@@ -969,12 +969,14 @@ impl<E: Events> Run<'_, E> {
             .and_then(|o| health::Started::parse(&o.output)))
     }
 
-    /// Everything passed: disarm the host's revert, make sure it never ran,
-    /// then record what `attache rollback` goes back to and prune.
+    /// Everything passed: disarm the host's revert, make sure it never ran
+    /// and that nothing moved, then record what `attache rollback` goes
+    /// back to and prune; one round-trip, in the stage [`Stage::Confirm`].
     async fn confirm(
         &self,
         s: &HostSession,
         plan: &Plan,
+        facts: &HostFacts,
         armed: bool,
         r: &mut HostReport,
     ) -> Result<Outcome, HostError> {
@@ -982,71 +984,57 @@ impl<E: Events> Run<'_, E> {
             self.mark_confirmed(r);
             return Ok(Outcome::Healthy);
         }
-        // One round-trip disarms, then reads what both the last check and
-        // the pruning need.
-        let units: Vec<String> = plan
-            .changes()
-            .flat_map(|st| health::units_to_check(&self.plan.services[st.service].units))
-            .collect();
+        let t = self.stage(Stage::Confirm);
+        let confirmed = self.confirm_on_host(s, plan, facts, armed, r).await;
+        t.end(r, matches!(confirmed, Ok((Outcome::Healthy, true))));
+        confirmed.map(|(outcome, _)| outcome)
+    }
+
+    /// [`Self::confirm`]'s round-trip: the outcome, and whether every
+    /// record and prune went through (a failed one is only noted).
+    async fn confirm_on_host(
+        &self,
+        s: &HostSession,
+        plan: &Plan,
+        facts: &HostFacts,
+        armed: bool,
+        r: &mut HostReport,
+    ) -> Result<(Outcome, bool), HostError> {
+        let stage = Stage::Confirm;
+        // The disarm, then (only when in time) the check that nothing
+        // moved, and only then, per service, its settings, its previous
+        // image, then (once that is recorded) its old images.
         let mut parts = Vec::new();
+        let mut gate = None;
         if armed {
             parts.push(ops::Part::from(ops::disarm()));
-        }
-        let needs = armed.then_some(0);
-        let facts_at = parts.len();
-        parts.push(ops::Part {
-            script: ops::facts(&[], false),
-            needs,
-        });
-        let show_at = (armed && !units.is_empty()).then(|| {
+            let switched: Vec<(&str, &str, Vec<String>)> = plan
+                .changes()
+                .map(|st| {
+                    let svc = &self.plan.services[st.service];
+                    let units = svc.units.iter().map(|u| u.name.clone()).collect();
+                    (svc.name.as_str(), st.target.as_str(), units)
+                })
+                .collect();
             parts.push(ops::Part {
-                script: ops::show(&units),
-                needs,
+                script: ops::still_switched(&switched),
+                needs: Some(0),
             });
-            parts.len() - 1
-        });
-        let outs = s.batch(&parts, Stage::Health).await?;
-        if armed {
-            let out = s.part_ok(&parts[0], &outs[0], Stage::Health)?;
-            self.stop.disarmed(self.host_name());
-            if let Disarmed::AlreadyReverted(_) = ops::parse_disarm(out) {
-                r.set_changed(Outcome::RolledBack);
-                r.error = Some(
-                    Cause::RevertedByHost
-                        .at(s.host(), Stage::Health)
-                        .to_string(),
-                );
-                return Ok(Outcome::RolledBack);
-            }
+            gate = Some(1);
         }
-        self.mark_confirmed(r);
-        let facts =
-            ops::parse_facts(s.part_ok(&parts[facts_at], &outs[facts_at], Stage::Health)?);
-        if let Some(i) = show_at {
-            let running = ops::parse_show(s.part_ok(&parts[i], &outs[i], Stage::Health)?);
-            self.still_switched(s, plan, &facts, &running)?;
-        }
-        let t = self.stage(Stage::Prune);
-        // Per service: its settings, its previous image, then (only once
-        // that is recorded) its old images; all in one round-trip.
-        let mut parts = Vec::new();
+        let records_at = parts.len();
         let mut of_service = Vec::new();
         for step in plan.changes() {
             let svc = &self.plan.services[step.service];
-            parts.push(ops::Part::from(ops::record_settings(
-                &svc.name,
-                step.settings.is_some(),
-            )));
-            parts.push(ops::Part::from(ops::record_previous(
-                &svc.name,
-                step.previous.as_deref(),
-            )));
-            let doomed = ops::prune_candidates(
-                &facts.images_of(&svc.name),
-                self.settings.keep,
-                Some(&step.target),
-                step.previous.as_deref(),
-            );
+            parts.push(ops::Part {
+                script: ops::record_settings(&svc.name, step.settings.is_some()),
+                needs: gate,
+            });
+            parts.push(ops::Part {
+                script: ops::record_previous(&svc.name, step.previous.as_deref()),
+                needs: gate,
+            });
+            let doomed = plan::prune_after(facts, step, &svc.name, self.settings.keep);
             if !doomed.is_empty() {
                 parts.push(ops::Part {
                     script: ops::prune(&doomed),
@@ -1055,34 +1043,43 @@ impl<E: Events> Run<'_, E> {
             }
             of_service.push((svc.name.as_str(), parts.len()));
         }
-        let mut failed = Vec::new();
-        match s.batch(&parts, Stage::Prune).await {
-            Err(e) => failed.push(format!(
-                "recording the previous images and settings failed, so `attache rollback` may not find them: {e}"
-            )),
-            Ok(outs) => {
-                let mut from = 0;
-                for (name, to) in of_service {
-                    for i in from..to {
-                        let Err(e) = s.part_ok(&parts[i], &outs[i], Stage::Prune) else {
-                            continue;
-                        };
-                        failed.push(match i - from {
-                            0 => format!("recording the previous settings of {name} failed, so `attache rollback` will not find them: {e}"),
-                            1 => format!("recording the previous image of {name} failed, so `attache rollback` will not find it: {e}"),
-                            _ if outs[i].code.is_none() => continue,
-                            _ => format!("pruning old images failed: {e}"),
-                        });
-                    }
-                    from = to;
-                }
+        let outs = s.batch(&parts, stage).await?;
+        if armed {
+            let disarmed = match ops::disarm_outcome(&outs[0]) {
+                Some(d) => d,
+                None => ops::parse_disarm(s.part_ok(&parts[0], &outs[0], stage)?),
+            };
+            self.stop.disarmed(self.host_name());
+            if let Disarmed::AlreadyReverted(_) = disarmed {
+                r.set_changed(Outcome::RolledBack);
+                r.error = Some(Cause::RevertedByHost.at(s.host(), stage).to_string());
+                return Ok((Outcome::RolledBack, false));
             }
         }
-        t.end(r, failed.is_empty());
-        for f in failed {
-            self.note(&f);
+        self.mark_confirmed(r);
+        if armed && !outs[1].success() {
+            return Err(self.moved(s, plan, &parts[1], &outs[1]));
         }
-        Ok(Outcome::Healthy)
+        let mut failed = Vec::new();
+        let mut from = records_at;
+        for (name, to) in of_service {
+            for i in from..to {
+                let Err(e) = s.part_ok(&parts[i], &outs[i], stage) else {
+                    continue;
+                };
+                failed.push(match i - from {
+                    0 => format!("recording the previous settings of {name} failed, so `attache rollback` will not find them: {e}"),
+                    1 => format!("recording the previous image of {name} failed, so `attache rollback` will not find it: {e}"),
+                    _ if outs[i].code.is_none() => continue,
+                    _ => format!("pruning old images failed: {e}"),
+                });
+            }
+            from = to;
+        }
+        for f in &failed {
+            self.note(f);
+        }
+        Ok((Outcome::Healthy, failed.is_empty()))
     }
 
     /// Every service passed its checks: changed ones are healthy.
@@ -1096,41 +1093,36 @@ impl<E: Events> Run<'_, E> {
         }
     }
 
-    /// After disarming: nothing moved since the checks. The drop-ins name
-    /// the new images and the changed services' units run from them.
-    fn still_switched(
+    /// The error for a failed [`ops::still_switched`]: what it found moved
+    /// after the checks, when it says.
+    fn moved(
         &self,
         s: &HostSession,
         plan: &Plan,
-        facts: &HostFacts,
-        running: &std::collections::BTreeMap<String, ops::UnitState>,
-    ) -> Result<(), HostError> {
-        for step in plan.changes() {
-            let svc = &self.plan.services[step.service];
-            let now = facts.attached_image(&svc.name);
-            let elsewhere = health::units_to_check(&svc.units)
-                .into_iter()
-                .find_map(|u| {
-                    let st = running.get(&u)?;
-                    (!st.root_image.is_empty() && st.root_image != step.target)
-                        .then(|| format!("after the checks, {u} runs {}", st.root_image))
-                });
-            let reason = match (now, elsewhere) {
-                (Some(n), None) if n == step.target => continue,
-                (Some(_), Some(reason)) => reason,
-                (now, _) => format!(
-                    "after the checks, {} has {} attached",
-                    svc.name,
-                    now.unwrap_or("nothing")
-                ),
-            };
-            return Err(Cause::Unhealthy {
+        part: &ops::Part,
+        out: &ops::PartOutput,
+    ) -> HostError {
+        let found = ops::parse_moved(&out.output).and_then(|(service, now)| {
+            let step = plan
+                .changes()
+                .find(|st| self.plan.services[st.service].name == service)?;
+            let now = if now.is_empty() { "nothing" } else { &now };
+            Some(Cause::Unhealthy {
                 image: basename(&step.target).to_owned(),
-                reason,
-            }
-            .at(s.host(), Stage::Health));
+                reason: format!("after the checks, {service} has {now} attached"),
+            })
+        });
+        match found {
+            Some(cause) => cause.at(s.host(), Stage::Confirm),
+            None => match s.part_ok(part, out, Stage::Confirm) {
+                Err(e) => e,
+                Ok(_) => Cause::Step {
+                    doing: part.script.doing.to_owned(),
+                    output: out.output.clone(),
+                }
+                .at(s.host(), Stage::Confirm),
+            },
         }
-        Ok(())
     }
 
     /// Puts every changed service back, last first, and checks each.

@@ -990,18 +990,71 @@ fn previous_file(service: &str) -> String {
     format!("{STATE_DIR}/{service}.previous")
 }
 
-/// Records (atomically) the image `attache rollback` goes back to.
+/// Records (atomically) the image `attache rollback` goes back to. The
+/// tests are builtins: a fork costs 30-150 ms on a slow host.
 pub fn record_previous(service: &str, previous: Option<&str>) -> Script {
     let file = previous_file(service);
     let text = match previous {
         Some(p) => format!(
-            "mkdir -p {STATE_DIR} && printf '%s\\n' {p} > {f}.tmp && mv -f {f}.tmp {f} && {{ sync -f {f} 2>/dev/null || true; }}",
+            "{{ [ -d {STATE_DIR} ] || mkdir -p {STATE_DIR}; }} && printf '%s\\n' {p} > {f}.tmp && mv -f {f}.tmp {f} && {{ sync -f {f} 2>/dev/null || true; }}",
             p = quote(p),
             f = quote(&file)
         ),
-        None => format!("rm -f {}", quote(&file)),
+        None => format!(
+            "if [ -e {f} ] || [ -L {f} ]; then rm -f {f}; fi",
+            f = quote(&file)
+        ),
     };
     Script::new("recording the previous image", text)
+}
+
+/// What [`still_switched`] prints before failing: the service, then the
+/// image its drop-ins name instead (empty: none).
+pub const MOVED: &str = "@moved";
+
+/// After the disarm, before anything is recorded: the drop-ins of each
+/// `(service, image, units)` still name `image`, and one at least does.
+/// Only shell builtins, so it starts no process on the host. Prints
+/// [`MOVED`] and fails at the first service that moved. `RootImage` is not
+/// read again: the health check has just judged it, and only the host's
+/// own revert could have moved anything since, which the disarm tells.
+pub fn still_switched(services: &[(&str, &str, Vec<String>)]) -> Script {
+    let mut s = String::from("h=\"# Drop-in created for image '\"; t=\"', do not edit.\"\n");
+    for (service, image, units) in services {
+        if units.is_empty() {
+            continue;
+        }
+        s += &format!(
+            r#"n=
+for u in {units}; do
+  f=/etc/systemd/system.attached/$u.d/20-portable.conf
+  [ -f "$f" ] || f=/run/systemd/system.attached/$u.d/20-portable.conf
+  [ -f "$f" ] || continue
+  l=
+  IFS= read -r l <"$f"
+  case $l in "$h"*"$t") ;; *) continue ;; esac
+  i=${{l#"$h"}}; i=${{i%"$t"}}
+  [ "$i" = {image} ] || {{ printf '{MOVED}\t%s\t%s\n' {service} "$i"; exit 1; }}
+  n=1
+done
+[ -n "$n" ] || {{ printf '{MOVED}\t%s\t\n' {service}; exit 1; }}
+"#,
+            units = words(units),
+            image = quote(image),
+            service = quote(service),
+        );
+    }
+    Script::new("checking that nothing moved", s)
+}
+
+/// The service that moved and the image its drop-ins name (empty: none),
+/// from [`still_switched`]'s output.
+pub fn parse_moved(out: &str) -> Option<(String, String)> {
+    out.lines().find_map(|l| {
+        let rest = l.strip_prefix(MOVED)?.strip_prefix('\t')?;
+        let (service, image) = rest.split_once('\t').unwrap_or((rest, ""));
+        Some((service.to_owned(), image.to_owned()))
+    })
 }
 
 // ---- the journal -----------------------------------------------------------

@@ -76,6 +76,24 @@ pub struct Plan {
     pub steps: Vec<Step>,
 }
 
+/// What pruning deletes of `step`'s service (`service`) once the deploy
+/// is confirmed, by `ops::prune_candidates`' rules, without reading the
+/// host again: its images are the read taken under the lock (`facts`),
+/// plus the image this step placed, the newest. Nothing else placed one
+/// since: a push deploy, `rollback` and `detach` hold the host's lock
+/// throughout, and so does the pull agent's switch (`deploy_host`, through
+/// `open_host`). The agent downloads into /var/lib/portables before it
+/// takes the lock, though: an image it placed meanwhile is not in this
+/// list, so it is kept, never pruned.
+pub fn prune_after(facts: &HostFacts, step: &Step, service: &str, keep: usize) -> Vec<String> {
+    let mut images = facts.images_of(service);
+    if step.upload {
+        images.retain(|i| *i != step.target);
+        images.insert(0, &step.target);
+    }
+    ops::prune_candidates(&images, keep, Some(&step.target), step.previous.as_deref())
+}
+
 impl Plan {
     pub fn changes(&self) -> impl Iterator<Item = &Step> {
         self.steps.iter().filter(|s| s.action != Action::Unchanged)

@@ -15,7 +15,9 @@ pub enum Stage {
     Activate,
     Health,
     Rollback,
-    Prune,
+    /// Disarming, checking that nothing moved, recording what `attache
+    /// rollback` goes back to and pruning: one round-trip.
+    Confirm,
 }
 
 impl std::fmt::Display for Stage {
@@ -28,7 +30,7 @@ impl std::fmt::Display for Stage {
             Stage::Activate => "activating",
             Stage::Health => "health check",
             Stage::Rollback => "rolling back",
-            Stage::Prune => "pruning",
+            Stage::Confirm => "confirming",
         })
     }
 }

@@ -155,23 +155,40 @@ pub enum Disarmed {
     AlreadyReverted(String),
 }
 
-/// Stops the revert, or, if it has started, waits for it to end.
+/// The exit code of [`disarm`] when the host's revert went first.
+pub const REVERTED_CODE: i32 = 3;
+
+/// Stops the revert, or, if it has started, waits for it to end: exits 0
+/// only when attache got there first ([`REVERTED_CODE`] when not), so that
+/// a [`super::batch`]'s later parts can need it. Stopping the timer only
+/// tidies (`run-revert` does nothing once `revert.sh` is gone), so it goes
+/// to systemd without waiting, in the background, and only when the timer
+/// is loaded: the confirm does not wait for a `systemctl` (0.15 s on a slow
+/// host). The next arm stops a timer that is still loaded before it starts
+/// its own (see `start_timer`), and it comes a deploy later: connecting,
+/// locking, reading and pushing take far longer than this `systemctl`.
 pub fn disarm() -> Script {
     Script::new(
         "disarming the automatic rollback",
         format!(
             r#"d={STATE_DIR}
 if mv -f $d/revert.sh $d/revert.disarmed 2>/dev/null; then
-  systemctl stop attache-revert-now.timer 2>/dev/null || true
+  if [ -e {TIMER_FILE} ]; then
+    systemctl --no-block stop attache-revert-now.timer </dev/null >/dev/null 2>&1 &
+  fi
   echo DISARMED
 else
   {WAIT_RUNNING}
   echo REVERTED
-  cat $d/revert.log 2>/dev/null || true
+  cat $d/revert.log 2>/dev/null
+  exit {REVERTED_CODE}
 fi"#
         ),
     )
 }
+
+/// Where systemd keeps the revert's transient timer while it is loaded.
+const TIMER_FILE: &str = "/run/systemd/transient/attache-revert-now.timer";
 
 pub fn parse_disarm(out: &str) -> Disarmed {
     let mut lines = out.lines();
@@ -179,6 +196,16 @@ pub fn parse_disarm(out: &str) -> Disarmed {
         Disarmed::InTime
     } else {
         Disarmed::AlreadyReverted(lines.collect::<Vec<_>>().join("\n"))
+    }
+}
+
+/// What a [`disarm`] run as a batch's part found; `None` when it failed.
+pub fn disarm_outcome(out: &super::PartOutput) -> Option<Disarmed> {
+    let first = out.output.lines().next().map(str::trim);
+    match (out.code, first) {
+        (Some(0), Some("DISARMED")) => Some(Disarmed::InTime),
+        (Some(REVERTED_CODE), Some("REVERTED")) => Some(parse_disarm(&out.output)),
+        _ => None,
     }
 }
 

@@ -215,18 +215,21 @@ pub fn restore(service: &str, restart: &[String]) -> Script {
 
 /// After a confirmed deploy: the settings `attache rollback` goes back to.
 /// `applied`: this deploy switched them (what it replaced); else they did
-/// not change with the image (a copy of the live ones).
+/// not change with the image (a copy of the live ones). A service without
+/// settings starts no process: the tests are builtins.
 pub fn record_settings(service: &str, applied: bool) -> Script {
     let svc = quote(service);
-    let take = if applied {
-        format!("[ -d \"$S/before/\"{svc} ] && mv \"$S/before/\"{svc} \"$S/previous/\"{svc}")
+    let (from, take) = if applied {
+        ("before", "mv")
     } else {
-        format!("[ -d \"$S/live/\"{svc} ] && cp -a \"$S/live/\"{svc} \"$S/previous/\"{svc}")
+        ("live", "cp -a")
     };
     Script::new(
         "recording the previous settings",
         format!(
-            "S={SETTINGS_DIR}; mkdir -p \"$S/previous\" && rm -rf \"$S/previous/\"{svc} && {{ {take} || true; }}"
+            "S={SETTINGS_DIR}; p=\"$S/previous/\"{svc}\n\
+             if [ -e \"$p\" ] || [ -L \"$p\" ]; then rm -rf \"$p\" || exit 1; fi\n\
+             if [ -d \"$S/{from}/\"{svc} ]; then {{ [ -d \"$S/previous\" ] || mkdir -p \"$S/previous\"; }} || exit 1; {take} \"$S/{from}/\"{svc} \"$p\" || true; fi"
         ),
     )
 }

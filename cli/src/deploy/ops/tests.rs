@@ -142,6 +142,170 @@ fn disarm_tells_whether_the_host_went_first() {
 }
 
 #[test]
+fn disarm_in_a_batch_tells_in_time_from_reverted_from_failed() {
+    let out = |code, output: &str| PartOutput {
+        code,
+        output: output.into(),
+    };
+    assert_eq!(
+        disarm_outcome(&out(Some(0), "DISARMED")),
+        Some(Disarmed::InTime)
+    );
+    assert_eq!(
+        disarm_outcome(&out(Some(REVERTED_CODE), "REVERTED\nlog line")),
+        Some(Disarmed::AlreadyReverted("log line".into()))
+    );
+    assert_eq!(
+        disarm_outcome(&out(Some(1), "sh: 1: mv: Permission denied")),
+        None
+    );
+    assert_eq!(disarm_outcome(&out(None, "")), None);
+    // A REVERTED that exits 0 is not one this disarm printed.
+    assert_eq!(disarm_outcome(&out(Some(0), "REVERTED")), None);
+}
+
+/// Runs `script` with `/var/lib/attache`, the transient timer's file and
+/// the drop-in directories moved under `root`, and `path` as the only
+/// place commands are found: its exit code, stdout and stderr.
+fn run_under(root: &std::path::Path, path: &str, script: &str) -> (i32, String, String) {
+    let r = root.display().to_string();
+    let text = script
+        .replace(STATE_DIR, &format!("{r}/state"))
+        .replace("/run/systemd/transient", &format!("{r}/transient"))
+        .replace("/etc/systemd/system.attached", &format!("{r}/etc"))
+        .replace("/run/systemd/system.attached", &format!("{r}/run"));
+    let out = std::process::Command::new("/bin/sh")
+        .args(["-c", &text])
+        .env_clear()
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn disarm_claims_the_revert_and_stops_the_timer_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for d in ["state", "transient", "bin"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    // A systemctl that records how it was called.
+    let called = root.join("called");
+    std::fs::write(
+        root.join("bin/systemctl"),
+        format!("#!/bin/sh\necho \"$*\" > {}\n", called.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        root.join("bin/systemctl"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!("{}:/usr/bin:/bin", root.join("bin").display());
+    std::fs::write(root.join("state/revert.sh"), "exit 0\n").unwrap();
+
+    // Armed, the timer not loaded (it fired and run-revert found nothing,
+    // or it is gone): disarmed, no systemctl.
+    let (code, out, _) = run_under(root, &path, &disarm().text);
+    assert_eq!((code, out.trim()), (0, "DISARMED"));
+    assert!(root.join("state/revert.disarmed").exists());
+    assert!(!root.join("state/revert.sh").exists());
+    assert!(!called.exists());
+
+    // Armed, the timer loaded: stopped in the background, without waiting.
+    std::fs::rename(
+        root.join("state/revert.disarmed"),
+        root.join("state/revert.sh"),
+    )
+    .unwrap();
+    std::fs::write(root.join("transient/attache-revert-now.timer"), "").unwrap();
+    let (code, out, _) = run_under(root, &path, &disarm().text);
+    assert_eq!((code, out.trim()), (0, "DISARMED"));
+    let t = std::time::Instant::now();
+    while !called.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        std::fs::read_to_string(&called).unwrap().trim(),
+        "--no-block stop attache-revert-now.timer"
+    );
+
+    // The host went first: its log, and a code later parts can need.
+    std::fs::write(root.join("state/revert.log"), "put back shop\n").unwrap();
+    let (code, out, _) = run_under(root, &path, &disarm().text);
+    assert_eq!(code, REVERTED_CODE);
+    assert_eq!(
+        parse_disarm(&out),
+        Disarmed::AlreadyReverted("put back shop".into())
+    );
+}
+
+#[test]
+fn still_switched_reads_the_dropins_with_builtins_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let dropin = |base: &str, unit: &str, first: &str| {
+        let d = root.join(base).join(format!("{unit}.d"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("20-portable.conf"), format!("{first}\n[Service]\n")).unwrap();
+    };
+    let header = |img: &str| format!("# Drop-in created for image '{img}', do not edit.");
+    let new = "/var/lib/portables/demo_2.0.raw";
+    dropin("etc", "demo.service", &header(new));
+    dropin("etc", "demo-tick.timer", &header(new));
+    // A runtime attach, and a template's drop-in.
+    dropin(
+        "run",
+        "echo@.service",
+        &header("/var/lib/portables/echo_1.raw"),
+    );
+    // Not a portable drop-in: not what attache reads.
+    dropin("etc", "other.service", "[Service]");
+    std::fs::create_dir_all(root.join("run")).unwrap();
+    let units = |u: &[&str]| u.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    // No PATH: any command that is not a builtin fails.
+    let run = |services: &[(&str, &str, Vec<String>)]| {
+        run_under(root, "/nonexistent", &still_switched(services).text)
+    };
+
+    let ok = [
+        (
+            "demo",
+            new,
+            units(&["demo.service", "demo-tick.timer", "demo-gone.service"]),
+        ),
+        (
+            "echo",
+            "/var/lib/portables/echo_1.raw",
+            units(&["echo@.service", "echo.socket"]),
+        ),
+    ];
+    let (code, out, err) = run(&ok);
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
+
+    // The host's revert went first: the old image is back.
+    let (code, out, err) = run(&[(
+        "demo",
+        "/var/lib/portables/demo_3.0.raw",
+        units(&["demo.service"]),
+    )]);
+    assert_eq!((code, err.as_str()), (1, ""));
+    assert_eq!(parse_moved(&out), Some(("demo".into(), new.into())));
+
+    // Nothing attached at all (a detach by hand).
+    let (code, out, err) = run(&[("demo", new, units(&["demo-gone.service", "other.service"]))]);
+    assert_eq!((code, err.as_str()), (1, ""));
+    assert_eq!(parse_moved(&out), Some(("demo".into(), String::new())));
+    assert_eq!(parse_moved("DISARMED\n"), None);
+}
+
+#[test]
 fn pruning_keeps_newest_attached_and_previous() {
     let imgs = ["/p/demo_3.raw", "/p/demo_2.raw", "/p/demo_1.raw"];
     assert_eq!(
@@ -330,6 +494,29 @@ fn scripts_pass_shellcheck() {
         ),
         arm(std::slice::from_ref(&revert), Duration::from_secs(60)),
         disarm(),
+        still_switched(&[
+            ("x", "/x.raw", vec!["x.service".into(), "x@.service".into()]),
+            ("y", "/y.raw", Vec::new()),
+        ]),
+        batch(&[
+            Part::from(disarm()),
+            Part {
+                script: still_switched(&[("x", "/x.raw", vec!["x.service".into()])]),
+                needs: Some(0),
+            },
+            Part {
+                script: record_settings("x", false),
+                needs: Some(1),
+            },
+            Part {
+                script: record_previous("x", Some("/w.raw")),
+                needs: Some(1),
+            },
+            Part {
+                script: prune(&["/v.raw".into()]),
+                needs: Some(3),
+            },
+        ]),
         postpone(Duration::from_secs(60)),
         run_pending_revert(),
         sample(&["a.service".into()]),

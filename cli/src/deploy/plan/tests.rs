@@ -465,3 +465,38 @@ fn a_pull_hosts_settings_never_switch_its_image() {
         Action::Unchanged
     );
 }
+
+/// Pruning after a confirm counts the image this deploy placed as the
+/// newest, from the read under the lock, and keeps the previous one.
+#[test]
+fn prune_after_counts_the_placed_image_as_the_newest() {
+    let h = host(vec![svc("demo", "3.0", "c", &["demo.service"])]);
+    let f = facts(&format!(
+        "attached\tdemo.service\t{P}/demo_2.0.raw\n\
+         image\t300\t{P}/demo_2.0.raw\nimage\t200\t{P}/demo_1.0.raw\nimage\t100\t{P}/demo_0.9.raw\n\
+         image\t400\t{P}/other_1.0.raw\n"
+    ));
+    let p = plan(&f, &h).unwrap();
+    let s = &p.steps[0];
+    assert_eq!((s.action, s.upload), (Action::Reattach, true));
+    assert_eq!(s.previous.as_deref(), Some(&*format!("{P}/demo_2.0.raw")));
+    // keep 2: the new one and the previous one.
+    assert_eq!(
+        prune_after(&f, s, "demo", 2),
+        [format!("{P}/demo_1.0.raw"), format!("{P}/demo_0.9.raw")]
+    );
+    // keep 1 still keeps the previous one.
+    assert_eq!(
+        prune_after(&f, s, "demo", 1),
+        [format!("{P}/demo_1.0.raw"), format!("{P}/demo_0.9.raw")]
+    );
+    assert_eq!(prune_after(&f, s, "demo", 3), [format!("{P}/demo_0.9.raw")]);
+    // A target that was there already keeps its place by its mtime.
+    let mut there = s.clone();
+    there.upload = false;
+    there.target = format!("{P}/demo_0.9.raw");
+    assert_eq!(
+        prune_after(&f, &there, "demo", 1),
+        [format!("{P}/demo_1.0.raw")]
+    );
+}
