@@ -440,14 +440,14 @@ impl<E: Events> Run<'_, E> {
                 if back.is_ok() {
                     back = self.roll_back(s, &changes).await;
                 }
+                // Only now: a connection lost before this point is still
+                // covered by the host's own revert.
+                if back.is_ok() && s.run(&ops::disarm(), Stage::Rollback).await.is_ok() {
+                    self.stop.disarmed(self.host_name());
+                }
                 t.end(r, back.is_ok());
                 match back {
                     Ok(()) => {
-                        // Only now: a connection lost before this point is
-                        // still covered by the host's own revert.
-                        if s.run(&ops::disarm(), Stage::Rollback).await.is_ok() {
-                            self.stop.disarmed(self.host_name());
-                        }
                         r.set_changed(Outcome::RolledBack);
                         Ok(Outcome::RolledBack)
                     }
