@@ -162,19 +162,23 @@ pub const REVERTED_CODE: i32 = 3;
 /// only when attache got there first ([`REVERTED_CODE`] when not), so that
 /// a [`super::batch`]'s later parts can need it. Stopping the timer only
 /// tidies (`run-revert` does nothing once `revert.sh` is gone), so it goes
-/// to systemd without waiting, in the background, and only when the timer
-/// is loaded: the confirm does not wait for a `systemctl` (0.15 s on a slow
-/// host). The next arm stops a timer that is still loaded before it starts
-/// its own (see `start_timer`), and it comes a deploy later: connecting,
-/// locking, reading and pushing take far longer than this `systemctl`.
-pub fn disarm() -> Script {
+/// to systemd without waiting for the job, and only when the timer is
+/// loaded; `in_background`, the script does not wait for that `systemctl`
+/// either (0.15 s on a slow host). The next arm stops a timer that is
+/// still loaded before it starts its own (see `start_timer`), and it comes
+/// a deploy later: connecting, locking, reading and pushing take far
+/// longer than this `systemctl`. Not in the background where the host runs
+/// attache itself: a pull host's agent is a oneshot service, and systemd
+/// ends what it left running when it exits.
+pub fn disarm(in_background: bool) -> Script {
+    let bg = if in_background { " &" } else { " || true" };
     Script::new(
         "disarming the automatic rollback",
         format!(
             r#"d={STATE_DIR}
 if mv -f $d/revert.sh $d/revert.disarmed 2>/dev/null; then
   if [ -e {TIMER_FILE} ]; then
-    systemctl --no-block stop attache-revert-now.timer </dev/null >/dev/null 2>&1 &
+    systemctl --no-block stop attache-revert-now.timer </dev/null >/dev/null 2>&1{bg}
   fi
   echo DISARMED
 else

@@ -211,7 +211,7 @@ fn disarm_claims_the_revert_and_stops_the_timer_without_waiting() {
 
     // Armed, the timer not loaded (it fired and run-revert found nothing,
     // or it is gone): disarmed, no systemctl.
-    let (code, out, _) = run_under(root, &path, &disarm().text);
+    let (code, out, _) = run_under(root, &path, &disarm(true).text);
     assert_eq!((code, out.trim()), (0, "DISARMED"));
     assert!(root.join("state/revert.disarmed").exists());
     assert!(!root.join("state/revert.sh").exists());
@@ -224,7 +224,7 @@ fn disarm_claims_the_revert_and_stops_the_timer_without_waiting() {
     )
     .unwrap();
     std::fs::write(root.join("transient/attache-revert-now.timer"), "").unwrap();
-    let (code, out, _) = run_under(root, &path, &disarm().text);
+    let (code, out, _) = run_under(root, &path, &disarm(true).text);
     assert_eq!((code, out.trim()), (0, "DISARMED"));
     let t = std::time::Instant::now();
     while !called.exists() && t.elapsed() < Duration::from_secs(10) {
@@ -236,9 +236,20 @@ fn disarm_claims_the_revert_and_stops_the_timer_without_waiting() {
         "--no-block stop attache-revert-now.timer"
     );
 
+    // Not in the background (a pull host's agent): done when it returns.
+    std::fs::remove_file(&called).unwrap();
+    std::fs::rename(
+        root.join("state/revert.disarmed"),
+        root.join("state/revert.sh"),
+    )
+    .unwrap();
+    let (code, out, _) = run_under(root, &path, &disarm(false).text);
+    assert_eq!((code, out.trim()), (0, "DISARMED"));
+    assert!(called.exists());
+
     // The host went first: its log, and a code later parts can need.
     std::fs::write(root.join("state/revert.log"), "put back shop\n").unwrap();
-    let (code, out, _) = run_under(root, &path, &disarm().text);
+    let (code, out, _) = run_under(root, &path, &disarm(true).text);
     assert_eq!(code, REVERTED_CODE);
     assert_eq!(
         parse_disarm(&out),
@@ -466,7 +477,7 @@ fn scripts_pass_shellcheck() {
             },
         ),
         batch(&[
-            Part::from(disarm()),
+            Part::from(disarm(true)),
             Part {
                 script: facts(&[], false),
                 needs: Some(0),
@@ -493,13 +504,14 @@ fn scripts_pass_shellcheck() {
             },
         ),
         arm(std::slice::from_ref(&revert), Duration::from_secs(60)),
-        disarm(),
+        disarm(true),
+        disarm(false),
         still_switched(&[
             ("x", "/x.raw", vec!["x.service".into(), "x@.service".into()]),
             ("y", "/y.raw", Vec::new()),
         ]),
         batch(&[
-            Part::from(disarm()),
+            Part::from(disarm(true)),
             Part {
                 script: still_switched(&[("x", "/x.raw", vec!["x.service".into()])]),
                 needs: Some(0),
