@@ -93,11 +93,12 @@ impl Started {
     /// When the settle time began, on the uptime clock: when the last of
     /// the units became active, which is before the sample by the time
     /// portablectl took to start the others and return. The settle time is
-    /// how long a unit must stay up, so that time counts. Never more than
-    /// `window` (how long the activation took, as attache saw it) before
-    /// the sample, so that a unit which did not start in this activation
-    /// cannot count as settled; the sample's own time when the host did not
-    /// tell its monotonic clock or no unit became active.
+    /// how long a unit must stay up, so that time counts. The sample's own
+    /// time when the host did not tell its monotonic clock, no unit became
+    /// active, or the last one did so more than `window` (how long the
+    /// activation took, as attache saw it) before the sample: then no unit
+    /// started in this activation, or the clocks disagree (a container in
+    /// a time namespace), and neither may shorten the settle time.
     pub fn settle_from(&self, window: Duration) -> u64 {
         let latest = self
             .units
@@ -108,8 +109,11 @@ impl Started {
         let (Some(now), Some(latest)) = (self.monotonic, latest) else {
             return self.at;
         };
-        let ago_cs = (now.saturating_sub(latest) / 10_000).min(window.as_millis() as u64 / 10);
-        self.at.saturating_sub(ago_cs)
+        let ago = Duration::from_micros(now.saturating_sub(latest));
+        if ago > window {
+            return self.at;
+        }
+        self.at.saturating_sub(ago.as_millis() as u64 / 10)
     }
 }
 
@@ -273,9 +277,10 @@ mod tests {
         // A unit that never became active (0) does not count.
         let s = started(Some(50_000_000), &["49200000", "0"]);
         assert_eq!(s.settle_from(w), 10_000 - 80);
-        // Up long before this activation began: no more than its window.
+        // Up long before this activation began (or clocks that disagree):
+        // from the sample, as if the units had just started.
         let s = started(Some(50_000_000), &["10000000"]);
-        assert_eq!(s.settle_from(w), 10_000 - 800);
+        assert_eq!(s.settle_from(w), 10_000);
         // No monotonic clock, or no unit up: the sample's own time.
         assert_eq!(started(None, &["49200000"]).settle_from(w), 10_000);
         assert_eq!(started(Some(50_000_000), &["0", ""]).settle_from(w), 10_000);

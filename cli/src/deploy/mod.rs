@@ -442,7 +442,7 @@ impl<E: Events> Run<'_, E> {
                 }
                 // Only now: a connection lost before this point is still
                 // covered by the host's own revert.
-                if back.is_ok() && s.run(&ops::disarm(false), Stage::Rollback).await.is_ok() {
+                if back.is_ok() && s.run(&ops::disarm(), Stage::Rollback).await.is_ok() {
                     self.stop.disarmed(self.host_name());
                 }
                 t.end(r, back.is_ok());
@@ -1007,7 +1007,7 @@ impl<E: Events> Run<'_, E> {
         let mut parts = Vec::new();
         let mut gate = None;
         if armed {
-            parts.push(ops::Part::from(ops::disarm(!self.plan.local)));
+            parts.push(ops::Part::from(ops::disarm()));
             let switched: Vec<(&str, &str, Vec<String>)> = plan
                 .changes()
                 .map(|st| {

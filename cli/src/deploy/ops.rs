@@ -938,9 +938,10 @@ impl PortableCall {
 /// connection cannot cut an attach or reattach in half: the scope is not
 /// the login session's (which logind may end with the connection), and its
 /// output goes to a file, not to the connection. Then prints that output
-/// and its exit code. A scope, not a service with `--wait`: systemd-run
-/// stays the process's parent, which costs a third as much on a slow host
-/// (measured 0.3 s against 0.6-1.4 s on the lab guest under load).
+/// and its exit code. A scope, not a service with `--wait`: the command
+/// runs in this process tree (systemd-run execs it once the scope exists),
+/// which costs a third as much on a slow host (measured 0.3 s against
+/// 0.6-1.4 s on the lab guest under load).
 pub fn portablectl(id: &str, call: &PortableCall) -> Script {
     let log = format!("/run/attache/{id}.log");
     let rc = format!("/run/attache/{id}.rc");

@@ -118,9 +118,11 @@ exit $rc
 /// or different, with builtins only: an arm that finds them costs a `mv`
 /// and a `sync` (and an `rm` of what the last one left). The `sync` names
 /// what the revert needs at boot, files and directories, so it fsyncs
-/// them only, not the whole host. It comes after the renames: a power cut
-/// before it returns finds no image changed yet, and each step of the
-/// revert looks before it acts (see [`revert_body`]).
+/// them only, not the whole host (`/var/lib` too: a first deploy made
+/// directories in it). It comes after the renames: a power cut before it
+/// returns finds no image changed yet, and each step of the revert looks
+/// before it acts (see [`revert_body`]). A timer an earlier deploy left
+/// loaded is stopped before `revert.sh` appears, so it cannot claim it.
 pub fn arm(reverts: &[Revert], after: Duration) -> Script {
     Script::new(
         "arming the automatic rollback",
@@ -133,11 +135,12 @@ for f in $d/revert.done $d/revert.disarmed $d/revert.log; do if [ -e "$f" ]; the
 if [ $# -gt 0 ]; then rm -f "$@"; fi
 {install}{run}{unit}[ -L $w/attache-revert.service ] || ln -sf $e/attache-revert.service $w/attache-revert.service
 printf '%s' {body} > $d/revert.sh.tmp
+{CLEAR_TIMER}
 mv -f $d/revert.sh.tmp $d/revert.sh
-sync $d/revert.sh $d/run-revert {UNLINK} $e/attache-revert.service $d $e $w 2>/dev/null || sync
-{timer}"#,
+sync $d/revert.sh $d/run-revert {UNLINK} $e/attache-revert.service $d $e $w /var/lib 2>/dev/null || sync
+systemd-run --quiet --unit=attache-revert-now --on-active={secs} --timer-property=AccuracySec=1s /bin/sh $d/run-revert"#,
             body = quote(&revert_body(reverts)),
-            timer = start_timer(after),
+            secs = after.as_secs().max(1),
             install = install_file(super::UNLINK_PATH, super::UNLINK),
             run = install_file(&format!("{STATE_DIR}/run-revert"), RUN_REVERT),
             unit = install_file("/etc/systemd/system/attache-revert.service", REVERT_UNIT),
@@ -163,22 +166,16 @@ pub const REVERTED_CODE: i32 = 3;
 /// a [`super::batch`]'s later parts can need it. Stopping the timer only
 /// tidies (`run-revert` does nothing once `revert.sh` is gone), so it goes
 /// to systemd without waiting for the job, and only when the timer is
-/// loaded; `in_background`, the script does not wait for that `systemctl`
-/// either (0.15 s on a slow host). The next arm stops a timer that is
-/// still loaded before it starts its own (see `start_timer`), and it comes
-/// a deploy later: connecting, locking, reading and pushing take far
-/// longer than this `systemctl`. Not in the background where the host runs
-/// attache itself: a pull host's agent is a oneshot service, and systemd
-/// ends what it left running when it exits.
-pub fn disarm(in_background: bool) -> Script {
-    let bg = if in_background { " &" } else { " || true" };
+/// loaded. Not in the background: a stop that ran late could end the timer
+/// of the next deploy's arm.
+pub fn disarm() -> Script {
     Script::new(
         "disarming the automatic rollback",
         format!(
             r#"d={STATE_DIR}
 if mv -f $d/revert.sh $d/revert.disarmed 2>/dev/null; then
   if [ -e {TIMER_FILE} ]; then
-    systemctl --no-block stop attache-revert-now.timer </dev/null >/dev/null 2>&1{bg}
+    systemctl --no-block stop attache-revert-now.timer </dev/null >/dev/null 2>&1 || true
   fi
   echo DISARMED
 else
@@ -252,10 +249,15 @@ pub fn postpone(after: Duration) -> Script {
 /// before any image changes.
 fn start_timer(after: Duration) -> String {
     format!(
-        "if [ -e /run/systemd/transient/attache-revert-now.timer ] || [ -e /run/systemd/transient/attache-revert-now.service ]; then \
-         systemctl stop attache-revert-now.timer 2>/dev/null || true; \
-         systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true; fi; \
-         systemd-run --quiet --unit=attache-revert-now --on-active={} --timer-property=AccuracySec=1s /bin/sh {STATE_DIR}/run-revert",
+        "{}; systemd-run --quiet --unit=attache-revert-now --on-active={} --timer-property=AccuracySec=1s /bin/sh {STATE_DIR}/run-revert",
+        CLEAR_TIMER,
         after.as_secs().max(1)
     )
 }
+
+/// Stops and forgets a revert timer an earlier deploy left loaded (only
+/// when one is), so that its name is free and it cannot fire on what comes
+/// next.
+const CLEAR_TIMER: &str = "if [ -e /run/systemd/transient/attache-revert-now.timer ] || [ -e /run/systemd/transient/attache-revert-now.service ]; then \
+     systemctl stop attache-revert-now.timer 2>/dev/null || true; \
+     systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true; fi";
