@@ -599,8 +599,21 @@ impl<E: Events> Run<'_, E> {
             Ok(l) => l.signature.to_text().into_bytes(),
             Err(_) => Vec::new(),
         };
-        let lens = (manifest.len() as u64, signature.len() as u64);
+        let (manifest_len, signature_len) = (manifest.len() as u64, signature.len() as u64);
         let then = [manifest, signature].concat();
+        // The push's command, for the delta and for the whole image.
+        let script = |body: &ops::Body, faults| {
+            ops::push(
+                body,
+                &tmp,
+                target,
+                &svc.sha256,
+                &svc.prefixes,
+                manifest_len,
+                signature_len,
+                faults,
+            )
+        };
         let mut faults = ops::PushFaults {
             corrupt: test_fault("corrupt-upload"),
             stall: test_fault("stall-upload"),
@@ -626,22 +639,12 @@ impl<E: Events> Run<'_, E> {
                 if std::env::var("ATTACHE_TEST_PAUSE").ok().as_deref() == Some("mid-delta") {
                     faults.pause = Some(test_pause_secs());
                 }
-                let script = ops::push(
-                    &body,
-                    &tmp,
-                    target,
-                    &svc.sha256,
-                    &svc.prefixes,
-                    lens.0,
-                    lens.1,
-                    faults,
-                );
                 let pushed = self
                     .send(
                         s,
                         d.file.path(),
                         &then,
-                        &script,
+                        &script(&body, faults),
                         &[tmp.clone(), file.clone()],
                         target,
                         faults.pause.is_some(),
@@ -675,22 +678,12 @@ impl<E: Events> Run<'_, E> {
         }
         t.full_upload_because = Some(why);
         let body = ops::Body::Whole { size: svc.size };
-        let script = ops::push(
-            &body,
-            &tmp,
-            target,
-            &svc.sha256,
-            &svc.prefixes,
-            lens.0,
-            lens.1,
-            faults,
-        );
         let pushed = self
             .send(
                 s,
                 &svc.local,
                 &then,
-                &script,
+                &script(&body, faults),
                 std::slice::from_ref(&tmp),
                 target,
                 false,
