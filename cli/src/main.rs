@@ -25,6 +25,8 @@ mod nix;
 mod publish;
 mod pull;
 mod remote;
+#[cfg(test)]
+mod shellcheck;
 mod spec;
 mod ui;
 
