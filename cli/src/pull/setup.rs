@@ -168,26 +168,27 @@ pub fn read_script(paths: &[String]) -> String {
 /// Receives the agent on stdin under a temporary name; renames it into
 /// place only once its sha256 matches and it runs on this host.
 fn receive_agent(sha256: &str) -> String {
-    let dir = Path::new(AGENT)
-        .parent()
-        .map_or("/".into(), |p| p.display().to_string());
     format!(
         "set -e; mkdir -p {dir}; rm -f {t}; cat > {t}; chmod 0755 {t}; [ \"$(sha256sum < {t} | cut -d' ' -f1)\" = {sha} ] || {{ rm -f {t}; echo 'the agent arrived damaged (its sha256 differs)' >&2; exit 1; }}; {t} --version >/dev/null || {{ rm -f {t}; echo 'the agent does not run on this host' >&2; exit 1; }}; mv -f {t} {a}",
-        dir = q(&dir),
+        dir = q(&parent(AGENT)),
         t = q(&format!("{AGENT}.tmp")),
         a = q(AGENT),
         sha = q(sha256),
     )
 }
 
+/// The directory a host path is in.
+fn parent(path: &str) -> String {
+    Path::new(path)
+        .parent()
+        .map_or("/".into(), |p| p.display().to_string())
+}
+
 /// Writes stdin to `path` through a temporary file beside it.
 fn write_file(path: &str) -> String {
-    let dir = Path::new(path)
-        .parent()
-        .map_or("/".into(), |p| p.display().to_string());
     format!(
         "set -e; mkdir -p {d}; cat > {t}; mv -f {t} {p}",
-        d = q(&dir),
+        d = q(&parent(path)),
         t = q(&format!("{path}.tmp")),
         p = q(path)
     )
