@@ -64,9 +64,7 @@ impl Fleet {
 
     /// `attache VERB --ssh-config … --flake … ARGS…`
     fn args<'a>(&'a self, verb: &'a str, args: &[&'a str]) -> Vec<&'a str> {
-        let mut v = vec![verb, "--ssh-config", &self.cfg, "--flake", &self.flake];
-        v.extend_from_slice(args);
-        v
+        inventory_args(verb, &self.cfg, &self.flake, args)
     }
 
     fn attache(&self, verb: &str, args: &[&str]) -> Run {

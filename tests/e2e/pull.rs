@@ -99,14 +99,7 @@ impl Pull {
 
     /// `attache VERB --json --ssh-config … --flake … EXTRA…` with the agent.
     fn attache(&self, verb: &str, extra: &[&str]) -> Run {
-        let mut args = vec![
-            verb,
-            "--json",
-            "--ssh-config",
-            &self.cfg,
-            "--flake",
-            &self.flake,
-        ];
+        let mut args = inventory_args(verb, &self.cfg, &self.flake, &["--json"]);
         args.extend_from_slice(extra);
         attache_spawn(
             &repo(),

@@ -70,14 +70,7 @@ impl Fleet {
     }
 
     fn args<'a>(&'a self, verb: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-        let mut a = vec![
-            verb,
-            "--json",
-            "--ssh-config",
-            &self.cfg,
-            "--flake",
-            &self.flake,
-        ];
+        let mut a = inventory_args(verb, &self.cfg, &self.flake, &["--json"]);
         a.extend_from_slice(extra);
         a
     }

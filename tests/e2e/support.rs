@@ -385,6 +385,19 @@ pub fn target(guest: Guest, name: &str) -> Target {
     }
 }
 
+/// An inventory command's arguments: `VERB --ssh-config CFG --flake FLAKE
+/// EXTRA…` (the first of `extra` may be `--json`).
+pub fn inventory_args<'a>(
+    verb: &'a str,
+    cfg: &'a str,
+    flake: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![verb, "--ssh-config", cfg, "--flake", flake];
+    v.extend_from_slice(extra);
+    v
+}
+
 impl Target {
     /// `attache ARGS` with this host's ssh config.
     pub fn attache(&self, args: &[&str]) -> Run {
