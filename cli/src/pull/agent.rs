@@ -11,13 +11,10 @@
 //! sentence; nothing is placed or attached before the index is verified.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-
-use sha2::{Digest, Sha256};
 
 use super::{
     AttachedImage, Config, Last, PullOutcome, State, AGENT_LOCK, ALLOWED_SIGNERS, PULL_DIR, SIGNER,
@@ -518,17 +515,8 @@ fn verify(sums: &Path, sig: &Path) -> Result<(), Refusal> {
 }
 
 fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(hex::encode(h.finalize()))
+    let f = std::fs::File::open(path)?;
+    crate::image::hash_file(&f, f.metadata()?.len())
 }
 
 /// Holds `path`'s flock, or `None` when another process holds it.
