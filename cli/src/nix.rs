@@ -308,7 +308,6 @@ impl Nix {
     }
 }
 
-/// Maps a failed evaluation to the most specific error we can tell apart.
 /// `nix-store`'s one path a line, sorted and deduplicated.
 fn store_paths(stdout: &[u8]) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = String::from_utf8_lossy(stdout)
@@ -322,6 +321,7 @@ fn store_paths(stdout: &[u8]) -> Vec<PathBuf> {
     paths
 }
 
+/// Maps a failed evaluation to the most specific error we can tell apart.
 fn eval_error(inst: &Installable, stderr: &[u8]) -> NixError {
     let nix_says = nix_message(stderr);
     if names_missing_installable(&nix_says) {

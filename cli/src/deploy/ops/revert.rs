@@ -133,16 +133,17 @@ d={STATE_DIR}; e=/etc/systemd/system; w=/etc/systemd/system/multi-user.target.wa
 set --
 for f in $d/revert.done $d/revert.disarmed $d/revert.log; do if [ -e "$f" ]; then set -- "$@" "$f"; fi; done
 if [ $# -gt 0 ]; then rm -f "$@"; fi
-{install}{run}{unit}[ -L $w/attache-revert.service ] || ln -sf $e/attache-revert.service $w/attache-revert.service
+{install}{run_revert}{unit}[ -L $w/attache-revert.service ] || ln -sf $e/attache-revert.service $w/attache-revert.service
 printf '%s' {body} > $d/revert.sh.tmp
-{CLEAR_TIMER}
+{clear}
 mv -f $d/revert.sh.tmp $d/revert.sh
 sync $d/revert.sh $d/run-revert {UNLINK} $e/attache-revert.service $d $e $w /var/lib 2>/dev/null || sync
-systemd-run --quiet --unit=attache-revert-now --on-active={secs} --timer-property=AccuracySec=1s /bin/sh $d/run-revert"#,
+{run}"#,
             body = quote(&revert_body(reverts)),
-            secs = after.as_secs().max(1),
+            clear = clear_timer(),
+            run = run_timer(after),
             install = install_file(super::UNLINK_PATH, super::UNLINK),
-            run = install_file(&format!("{STATE_DIR}/run-revert"), RUN_REVERT),
+            run_revert = install_file(&format!("{STATE_DIR}/run-revert"), RUN_REVERT),
             unit = install_file("/etc/systemd/system/attache-revert.service", REVERT_UNIT),
             UNLINK = super::UNLINK_PATH,
         ),
@@ -248,9 +249,13 @@ pub fn postpone(after: Duration) -> Script {
 /// the same, `systemd-run` would refuse the name and the arming would fail
 /// before any image changes.
 fn start_timer(after: Duration) -> String {
+    format!("{}; {}", clear_timer(), run_timer(after))
+}
+
+/// Starts the transient timer that runs the revert after `after`.
+fn run_timer(after: Duration) -> String {
     format!(
-        "{}; systemd-run --quiet --unit=attache-revert-now --on-active={} --timer-property=AccuracySec=1s /bin/sh {STATE_DIR}/run-revert",
-        CLEAR_TIMER,
+        "systemd-run --quiet --unit=attache-revert-now --on-active={} --timer-property=AccuracySec=1s /bin/sh {STATE_DIR}/run-revert",
         after.as_secs().max(1)
     )
 }
@@ -258,6 +263,10 @@ fn start_timer(after: Duration) -> String {
 /// Stops and forgets a revert timer an earlier deploy left loaded (only
 /// when one is), so that its name is free and it cannot fire on what comes
 /// next.
-const CLEAR_TIMER: &str = "if [ -e /run/systemd/transient/attache-revert-now.timer ] || [ -e /run/systemd/transient/attache-revert-now.service ]; then \
-     systemctl stop attache-revert-now.timer 2>/dev/null || true; \
-     systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true; fi";
+fn clear_timer() -> String {
+    format!(
+        "if [ -e {TIMER_FILE} ] || [ -e /run/systemd/transient/attache-revert-now.service ]; then \
+         systemctl stop attache-revert-now.timer 2>/dev/null || true; \
+         systemctl reset-failed attache-revert-now.timer attache-revert-now.service 2>/dev/null || true; fi"
+    )
+}
