@@ -78,8 +78,6 @@ pub struct Started {
     /// The host's uptime clock then, in hundredths of a second.
     pub at: u64,
     /// The host's monotonic clock then, in microseconds, if it told.
-    #[allow(dead_code)]
-    // read by `settle_from`, unused while the settle counts from the sample
     pub monotonic: Option<u64>,
 }
 
@@ -92,31 +90,50 @@ impl Started {
         })
     }
 
+    /// How long before the sample each unit became active, when the host
+    /// told its monotonic clock and the unit has been active at all.
+    fn up_for(&self) -> impl Iterator<Item = (&String, Duration)> {
+        self.units.iter().filter_map(move |(name, u)| {
+            let since = u.since.parse::<u64>().ok().filter(|&us| us > 0)?;
+            Some((
+                name,
+                Duration::from_micros(self.monotonic?.saturating_sub(since)),
+            ))
+        })
+    }
+
+    /// A long-running service among `units` that is active but became so
+    /// before this activation began (at most `window` before the sample:
+    /// how long the activation took, as attache saw it). Its process is the
+    /// one from before the deploy: portablectl ignores a restart that fails
+    /// (and exits 0), and `RootImage` already names the new image once the
+    /// unit files are reloaded, so nothing else would tell. Under heavy
+    /// load the full suite once saw a broken upgrade judged healthy this
+    /// way, on two hosts at once.
+    pub fn not_restarted(&self, units: &[String], window: Duration) -> Option<String> {
+        self.up_for()
+            .filter(|(name, _)| units.contains(name) && name.ends_with(".service"))
+            .filter(|(name, _)| {
+                self.units[*name].active == "active" && self.units[*name].kind != "oneshot"
+            })
+            .find(|(_, ago)| *ago > window)
+            .map(|(name, _)| name.clone())
+    }
+
     /// When the settle time began, on the uptime clock: when the last of
     /// the units became active, which is before the sample by the time
-    /// portablectl took to start the others and return. The settle time is
-    /// how long a unit must stay up, so that time counts. The sample's own
-    /// time when the host did not tell its monotonic clock, no unit became
-    /// active, or the last one did so more than `window` (how long the
-    /// activation took, as attache saw it) before the sample: then no unit
+    /// portablectl took to start the others and return (about 2 s on a
+    /// slow host). The settle time is how long a unit must stay up without
+    /// a restart, so that time counts. The sample's own time when the host
+    /// did not tell its monotonic clock, no unit became active, or the last
+    /// one did so more than `window` before the sample: then no unit
     /// started in this activation, or the clocks disagree (a container in
     /// a time namespace), and neither may shorten the settle time.
-    #[cfg(test)]
     pub fn settle_from(&self, window: Duration) -> u64 {
-        let latest = self
-            .units
-            .values()
-            .filter_map(|u| u.since.parse::<u64>().ok())
-            .filter(|&us| us > 0)
-            .max();
-        let (Some(now), Some(latest)) = (self.monotonic, latest) else {
-            return self.at;
-        };
-        let ago = Duration::from_micros(now.saturating_sub(latest));
-        if ago > window {
-            return self.at;
+        match self.up_for().map(|(_, ago)| ago).min() {
+            Some(ago) if ago <= window => self.at.saturating_sub(ago.as_millis() as u64 / 10),
+            _ => self.at,
         }
-        self.at.saturating_sub(ago.as_millis() as u64 / 10)
     }
 }
 
@@ -139,11 +156,16 @@ pub async fn health(
     let mut parts = Vec::new();
     if let (Some(settle), false) = (settle, units.is_empty()) {
         match started {
-            // Counted from the first sample, not from `settle_from`: the
-            // full suite showed a service crashing a few seconds after
-            // start judged healthy with the earlier anchor (see the note).
-            Some((started, _window)) => {
-                parts.push(ops::Part::from(ops::settle_until(started.at, settle)));
+            Some((started, window)) => {
+                if let Some(u) = started.not_restarted(&units, window) {
+                    return Err(unhealthy(
+                        s,
+                        image,
+                        format!("{u} did not restart: it still runs the process from before this deploy"),
+                    ));
+                }
+                let from = started.settle_from(window);
+                parts.push(ops::Part::from(ops::settle_until(from, settle)));
                 before = Some(started.units);
             }
             None => {
@@ -287,6 +309,29 @@ mod tests {
         // No monotonic clock, or no unit up: the sample's own time.
         assert_eq!(started(None, &["49200000"]).settle_from(w), 10_000);
         assert_eq!(started(Some(50_000_000), &["0", ""]).settle_from(w), 10_000);
+    }
+
+    #[test]
+    fn a_service_still_up_from_before_did_not_restart() {
+        let w = Duration::from_secs(8);
+        let mut s = started(Some(50_000_000), &["49200000", "10000000"]);
+        for u in s.units.values_mut() {
+            u.active = "active".into();
+        }
+        let all: Vec<String> = s.units.keys().cloned().collect();
+        assert_eq!(s.not_restarted(&all, w), Some("u1.service".to_owned()));
+        // Only the units checked, and only long-running services: a
+        // oneshot that ran before stays done; a failed one is judged.
+        assert_eq!(s.not_restarted(&all[..1], w), None);
+        s.units.get_mut("u1.service").unwrap().kind = "oneshot".into();
+        assert_eq!(s.not_restarted(&all, w), None);
+        s.units.get_mut("u1.service").unwrap().kind = "simple".into();
+        s.units.get_mut("u1.service").unwrap().active = "failed".into();
+        assert_eq!(s.not_restarted(&all, w), None);
+        // No monotonic clock: nothing to tell by.
+        s.monotonic = None;
+        s.units.get_mut("u1.service").unwrap().active = "active".into();
+        assert_eq!(s.not_restarted(&all, w), None);
     }
 
     #[test]
