@@ -107,9 +107,9 @@ impl Started {
     /// how long the activation took, as attache saw it). Its process is the
     /// one from before the deploy: portablectl ignores a restart that fails
     /// (and exits 0), and `RootImage` already names the new image once the
-    /// unit files are reloaded, so nothing else would tell. Under heavy
-    /// load the full suite once saw a broken upgrade judged healthy this
-    /// way, on two hosts at once.
+    /// unit files are reloaded, so nothing else would tell. The full suite
+    /// once saw an upgrade to a service that exits at once judged healthy
+    /// on two hosts together, which only a unit left unrestarted explains.
     pub fn not_restarted(&self, units: &[String], window: Duration) -> Option<String> {
         self.up_for()
             .filter(|(name, _)| units.contains(name) && name.ends_with(".service"))
