@@ -329,10 +329,16 @@ pub async fn pull_now(remote: &Remote) -> Result<State, String> {
         .run(&start_now(), "running the pull agent")
         .await
         .map_err(|e| e.to_string())?;
+    // Not `tail()`: with stderr empty it would quote the state file.
     parse_now(&out.stdout).ok_or_else(|| {
+        let why = out.stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
         format!(
-            "the agent did not record this run ({}); see journalctl -u {SERVICE_UNIT} on the host",
-            out.tail()
+            "the agent recorded no outcome of its own for this run{}: it joined a run already under way, or found another attache deploying; see journalctl -u {SERVICE_UNIT} on the host, or run `attache deploy --now` again",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", why.trim())
+            }
         )
     })
 }
