@@ -26,7 +26,8 @@ pub fn delta_path(target: &str) -> String {
 /// Free space, and the signatures a basis can come from: only `prefer`'s
 /// (the image the service has attached) when the image's sha256 is the
 /// one it records; else every other image's, unchecked (the one chosen is
-/// hashed before anything is sent).
+/// hashed before anything is sent). Fields are read with builtins, as
+/// each process costs 30-150 ms on a slow host.
 pub fn signatures(prefer: Option<&str>) -> Script {
     Script::new(
         "reading the images' signatures",
@@ -34,10 +35,13 @@ pub fn signatures(prefer: Option<&str>) -> Script {
             r#"set -u
 s={SIGNATURES}; p={p}
 d={PORTABLES}; [ -d $d ] || d=/var/lib
-printf 'free_kb\t%s\n' "$(df -Pk $d | awk 'NR==2 {{print $4}}')"
+set -f
+# shellcheck disable=SC2046 # split on purpose: the 11th word is df's Available
+set -- $(df -Pk $d)
+set +f; printf 'free_kb\t%s\n' "${{11:-}}"
 if [ -n "$p" ] && [ -f "$p" ] && [ -f "$s/${{p##*/}}.sig" ]; then
-  want=$(head -n1 "$s/${{p##*/}}.sig" | awk '{{print $5}}')
-  got=$(sha256sum "$p" | cut -d' ' -f1)
+  want=; read -r _ _ _ _ want _ <"$s/${{p##*/}}.sig"
+  got=$(sha256sum "$p"); got=${{got%% *}}
   if [ "$want" = "$got" ]; then printf '@sig\t%s\ttrusted\n' "$p"; cat "$s/${{p##*/}}.sig"; printf '@end\n'; exit 0; fi
   printf 'mismatch\t%s\n' "$p"
 fi
