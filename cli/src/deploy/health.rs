@@ -83,9 +83,15 @@ pub struct Started {
 
 impl Started {
     pub fn parse(out: &str) -> Option<Started> {
+        let at = ops::parse_uptime(out)?;
         Some(Started {
-            at: ops::parse_uptime(out)?,
-            monotonic: ops::parse_monotonic(out),
+            at,
+            // The monotonic clock never runs ahead of the uptime clock
+            // (which also counts suspends), beyond the moment between the
+            // two reads. When it does, `/proc/timer_list` is the kernel's
+            // and the uptime a time namespace's, as systemd's timestamps
+            // may be too: neither function below may go by it then.
+            monotonic: ops::parse_monotonic(out).filter(|us| us / 10_000 <= at + 100),
             units: ops::parse_show(out),
         })
     }
@@ -107,9 +113,7 @@ impl Started {
     /// how long the activation took, as attache saw it). Its process is the
     /// one from before the deploy: portablectl ignores a restart that fails
     /// (and exits 0), and `RootImage` already names the new image once the
-    /// unit files are reloaded, so nothing else would tell. The full suite
-    /// once saw an upgrade to a service that exits at once judged healthy
-    /// on two hosts together, which only a unit left unrestarted explains.
+    /// unit files are reloaded, so nothing else would tell.
     pub fn not_restarted(&self, units: &[String], window: Duration) -> Option<String> {
         self.up_for()
             .filter(|(name, _)| units.contains(name) && name.ends_with(".service"))
@@ -125,11 +129,14 @@ impl Started {
     /// portablectl took to start the others and return (about 2 s on a
     /// slow host). The settle time is how long a unit must stay up without
     /// a restart, so that time counts. The sample's own time when the host
-    /// did not tell its monotonic clock, no unit became active, or the last
-    /// one did so more than `window` before the sample: then no unit
-    /// started in this activation, or the clocks disagree (a container in
-    /// a time namespace), and neither may shorten the settle time.
+    /// did not tell its monotonic clock, no unit became active, the last
+    /// one did so more than `window` before the sample (no unit started in
+    /// this activation), or a unit's program had not started yet (systemd
+    /// was still mounting its image: it has been running for no time).
     pub fn settle_from(&self, window: Duration) -> u64 {
+        if self.units.values().any(|u| u.pending) {
+            return self.at;
+        }
         match self.up_for().map(|(_, ago)| ago).min() {
             Some(ago) if ago <= window => self.at.saturating_sub(ago.as_millis() as u64 / 10),
             _ => self.at,
@@ -176,7 +183,7 @@ pub async fn health(
     }
     let show_at = parts.len();
     if !units.is_empty() {
-        parts.push(ops::Part::from(show));
+        parts.push(ops::Part::from(show.clone()));
     }
     let checks_at = parts.len();
     parts.extend(svc.checks.iter().map(|c| ops::Part::from(ops::check(c))));
@@ -186,14 +193,41 @@ pub async fn health(
         s.batch(&parts, Stage::Health).await?
     };
     if !units.is_empty() {
-        let after = ops::parse_show(s.part_ok(&parts[show_at], &outs[show_at], Stage::Health)?);
-        let before = before.as_ref().unwrap_or(&after);
-        judge(&units, before, &after, image).map_err(|r| unhealthy(s, image, r))?;
+        let mut after =
+            ops::parse_show(s.part_ok(&parts[show_at], &outs[show_at], Stage::Health)?);
+        let mut before = before.unwrap_or_else(|| after.clone());
+        // A program that had not started by the last sample has not been
+        // up at all: one more settle time from here, then it must run.
+        if let (Some(settle), Some(_)) = (settle, pending(&units, &after)) {
+            tokio::time::sleep(settle).await;
+            let again = ops::parse_show(&s.step(&show, Stage::Health).await?.stdout);
+            before = std::mem::replace(&mut after, again);
+            if let Some(u) = pending(&units, &after) {
+                let why = format!(
+                    "{u} has not started its program {}s after it was started (systemd is still setting it up; a larger --settle gives it longer)",
+                    2 * settle.as_secs()
+                );
+                return Err(unhealthy(s, image, why));
+            }
+        }
+        judge(&units, &before, &after, image).map_err(|r| unhealthy(s, image, r))?;
     }
     for (check, first) in svc.checks.iter().zip(&outs[checks_at..]) {
         run_check(s, check, image, first).await?;
     }
     Ok(())
+}
+
+/// A long-running service among `units` whose program has not started.
+fn pending(units: &[String], shown: &BTreeMap<String, UnitState>) -> Option<String> {
+    units
+        .iter()
+        .find(|u| {
+            shown
+                .get(*u)
+                .is_some_and(|st| st.pending && st.kind != "oneshot")
+        })
+        .cloned()
 }
 
 /// Tries a check again (its first attempt was `first`) until it passes or
@@ -332,6 +366,32 @@ mod tests {
         s.monotonic = None;
         s.units.get_mut("u1.service").unwrap().active = "active".into();
         assert_eq!(s.not_restarted(&all, w), None);
+    }
+
+    #[test]
+    fn a_program_not_started_yet_has_been_up_for_no_time() {
+        let w = Duration::from_secs(8);
+        let mut s = started(Some(50_000_000), &["49200000"]);
+        assert_eq!(s.settle_from(w), 10_000 - 80);
+        s.units.get_mut("u0.service").unwrap().pending = true;
+        assert_eq!(s.settle_from(w), 10_000);
+        let units = vec!["u0.service".to_owned()];
+        assert_eq!(pending(&units, &s.units).as_deref(), Some("u0.service"));
+        s.units.get_mut("u0.service").unwrap().kind = "oneshot".into();
+        assert_eq!(pending(&units, &s.units), None);
+    }
+
+    #[test]
+    fn a_monotonic_clock_ahead_of_the_uptime_is_not_believed() {
+        let out = |mono_ns: u64| format!("@uptime=100.00\n@mono={mono_ns}\n");
+        // 100.5 s: the moment between the two reads.
+        let s = Started::parse(&out(100_500_000_000)).unwrap();
+        assert_eq!(s.monotonic, Some(100_500_000));
+        // 150 s: another clock (a time namespace's uptime).
+        assert_eq!(
+            Started::parse(&out(150_000_000_000)).unwrap().monotonic,
+            None
+        );
     }
 
     #[test]

@@ -962,10 +962,11 @@ pub fn portablectl(id: &str, call: &PortableCall) -> Script {
         format!(
             r#"{install}[ -d /run/attache ] || mkdir -p /run/attache
 [ ! -e {rc} ] || rm -f {rc}
+: >{log}
 systemd-run --quiet --collect --scope --unit={unit} /bin/sh -c {inner} </dev/null >/dev/null 2>&1
 rc=1; {{ read -r rc <{rc}; }} 2>/dev/null
 [ "$rc" = 0 ] || cat {log} 2>/dev/null
-exit "$rc""#,
+exit "${{rc:-1}}""#,
             log = quote(&log),
             rc = quote(&rc),
             unit = quote(&format!("attache-{id}")),
@@ -1183,21 +1184,36 @@ pub fn settle_until(at: u64, settle: Duration) -> Script {
 /// order. A failing `systemctl` fails the script, as it did per unit. The
 /// blocks are split with parameter expansions, not a pipe into `while
 /// read`, which forks twice; it runs in the caller's shell (each batch part
-/// is a subshell of its own), so it may set `$@`, `o`, `n` and `l`.
+/// is a subshell of its own), so it may set `$@`, `o`, `n`, `l` and `x`.
+///
+/// A unit whose main process is still systemd's own (`/proc/PID/exe` is
+/// PID 1's, or systemd-executor's from 255 on) gets a line
+/// [`PENDING`]: systemd calls a simple service active once it has forked,
+/// but the fork mounts the `RootImage` before it runs the program, which
+/// took a second on the lab guest and may take longer on a loaded host; a
+/// program that fails at once has not failed yet. A builtin `test -ef`,
+/// no process.
 pub fn show(units: &[String]) -> Script {
     let text = if units.is_empty() {
         "true".to_owned()
     } else {
         format!(
-            "set -- {}; o=$(systemctl show -p ActiveState -p SubState -p NRestarts -p Result -p Type -p RootImage -p ActiveEnterTimestampMonotonic -p ActiveEnterTimestamp \"$@\") || exit; \
-             n='\n'; echo \"@unit=$1\"; while [ -n \"$o\" ]; do l=${{o%%\"$n\"*}}; \
+            "set -- {}; o=$(systemctl show -p ActiveState -p SubState -p NRestarts -p Result -p Type -p RootImage -p ActiveEnterTimestampMonotonic -p ActiveEnterTimestamp -p MainPID \"$@\") || exit; \
+             n='\n'; echo \"@unit=$1\"\n\
+             # shellcheck disable=SC3013 # -ef: dash, bash and busybox sh have it; where not, the unit counts as started\n\
+             while [ -n \"$o\" ]; do l=${{o%%\"$n\"*}}; \
              case $o in *\"$n\"*) o=${{o#*\"$n\"}} ;; *) o= ;; esac; \
+             case $l in MainPID=0) ;; MainPID=*) x=/proc/${{l#MainPID=}}/exe; \
+             if [ \"$x\" -ef /proc/1/exe ] || [ \"$x\" -ef /usr/lib/systemd/systemd-executor ] || [ \"$x\" -ef /lib/systemd/systemd-executor ]; then echo '{PENDING}'; fi ;; esac; \
              if [ -z \"$l\" ] && [ $# -gt 1 ]; then shift; echo \"@unit=$1\"; else printf '%s\\n' \"$l\"; fi; done",
             words(units)
         )
     };
     Script::new("reading unit states", text)
 }
+
+/// [`show`]'s line for a unit whose program has not started yet.
+pub const PENDING: &str = "@exec=pending";
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct UnitState {
@@ -1210,6 +1226,8 @@ pub struct UnitState {
     pub since: String,
     /// When the unit last became active, as systemd prints it.
     pub since_wall: String,
+    /// Its main process had not started its program yet (see [`show`]).
+    pub pending: bool,
 }
 
 pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
@@ -1224,6 +1242,10 @@ pub fn parse_show(out: &str) -> BTreeMap<String, UnitState> {
             continue;
         }
         let Some((_, s)) = cur.as_mut() else { continue };
+        if line == PENDING {
+            s.pending = true;
+            continue;
+        }
         let Some((k, v)) = line.split_once('=') else {
             continue;
         };

@@ -205,9 +205,12 @@ fn enable(reload: bool) -> String {
 /// The host's clock, then one pull now (the oneshot returns when the
 /// agent is done), then the state it wrote; a failed unit is said on
 /// stderr.
+/// What [`start_now`] says when the service failed.
+const NOW_FAILED: &str = "attache-pull.service failed before it recorded an outcome";
+
 fn start_now() -> String {
     format!(
-        "date +%s; systemctl start {SERVICE_UNIT} >&2 || echo 'attache-pull.service failed; see journalctl -u attache-pull.service' >&2; cat {}",
+        "date +%s; systemctl start {SERVICE_UNIT} >&2 || echo '{NOW_FAILED}' >&2; cat {}",
         q(STATE)
     )
 }
@@ -329,17 +332,15 @@ pub async fn pull_now(remote: &Remote) -> Result<State, String> {
         .run(&start_now(), "running the pull agent")
         .await
         .map_err(|e| e.to_string())?;
-    // Not `tail()`: with stderr empty it would quote the state file.
+    // The service's own failure is said by `start_now` on stderr.
     parse_now(&out.stdout).ok_or_else(|| {
-        let why = out.stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
-        format!(
-            "the agent recorded no outcome of its own for this run{}: it joined a run already under way, or found another attache deploying; see journalctl -u {SERVICE_UNIT} on the host, or run `attache deploy --now` again",
-            if why.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", why.trim())
-            }
-        )
+        if out.stderr.contains(NOW_FAILED) {
+            format!("{NOW_FAILED}; see journalctl -u {SERVICE_UNIT} on the host")
+        } else {
+            format!(
+                "the agent recorded no outcome of its own for this run: it joined a run already under way, or another run of the agent held its lock; run `attache deploy --now` again, or see journalctl -u {SERVICE_UNIT} on the host"
+            )
+        }
     })
 }
 

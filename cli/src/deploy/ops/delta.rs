@@ -35,10 +35,13 @@ pub fn signatures(prefer: Option<&str>) -> Script {
             r#"set -u
 s={SIGNATURES}; p={p}
 d={PORTABLES}; [ -d $d ] || d=/var/lib
+v=$(df -Pk $d); v=${{v#*"
+"}}
+# The header goes first: its words depend on the locale.
 set -f
-# shellcheck disable=SC2046 # split on purpose: the 11th word is df's Available
-set -- $(df -Pk $d)
-set +f; printf 'free_kb\t%s\n' "${{11:-}}"
+# shellcheck disable=SC2086 # split on purpose: the 4th word is Available
+set -- $v
+set +f; printf 'free_kb\t%s\n' "${{4:-}}"
 if [ -n "$p" ] && [ -f "$p" ] && [ -f "$s/${{p##*/}}.sig" ]; then
   want=; read -r _ _ _ _ want _ <"$s/${{p##*/}}.sig"
   got=$(sha256sum "$p"); got=${{got%% *}}

@@ -785,6 +785,16 @@ fn one_show_names_each_block_by_order() {
     assert_eq!(s["b b.timer"].active, "inactive");
     assert_eq!(s["c.socket"].result, "exit-code");
     assert!(!run("return 4", &["a.service"]).status.success());
+    // A main process that is still systemd's (PID 1's program) has not
+    // started the unit's program; MainPID=0 (none) is not pending.
+    let out = run(
+        r"printf 'ActiveState=active\nMainPID=1\n\nActiveState=active\nMainPID=0\n'",
+        &["a.service", "b.service"],
+    );
+    let s = parse_show(&String::from_utf8(out.stdout).unwrap());
+    let readable = std::fs::metadata("/proc/1/exe").is_ok();
+    assert_eq!(s["a.service"].pending, readable, "{s:?}");
+    assert!(!s["b.service"].pending, "{s:?}");
     let out = run("echo called", &[]);
     assert!(out.status.success() && out.stdout.is_empty(), "{out:?}");
 }
