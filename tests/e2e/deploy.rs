@@ -545,7 +545,8 @@ fn connection_lost_during_activation_reverts_by_itself() {
     // lands before it could confirm the new version.
     let deployer = t.deploy_in_background(
         &["./examples/demo#demo-v2"],
-        &["--settle", "90", "--rollback-after", "125"],
+        // 30 s allowance + twice the settle time fits in 125 s.
+        &["--settle", "45", "--rollback-after", "125"],
     );
     assert!(
         wait_for(

@@ -505,7 +505,8 @@ pub fn refuse_collision(
 /// confirming: a timer that fires while attache is still checking would put
 /// back a deploy attache then reports healthy. Checked before any host is
 /// contacted, as if every service changed (all of them are checked after
-/// the switch, changed or not).
+/// the switch, changed or not). Twice the settle time: a program that has
+/// not started by the end of the first gets a second (`health::health`).
 pub fn check_timer(host: &HostPlan, settings: &Settings) -> Result<(), PlanError> {
     if !settings.rollback || host.services.is_empty() {
         return Ok(());
@@ -514,7 +515,9 @@ pub fn check_timer(host: &HostPlan, settings: &Settings) -> Result<(), PlanError
         .services
         .iter()
         .map(|s| {
-            ACTIVATION_ALLOWANCE + settings.settle + s.checks.iter().map(ops::check_budget).sum()
+            ACTIVATION_ALLOWANCE
+                + 2 * settings.settle
+                + s.checks.iter().map(ops::check_budget).sum()
         })
         .sum();
     if need <= settings.rollback_after {

@@ -243,12 +243,12 @@ fn a_timer_shorter_than_the_checks_is_refused() {
         e.to_string().starts_with("--rollback-after 5 is too short"),
         "{e}"
     );
-    // 30 s activation + 3 s settle + 5 x 12 s checks.
+    // 30 s activation + 2 x 3 s settle + 5 x 12 s checks.
     assert!(
-        matches!(e, PlanError::TimerTooShort { need: 93, .. }),
+        matches!(e, PlanError::TimerTooShort { need: 96, .. }),
         "{e}"
     );
-    st.rollback_after = Duration::from_secs(93);
+    st.rollback_after = Duration::from_secs(96);
     assert!(check_timer(&h, &st).is_ok());
     st.rollback_after = Duration::from_secs(5);
     st.rollback = false;
