@@ -25,6 +25,13 @@ pub fn units_to_check(units: &[BuiltUnit]) -> Vec<String> {
         .collect()
 }
 
+/// A unit that runs a program for as long as it is up: a service that is
+/// not a oneshot. Only such a unit can restart, run from an image or still
+/// be setting its program up.
+fn long_running(unit: &str, st: &UnitState) -> bool {
+    unit.ends_with(".service") && st.kind != "oneshot"
+}
+
 /// Judges two samples taken a settle time apart.
 pub fn judge(
     units: &[String],
@@ -48,7 +55,7 @@ pub fn judge(
         if u.ends_with(".socket") && !matches!(a.sub.as_str(), "listening" | "running") {
             return Err(format!("{u} is {} but not listening ({})", a.active, a.sub));
         }
-        if u.ends_with(".service") && a.kind != "oneshot" {
+        if long_running(u, a) {
             if b.restarts != a.restarts || b.since != a.since {
                 return Err(format!(
                     "{u} restarted during the settle time (restarts {} -> {})",
@@ -116,9 +123,10 @@ impl Started {
     /// unit files are reloaded, so nothing else would tell.
     pub fn not_restarted(&self, units: &[String], window: Duration) -> Option<String> {
         self.up_for()
-            .filter(|(name, _)| units.contains(name) && name.ends_with(".service"))
+            .filter(|(name, _)| units.contains(name))
             .filter(|(name, _)| {
-                self.units[*name].active == "active" && self.units[*name].kind != "oneshot"
+                let st = &self.units[*name];
+                st.active == "active" && long_running(name, st)
             })
             .find(|(_, ago)| *ago > window)
             .map(|(name, _)| name.clone())
@@ -225,7 +233,7 @@ fn pending(units: &[String], shown: &BTreeMap<String, UnitState>) -> Option<Stri
         .find(|u| {
             shown
                 .get(*u)
-                .is_some_and(|st| st.pending && st.kind != "oneshot")
+                .is_some_and(|st| st.pending && long_running(u, st))
         })
         .cloned()
 }

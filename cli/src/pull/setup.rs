@@ -202,12 +202,12 @@ fn enable(reload: bool) -> String {
     s + &format!("systemctl enable --now {TIMER_UNIT}\n")
 }
 
-/// The host's clock, then one pull now (the oneshot returns when the
-/// agent is done), then the state it wrote; a failed unit is said on
-/// stderr.
 /// What [`start_now`] says when the service failed.
 const NOW_FAILED: &str = "attache-pull.service failed before it recorded an outcome";
 
+/// The host's clock, then one pull now (the oneshot returns when the
+/// agent is done), then the state it wrote; a failed unit is said on
+/// stderr.
 fn start_now() -> String {
     format!(
         "date +%s; systemctl start {SERVICE_UNIT} >&2 || echo '{NOW_FAILED}' >&2; cat {}",
